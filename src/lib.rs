@@ -1,0 +1,3 @@
+//! vmd: a virtual machine manager for Linux.
+
+pub mod protocol;
