@@ -1,0 +1,1083 @@
+/*
+ * vmd test guest: a tiny x86-64 program booted like a Linux kernel ELF (64-bit boot protocol)
+ * that exercises the VMM end to end. See README.md for the scenarios and their output, and
+ * src/vmm/layout.rs for the platform contract (addresses, ports) it relies on.
+ *
+ * Constraints: on kvm_pvm every guest instruction at CPL0 is software-emulated by KVM's
+ * instruction emulator, which does not implement SSE/x87, int3, popcnt, xrstor, clac/stac,
+ * ... (tests/guest_disassembly.rs enforces this). Use plain general-purpose integer
+ * instructions only, and keep loops short.
+ *
+ * Conventions: helper routines preserve every register except their documented outputs
+ * (flags are clobbered). Scenario code never returns and uses registers freely.
+ */
+
+/* ---- platform contract (src/vmm/layout.rs) ---- */
+#define COM1_THR            0x3f8
+#define COM1_LSR            0x3fd
+#define LSR_THR_EMPTY       0x20
+#define PM1_STS_PORT        0x600
+#define PM1_PWRBTN_STS      0x100
+#define PM1_CNT_PORT        0x604
+#define PM1_CNT_S5          0x3400          /* SLP_EN (1 << 13) | SLP_TYP 5 (5 << 10) */
+#define I8042_CMD_PORT      0x64
+#define I8042_CMD_RESET     0xfe
+#define LAPIC_BASE          0xfee00000
+#define LAPIC_ID            0x20
+#define LAPIC_ICR_LO        0x300
+#define LAPIC_ICR_HI        0x310
+#define ICR_INIT            0x4500          /* delivery mode INIT, level assert */
+#define ICR_SIPI            0x4600          /* delivery mode start-up, level assert */
+#define ICR_BUSY            0x1000
+#define TRAMP_ADDR          0x6000          /* AP start-up trampoline, SIPI vector 0x06 */
+#define TRAMP_VECTOR        (TRAMP_ADDR >> 12)
+#define MSR_EFER            0xc0000080
+#define EFER_LME            0x100
+#define EFER_LMA            0x400
+
+/* struct boot_params offsets */
+#define BP_ACPI_RSDP_ADDR   0x070
+#define BP_E820_ENTRIES     0x1e8
+#define BP_CMD_LINE_PTR     0x228
+#define BP_E820_TABLE       0x2d0
+#define E820_ENTRY_SIZE     20
+#define E820_MAX_ENTRIES    128
+#define E820_RAM            1
+
+/* ACPI signatures, little endian */
+#define SIG_RSDP            0x2052545020445352  /* "RSD PTR " */
+#define SIG_XSDT            0x54445358          /* "XSDT" */
+#define SIG_MADT            0x43495041          /* "APIC" */
+
+/* timing: the TSC is assumed to run at about 2 GHz */
+#define TSC_SECOND          2000000000
+#define TSC_10MS            20000000
+#define TSC_200US           400000
+#define SMP_TIMEOUT         (10 * TSC_SECOND)
+
+#define MAX_CPUS            256
+#define AP_STACK_SIZE       1024
+#define MAX_APS             255
+#define BSP_STACK_SIZE      8192
+
+#define MEMTEST_BASE        0x1000000           /* 16 MiB */
+#define MEMTEST_MAX_MIB     4080                /* 16 MiB + 4080 MiB = 4 GiB, the mapped range */
+#define MEMTEST_PATTERN     0x5aa5c33c96690ff0
+
+/* ======================================================================================= */
+    .section .text.entry, "ax"
+    .code64
+    .globl _start
+_start:
+    cli
+    cld
+    lea     bsp_stack_top(%rip), %rsp
+    mov     %rsi, boot_params(%rip)
+
+    call    parse_cmdline
+
+    /* "testguest: scenario NAME" */
+    call    line_begin
+    lea     s_scenario(%rip), %rsi
+    call    puts
+    mov     scen_ptr(%rip), %rsi
+    mov     scen_len(%rip), %rcx
+    test    %rsi, %rsi
+    jnz     1f
+    lea     s_none(%rip), %rsi
+    call    puts
+    jmp     2f
+1:  call    putsn
+2:  call    line_end
+
+    /* dispatch on the scenario name (rsi, rcx) */
+    mov     scen_ptr(%rip), %rsi
+    mov     scen_len(%rip), %rcx
+    test    %rsi, %rsi
+    jz      sc_unknown
+    lea     k_hello(%rip), %rdi
+    call    str_is
+    je      sc_hello
+    lea     k_reboot(%rip), %rdi
+    call    str_is
+    je      sc_reboot
+    lea     k_smp(%rip), %rdi
+    call    str_is
+    je      sc_smp
+    lea     k_badio(%rip), %rdi
+    call    str_is
+    je      sc_badio
+    lea     k_crash(%rip), %rdi
+    call    str_is
+    je      sc_crash
+    lea     k_spin(%rip), %rdi
+    call    str_is
+    je      sc_spin
+    lea     k_exits(%rip), %rdi
+    call    str_prefix
+    je      sc_exits
+    lea     k_memtest(%rip), %rdi
+    call    str_prefix
+    je      sc_memtest
+    jmp     sc_unknown
+
+/* ---- scenarios (entered with rsi/rcx = scenario token, rdx = length of the matched prefix) */
+
+sc_unknown:
+    lea     s_unknown(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+sc_hello:
+    lea     s_hello(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+sc_reboot:
+    lea     s_rebooting(%rip), %rsi
+    call    say
+    mov     $I8042_CMD_RESET, %al
+    out     %al, $I8042_CMD_PORT
+    jmp     halt_forever
+
+sc_crash:
+    lea     s_crashing(%rip), %rsi
+    call    say
+    ud2
+    jmp     halt_forever
+
+/* exits=N: N writes to the unmapped port 0x80 */
+sc_exits:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_dec
+    jc      sc_unknown
+    mov     %rax, %rbx
+    call    line_begin
+    lea     s_exits(%rip), %rsi
+    call    puts
+    call    putdec
+    lea     s_start(%rip), %rsi
+    call    puts
+    call    line_end
+    mov     %rbx, %rcx
+    xor     %eax, %eax
+    test    %rcx, %rcx
+    jz      2f
+1:  out     %al, $0x80
+    dec     %rcx
+    jnz     1b
+2:  lea     s_exits_done(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* badio: unmapped PIO (8/16/32 bit) and MMIO (32 bit) reads, then writes */
+sc_badio:
+    mov     $0x4400, %edx
+    xor     %eax, %eax
+    inb     %dx, %al
+    movzbl  %al, %r12d
+    xor     %eax, %eax
+    inw     %dx, %ax
+    movzwl  %ax, %r13d
+    inl     %dx, %eax
+    mov     %eax, %r14d
+    mov     $0xd0000000, %ebx
+    mov     (%rbx), %eax
+    mov     %eax, %r15d
+
+    call    line_begin
+    lea     s_badio_pio8(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    mov     $2, %ecx
+    call    puthex
+    lea     s_badio_pio16(%rip), %rsi
+    call    puts
+    mov     %r13, %rax
+    mov     $4, %ecx
+    call    puthex
+    lea     s_badio_pio32(%rip), %rsi
+    call    puts
+    mov     %r14, %rax
+    mov     $8, %ecx
+    call    puthex
+    lea     s_badio_mmio32(%rip), %rsi
+    call    puts
+    mov     %r15, %rax
+    mov     $8, %ecx
+    call    puthex
+    call    line_end
+
+    mov     $0x4400, %edx
+    mov     $0x5a, %al
+    outb    %al, %dx
+    mov     $0x5aa5, %ax
+    outw    %ax, %dx
+    mov     $0x5aa5c33c, %eax
+    outl    %eax, %dx
+    movl    %eax, (%rbx)
+
+    lea     s_badio_survived(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* spin: heartbeat about once a second, poll the ACPI power button every ~10 ms */
+sc_spin:
+    xor     %r12d, %r12d                /* heartbeat number */
+    call    tsc_now
+    mov     %rax, %r13                  /* time of the next heartbeat */
+1:  call    tsc_now
+    cmp     %r13, %rax
+    jb      2f
+    mov     $TSC_SECOND, %r13d
+    add     %rax, %r13
+    call    line_begin
+    lea     s_heartbeat(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    call    line_end
+    inc     %r12
+2:  mov     $PM1_STS_PORT, %edx
+    inw     %dx, %ax
+    test    $PM1_PWRBTN_STS, %ax
+    jnz     3f
+    mov     $TSC_10MS, %edi
+    call    delay
+    jmp     1b
+3:  mov     $PM1_PWRBTN_STS, %eax
+    outw    %ax, %dx                    /* write 1 to clear */
+    lea     s_pwrbtn(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* memtest=MIB: pattern test of [16 MiB, 16 MiB + MIB MiB) */
+sc_memtest:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_dec
+    jc      sc_unknown
+    mov     %rax, %r12                  /* MiB */
+    cmp     $MEMTEST_MAX_MIB, %rax
+    ja      .Lmt_no_ram
+    mov     %rax, %r13
+    shl     $20, %r13
+    add     $MEMTEST_BASE, %r13         /* r13 = end */
+    mov     $MEMTEST_BASE, %edi
+    mov     %r13, %rsi
+    call    e820_covers
+    jc      .Lmt_no_ram
+
+    /* write: qword at address A holds A ^ PATTERN; blocks of 64 bytes (the size is a
+     * multiple of 1 MiB). Within a block A = base | off, so the value for offset off is
+     * (base ^ PATTERN) ^ off. */
+    movabs  $MEMTEST_PATTERN, %rdx
+    mov     $MEMTEST_BASE, %edi
+    cmp     %r13, %rdi
+    jae     .Lmt_ok
+1:  mov     %rdi, %rax
+    xor     %rdx, %rax
+    mov     %rax, (%rdi)
+    xor     $(0 ^ 8), %rax
+    mov     %rax, 8(%rdi)
+    xor     $(8 ^ 16), %rax
+    mov     %rax, 16(%rdi)
+    xor     $(16 ^ 24), %rax
+    mov     %rax, 24(%rdi)
+    xor     $(24 ^ 32), %rax
+    mov     %rax, 32(%rdi)
+    xor     $(32 ^ 40), %rax
+    mov     %rax, 40(%rdi)
+    xor     $(40 ^ 48), %rax
+    mov     %rax, 48(%rdi)
+    xor     $(48 ^ 56), %rax
+    mov     %rax, 56(%rdi)
+    add     $64, %rdi
+    cmp     %r13, %rdi
+    jb      1b
+
+    /* verify: value ^ (base ^ PATTERN) must equal the offset in the block */
+    mov     $MEMTEST_BASE, %edi
+2:  mov     %rdi, %rcx
+    xor     %rdx, %rcx
+    mov     (%rdi), %rax
+    xor     %rcx, %rax
+    jnz     .Lmt_locate
+    mov     8(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $8, %rax
+    jne     .Lmt_locate
+    mov     16(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $16, %rax
+    jne     .Lmt_locate
+    mov     24(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $24, %rax
+    jne     .Lmt_locate
+    mov     32(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $32, %rax
+    jne     .Lmt_locate
+    mov     40(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $40, %rax
+    jne     .Lmt_locate
+    mov     48(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $48, %rax
+    jne     .Lmt_locate
+    mov     56(%rdi), %rax
+    xor     %rcx, %rax
+    cmp     $56, %rax
+    jne     .Lmt_locate
+    add     $64, %rdi
+    cmp     %r13, %rdi
+    jb      2b
+
+.Lmt_ok:
+    call    line_begin
+    lea     s_memtest(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_memtest_ok(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+.Lmt_locate:
+    /* find the first bad qword of the block at rdi */
+    mov     %rdi, %rcx
+    lea     64(%rdi), %rsi
+3:  mov     (%rcx), %rax
+    xor     %rcx, %rax
+    cmp     %rdx, %rax
+    jne     4f
+    add     $8, %rcx
+    cmp     %rsi, %rcx
+    jb      3b
+    mov     %rdi, %rcx                  /* the block changed under us: report its start */
+4:  call    line_begin
+    lea     s_memtest_fail_at(%rip), %rsi
+    call    puts
+    mov     %rcx, %rax
+    xor     %ecx, %ecx
+    call    puthex
+    call    line_end
+    jmp     poweroff
+
+.Lmt_no_ram:
+    lea     s_memtest_no_ram(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* smp: start every AP listed in the MADT and wait for them to check in */
+sc_smp:
+    call    find_madt
+    test    %rbx, %rbx
+    jz      .Lsmp_no_madt
+
+    /* collect the APIC ids of enabled processor local APIC entries */
+    mov     4(%rbx), %ecx               /* MADT length */
+    lea     (%rbx,%rcx), %rdi           /* end */
+    lea     44(%rbx), %rsi              /* first entry */
+    xor     %r12d, %r12d                /* N */
+    lea     cpu_ids(%rip), %r8
+1:  lea     2(%rsi), %rax
+    cmp     %rdi, %rax
+    ja      3f
+    movzbl  1(%rsi), %ecx               /* entry length */
+    cmp     $2, %ecx
+    jb      3f                          /* malformed: stop */
+    lea     (%rsi,%rcx), %rax
+    cmp     %rdi, %rax
+    ja      3f
+    cmpb    $0, (%rsi)                  /* type 0: processor local APIC */
+    jne     2f
+    cmp     $8, %ecx
+    jb      2f
+    testb   $1, 4(%rsi)                 /* flags bit 0: enabled */
+    jz      2f
+    cmp     $MAX_CPUS, %r12
+    jae     2f
+    movzbl  3(%rsi), %eax               /* APIC id */
+    mov     %al, (%r8,%r12)
+    inc     %r12
+2:  add     %rcx, %rsi
+    jmp     1b
+3:
+    test    %r12, %r12
+    jz      .Lsmp_no_cpus
+    call    line_begin
+    lea     s_smp(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_cpus_in_madt(%rip), %rsi
+    call    puts
+    call    line_end
+
+    /* install the trampoline at 0x6000 with the BSP's CR3 and EFER */
+    lea     ap_trampoline(%rip), %rsi
+    mov     $TRAMP_ADDR, %edi
+    mov     $(ap_trampoline_end - ap_trampoline), %ecx
+    rep movsb
+    mov     %cr3, %rax
+    mov     %eax, (TRAMP_ADDR + tr_cr3 - ap_trampoline)
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_LME, %eax
+    and     $~EFER_LMA, %eax
+    mov     %eax, (TRAMP_ADDR + tr_efer - ap_trampoline)
+
+    /* our own APIC id */
+    mov     $LAPIC_BASE, %ebx
+    mov     LAPIC_ID(%rbx), %r14d
+    shr     $24, %r14d
+
+    /* INIT, SIPI, SIPI every other APIC id */
+    xor     %r13d, %r13d                /* number of APs started */
+    xor     %r15d, %r15d                /* index into cpu_ids */
+4:  cmp     %r12, %r15
+    jae     6f
+    movzbl  (%r8,%r15), %edi
+    inc     %r15
+    cmp     %r14d, %edi
+    je      4b
+    inc     %r13
+    mov     $ICR_INIT, %esi
+    call    send_ipi
+    mov     $TSC_10MS, %edi
+    call    delay
+    movzbl  -1(%r8,%r15), %edi
+    mov     $(ICR_SIPI | TRAMP_VECTOR), %esi
+    call    send_ipi
+    mov     $TSC_200US, %edi
+    call    delay
+    movzbl  -1(%r8,%r15), %edi
+    mov     $(ICR_SIPI | TRAMP_VECTOR), %esi
+    call    send_ipi
+    mov     $TSC_200US, %edi
+    call    delay
+    jmp     4b
+
+    /* wait (bounded) for the APs to check in */
+6:  call    tsc_now
+    movabs  $SMP_TIMEOUT, %rbx
+    add     %rax, %rbx
+7:  mov     ap_arrived(%rip), %eax
+    cmp     %r13, %rax
+    jae     8f
+    pause
+    call    tsc_now
+    cmp     %rbx, %rax
+    jb      7b
+
+    call    line_begin
+    lea     s_smp_fail_only(%rip), %rsi
+    call    puts
+    mov     ap_arrived(%rip), %eax
+    inc     %rax                        /* the BSP */
+    call    putdec
+    lea     s_of(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_cpus_up(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+8:  call    line_begin
+    lea     s_smp_all(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_cpus_up(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+.Lsmp_no_madt:
+    lea     s_smp_no_madt(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+.Lsmp_no_cpus:
+    lea     s_smp_no_cpus(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* An AP arrives here from the trampoline, in 64-bit mode on the trampoline's GDT. */
+ap_main:
+    mov     $1, %eax
+    lock xadd %eax, ap_next_index(%rip)
+    cmp     $MAX_APS, %eax
+    jae     halt_forever                /* no stack left for it */
+    inc     %eax
+    imul    $AP_STACK_SIZE, %eax, %eax
+    lea     ap_stacks(%rip), %rsp
+    add     %rax, %rsp
+
+    mov     $LAPIC_BASE, %ebx
+    mov     LAPIC_ID(%rbx), %eax
+    shr     $24, %eax
+    call    line_begin
+    lea     s_cpu(%rip), %rsi
+    call    puts
+    call    putdec
+    lea     s_up(%rip), %rsi
+    call    puts
+    call    line_end
+
+    mov     $1, %eax
+    lock xadd %eax, ap_arrived(%rip)
+    jmp     halt_forever
+
+/* ---- power control ------------------------------------------------------------------ */
+
+poweroff:
+    mov     $PM1_CNT_S5, %eax
+    mov     $PM1_CNT_PORT, %edx
+    outw    %ax, %dx
+halt_forever:
+    cli
+    hlt
+    jmp     halt_forever
+
+/* ---- helpers ---------------------------------------------------------------------- */
+
+/* send_ipi: edi = destination APIC id, esi = ICR low (written last: it sends) */
+send_ipi:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    mov     $LAPIC_BASE, %ebx
+    mov     %edi, %eax
+    shl     $24, %eax
+    mov     %eax, LAPIC_ICR_HI(%rbx)
+    mov     %esi, LAPIC_ICR_LO(%rbx)
+    mov     $1000, %ecx                 /* wait (bounded) for the delivery status to clear */
+1:  mov     LAPIC_ICR_LO(%rbx), %eax
+    test    $ICR_BUSY, %eax
+    jz      2f
+    pause
+    dec     %ecx
+    jnz     1b
+2:  pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* tsc_now: rax = TSC */
+tsc_now:
+    push    %rdx
+    rdtsc
+    shl     $32, %rdx
+    or      %rdx, %rax
+    pop     %rdx
+    ret
+
+/* delay: busy-wait rdi TSC ticks */
+delay:
+    push    %rax
+    push    %rdi
+    call    tsc_now
+    add     %rax, %rdi
+1:  pause
+    call    tsc_now
+    cmp     %rdi, %rax
+    jb      1b
+    pop     %rdi
+    pop     %rax
+    ret
+
+/* parse_cmdline: find the last "testguest=" token of the command line; set scen_ptr and
+ * scen_len to its value (scen_ptr stays 0 if there is none). */
+parse_cmdline:
+    push    %rax
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %rdi
+    mov     boot_params(%rip), %rax
+    mov     BP_CMD_LINE_PTR(%rax), %esi
+    test    %esi, %esi
+    jz      9f
+1:  movzbl  (%rsi), %eax                /* skip separators */
+    test    %al, %al
+    jz      9f
+    cmp     $' ', %al
+    ja      2f
+    inc     %rsi
+    jmp     1b
+2:  mov     %rsi, %rdi                  /* token [rsi, rdi) */
+3:  movzbl  (%rdi), %eax
+    cmp     $' ', %al
+    jbe     4f
+    inc     %rdi
+    jmp     3b
+4:  mov     %rdi, %rcx
+    sub     %rsi, %rcx
+    push    %rdi
+    lea     k_testguest(%rip), %rdi
+    call    str_prefix
+    pop     %rdi
+    jne     5f
+    lea     (%rsi,%rdx), %rax
+    mov     %rax, scen_ptr(%rip)
+    sub     %rdx, %rcx
+    mov     %rcx, scen_len(%rip)
+5:  mov     %rdi, %rsi
+    jmp     1b
+9:  pop     %rdi
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    ret
+
+/* str_prefix: does the string (rsi, length rcx) start with the NUL-terminated rdi?
+ * ZF = 1 if so; rdx = length of rdi's string (when it matched). */
+str_prefix:
+    push    %rax
+    xor     %edx, %edx
+1:  movzbl  (%rdi,%rdx), %eax
+    test    %al, %al
+    jz      3f                          /* end of rdi: match, ZF = 1 */
+    cmp     %rcx, %rdx
+    jae     2f
+    cmp     %al, (%rsi,%rdx)
+    jne     2f
+    inc     %rdx
+    jmp     1b
+2:  or      $1, %al                     /* ZF = 0 */
+3:  pop     %rax
+    ret
+
+/* str_is: is the string (rsi, length rcx) equal to the NUL-terminated rdi? ZF = 1 if so.
+ * rdx is clobbered. */
+str_is:
+    call    str_prefix
+    jne     1f
+    cmp     %rdx, %rcx
+1:  ret
+
+/* parse_dec: unsigned decimal (rsi, length rcx, 1-15 digits) -> rax; CF = 1 if invalid */
+parse_dec:
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    xor     %eax, %eax
+    test    %rcx, %rcx
+    jz      8f
+    cmp     $15, %rcx
+    ja      8f
+1:  movzbl  (%rsi), %edx
+    sub     $'0', %edx
+    cmp     $9, %edx
+    ja      8f
+    imul    $10, %rax, %rax
+    add     %rdx, %rax
+    inc     %rsi
+    dec     %rcx
+    jnz     1b
+    clc
+    jmp     9f
+8:  stc
+9:  pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    ret
+
+/* find_madt: rbx = address of the MADT found through boot_params.acpi_rsdp_addr and the
+ * XSDT, or 0. Tables must lie below 4 GiB (the identity-mapped range). */
+find_madt:
+    push    %rax
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %rdi
+    mov     boot_params(%rip), %rax
+    mov     BP_ACPI_RSDP_ADDR(%rax), %rax
+    call    .Lbelow_4g
+    jnz     8f
+    movabs  $SIG_RSDP, %rdx
+    cmp     %rdx, (%rax)
+    jne     8f
+    cmpb    $2, 15(%rax)                /* revision >= 2: has the XSDT address */
+    jb      8f
+    mov     24(%rax), %rax              /* XSDT */
+    call    .Lbelow_4g
+    jnz     8f
+    cmpl    $SIG_XSDT, (%rax)
+    jne     8f
+    mov     4(%rax), %ecx
+    cmp     $0x10000, %ecx
+    ja      8f
+    lea     (%rax,%rcx), %rdi           /* end */
+    lea     36(%rax), %rsi              /* entries */
+1:  lea     8(%rsi), %rdx
+    cmp     %rdi, %rdx
+    ja      8f
+    mov     (%rsi), %rax
+    add     $8, %rsi
+    call    .Lbelow_4g
+    jnz     1b
+    cmpl    $SIG_MADT, (%rax)
+    jne     1b
+    cmpl    $0x10000, 4(%rax)           /* sane MADT length */
+    ja      1b
+    mov     %rax, %rbx
+    jmp     9f
+8:  xor     %ebx, %ebx
+9:  pop     %rdi
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    ret
+/* ZF = 1 if rax is a non-null address below 4 GiB - 64 KiB (the tables are read there) */
+.Lbelow_4g:
+    push    %rax
+    test    %rax, %rax
+    jz      1f
+    shr     $16, %rax
+    cmp     $0xffff, %rax
+    jae     1f
+    xor     %eax, %eax                  /* ZF = 1 */
+    pop     %rax
+    ret
+1:  or      $1, %al                     /* ZF = 0 */
+    pop     %rax
+    ret
+
+/* e820_covers: does e820 RAM cover [rdi, rsi)? CF = 0 if so, CF = 1 if not. */
+e820_covers:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %rdi
+    push    %r8
+    push    %r9
+    mov     boot_params(%rip), %rbx
+    movzbl  BP_E820_ENTRIES(%rbx), %r8d
+    cmp     $E820_MAX_ENTRIES, %r8d
+    jbe     1f
+    mov     $E820_MAX_ENTRIES, %r8d
+1:  cmp     %rsi, %rdi                  /* rdi = first address not yet known to be RAM */
+    jae     7f
+    lea     BP_E820_TABLE(%rbx), %rdx
+    mov     %r8d, %ecx
+    xor     %r9d, %r9d                  /* progress made in this pass */
+2:  test    %ecx, %ecx
+    jz      4f
+    cmpl    $E820_RAM, 16(%rdx)
+    jne     3f
+    mov     (%rdx), %rax                /* start */
+    cmp     %rdi, %rax
+    ja      3f
+    add     8(%rdx), %rax               /* end */
+    jc      3f
+    cmp     %rdi, %rax
+    jbe     3f
+    mov     %rax, %rdi                  /* covered up to here */
+    mov     $1, %r9d
+3:  add     $E820_ENTRY_SIZE, %rdx
+    dec     %ecx
+    jmp     2b
+4:  test    %r9d, %r9d
+    jnz     1b
+    stc
+    jmp     9f
+7:  clc
+9:  pop     %r9
+    pop     %r8
+    pop     %rdi
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* ---- console: COM1, one line at a time under a spinlock shared by all CPUs ---------- */
+
+/* say: print the whole line "testguest: <rsi>\n" */
+say:
+    call    line_begin
+    call    puts
+    call    line_end
+    ret
+
+/* line_begin: take the console lock and print "testguest: " */
+line_begin:
+    push    %rax
+    push    %rsi
+1:  mov     $1, %eax
+    xchg    %eax, con_lock(%rip)
+    test    %eax, %eax
+    jz      3f
+2:  pause                               /* wait until it looks free, then retry */
+    mov     con_lock(%rip), %eax
+    test    %eax, %eax
+    jnz     2b
+    jmp     1b
+3:  lea     s_prefix(%rip), %rsi
+    call    puts
+    pop     %rsi
+    pop     %rax
+    ret
+
+/* line_end: print "\n" and release the console lock */
+line_end:
+    push    %rax
+    mov     $'\n', %al
+    call    putc
+    xor     %eax, %eax
+    xchg    %eax, con_lock(%rip)
+    pop     %rax
+    ret
+
+/* putc: al */
+putc:
+    push    %rax
+    push    %rdx
+    mov     $COM1_LSR, %edx
+1:  inb     %dx, %al
+    test    $LSR_THR_EMPTY, %al
+    jnz     2f
+    pause
+    jmp     1b
+2:  mov     8(%rsp), %rax               /* the saved character */
+    mov     $COM1_THR, %edx
+    outb    %al, %dx
+    pop     %rdx
+    pop     %rax
+    ret
+
+/* puts: NUL-terminated string at rsi */
+puts:
+    push    %rax
+    push    %rsi
+1:  movzbl  (%rsi), %eax
+    test    %al, %al
+    jz      2f
+    call    putc
+    inc     %rsi
+    jmp     1b
+2:  pop     %rsi
+    pop     %rax
+    ret
+
+/* putsn: rcx bytes at rsi */
+putsn:
+    push    %rax
+    push    %rcx
+    push    %rsi
+    test    %rcx, %rcx
+    jz      2f
+1:  movzbl  (%rsi), %eax
+    call    putc
+    inc     %rsi
+    dec     %rcx
+    jnz     1b
+2:  pop     %rsi
+    pop     %rcx
+    pop     %rax
+    ret
+
+/* putdec: rax in decimal */
+putdec:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    sub     $24, %rsp
+    lea     24(%rsp), %rsi              /* digits are stored backwards from here */
+    mov     $10, %ebx
+    xor     %ecx, %ecx
+1:  xor     %edx, %edx
+    div     %rbx
+    add     $'0', %dl
+    dec     %rsi
+    mov     %dl, (%rsi)
+    inc     %ecx
+    test    %rax, %rax
+    jnz     1b
+    call    putsn
+    add     $24, %rsp
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* puthex: "0x" and rax in hex, ecx digits (0: as many as needed) */
+puthex:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    mov     %rax, %rbx
+    lea     s_0x(%rip), %rsi
+    call    puts
+    test    %ecx, %ecx
+    jnz     2f
+    mov     $1, %ecx                    /* count the significant digits */
+    mov     %rbx, %rdx
+1:  shr     $4, %rdx
+    jz      2f
+    inc     %ecx
+    jmp     1b
+2:  mov     %ecx, %edx                  /* digits left */
+    lea     hexdigits(%rip), %rsi
+3:  dec     %edx
+    lea     (,%rdx,4), %ecx
+    mov     %rbx, %rax
+    shr     %cl, %rax
+    and     $15, %eax
+    movzbl  (%rsi,%rax), %eax
+    call    putc
+    test    %edx, %edx
+    jnz     3b
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* ======================================================================================= */
+/* AP start-up trampoline. It is data here (kept out of the 64-bit disassembly) and runs
+ * from its copy at TRAMP_ADDR, starting in real mode at CS:IP = 0x0600:0000. It has no
+ * stack until ap_main. */
+    .section .rodata.trampoline, "a"
+    .globl  ap_trampoline, ap_trampoline_end    /* for the size check in testguest.ld */
+    .p2align 4
+ap_trampoline:
+    .code16
+    cli
+    cld
+    mov     %cs, %ax
+    mov     %ax, %ds
+    lgdtl   tr_gdtr - ap_trampoline
+    mov     %cr0, %eax
+    or      $1, %eax                    /* PE */
+    mov     %eax, %cr0
+    ljmpl   $0x08, $(TRAMP_ADDR + tr_pm32 - ap_trampoline)
+
+    .code32
+tr_pm32:
+    mov     $0x10, %eax
+    mov     %ax, %ds
+    mov     %ax, %es
+    mov     %ax, %ss
+    mov     %ax, %fs
+    mov     %ax, %gs
+    mov     %cr4, %eax
+    or      $0x20, %eax                 /* PAE */
+    mov     %eax, %cr4
+    mov     (TRAMP_ADDR + tr_cr3 - ap_trampoline), %eax
+    mov     %eax, %cr3
+    mov     $MSR_EFER, %ecx
+    mov     (TRAMP_ADDR + tr_efer - ap_trampoline), %eax
+    or      $EFER_LME, %eax
+    xor     %edx, %edx
+    wrmsr
+    mov     %cr0, %eax
+    and     $0x9fffffff, %eax           /* clear CD, NW */
+    or      $0x80000001, %eax           /* PG, PE */
+    mov     %eax, %cr0
+    ljmp    $0x18, $(TRAMP_ADDR + tr_lm64 - ap_trampoline)
+
+    .code64
+tr_lm64:
+    mov     $ap_main, %eax
+    jmp     *%rax
+
+    .p2align 3
+tr_gdt:
+    .quad   0                           /* null */
+    .quad   0x00cf9b000000ffff          /* 0x08: 32-bit code, flat (accessed bit preset) */
+    .quad   0x00cf93000000ffff          /* 0x10: data, flat */
+    .quad   0x00af9b000000ffff          /* 0x18: 64-bit code */
+tr_gdt_end:
+tr_gdtr:
+    .word   tr_gdt_end - tr_gdt - 1
+    .long   TRAMP_ADDR + tr_gdt - ap_trampoline
+tr_cr3:
+    .long   0                           /* patched by the BSP */
+tr_efer:
+    .long   0                           /* patched by the BSP */
+ap_trampoline_end:
+
+/* ======================================================================================= */
+    .section .rodata, "a"
+s_prefix:           .asciz "testguest: "
+s_scenario:         .asciz "scenario "
+s_none:             .asciz "(none)"
+s_unknown:          .asciz "error: unknown scenario"
+s_hello:            .asciz "hello from the vmd test guest"
+s_rebooting:        .asciz "rebooting"
+s_crashing:         .asciz "crashing with ud2"
+s_exits:            .asciz "exits="
+s_start:            .asciz " start"
+s_exits_done:       .asciz "exits done"
+s_badio_pio8:       .asciz "badio: pio8 "
+s_badio_pio16:      .asciz " pio16 "
+s_badio_pio32:      .asciz " pio32 "
+s_badio_mmio32:     .asciz " mmio32 "
+s_badio_survived:   .asciz "badio: survived"
+s_heartbeat:        .asciz "spin heartbeat "
+s_pwrbtn:           .asciz "power button pressed, powering off"
+s_memtest:          .asciz "memtest "
+s_memtest_ok:       .asciz " MiB OK"
+s_memtest_fail_at:  .asciz "memtest: FAIL at "
+s_memtest_no_ram:   .asciz "memtest: FAIL not enough RAM"
+s_smp:              .asciz "smp: "
+s_cpus_in_madt:     .asciz " cpus in MADT"
+s_smp_all:          .asciz "smp: all "
+s_cpus_up:          .asciz " cpus up"
+s_smp_fail_only:    .asciz "smp: FAIL only "
+s_of:               .asciz " of "
+s_smp_no_madt:      .asciz "smp: FAIL no MADT"
+s_smp_no_cpus:      .asciz "smp: FAIL no enabled processor in the MADT"
+s_cpu:              .asciz "cpu "
+s_up:               .asciz " up"
+s_0x:               .asciz "0x"
+hexdigits:          .ascii "0123456789abcdef"
+k_testguest:        .asciz "testguest="
+k_hello:            .asciz "hello"
+k_reboot:           .asciz "reboot"
+k_smp:              .asciz "smp"
+k_badio:            .asciz "badio"
+k_crash:            .asciz "crash"
+k_spin:             .asciz "spin"
+k_exits:            .asciz "exits="
+k_memtest:          .asciz "memtest="
+
+/* ======================================================================================= */
+    .data
+    .p2align 3
+boot_params:        .quad 0
+scen_ptr:           .quad 0
+scen_len:           .quad 0
+con_lock:           .long 0
+ap_next_index:      .long 0
+ap_arrived:         .long 0
+
+    .bss
+    .p2align 4
+cpu_ids:            .skip MAX_CPUS
+    .p2align 4
+bsp_stack:          .skip BSP_STACK_SIZE
+bsp_stack_top:
+ap_stacks:          .skip AP_STACK_SIZE * MAX_APS
+
+    .section .note.GNU-stack, "", @progbits
