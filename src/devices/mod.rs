@@ -1,0 +1,13 @@
+//! Emulated devices of the x86 platform and the buses that route guest accesses to them.
+//!
+//! Every device sees only an offset into its own range, so it never learns (or trusts) the
+//! guest's absolute address; the bus rejects accesses that do not fall entirely inside one device.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+pub mod stop;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use stop::{GuestStop, StopSignal};

@@ -1,0 +1,3 @@
+//! The virtual machine monitor: guest memory, boot, vCPUs.
+
+pub mod layout;
