@@ -1,0 +1,316 @@
+//! vCPU threads: the run loop, exit handling, and pause/resume/stop.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. The VMM controls them through [`VcpuControl`]:
+//! it sets the wanted state and kicks the threads out of `KVM_RUN` with a signal; each thread
+//! checks the wanted state before every entry, parks while paused, and returns when told to stop.
+//! Exits that end the VM go through the shared [`StopSignal`].
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use nix::errno::Errno;
+
+use crate::devices::{Bus, GuestStop, StopSignal};
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing; the
+/// interrupted ioctl returns EINTR).
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Installs the no-op handler for [`kick_signal`]. Call once, before vCPU threads start.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+}
+
+/// What the VMM wants the vCPUs to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunRequest {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct ControlState {
+    request: RunRequest,
+    /// vCPU threads currently parked (paused, or not yet started).
+    parked: usize,
+}
+
+/// Shared between the VMM thread and all vCPU threads.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    /// vCPUs start paused: nothing runs until the VMM says [`RunRequest::Run`].
+    pub fn new() -> Self {
+        VcpuControl {
+            state: Mutex::new(ControlState {
+                request: RunRequest::Pause,
+                parked: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn request(&self) -> RunRequest {
+        self.lock().request
+    }
+
+    fn set_request(&self, request: RunRequest) {
+        self.lock().request = request;
+        self.changed.notify_all();
+    }
+
+    /// Parks the calling vCPU thread while `keep_parked(request)`; returns the request that
+    /// ended the wait.
+    fn park_while(&self, keep_parked: impl Fn(RunRequest) -> bool) -> RunRequest {
+        let mut state = self.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while keep_parked(state.request) {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.parked -= 1;
+        state.request
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything a vCPU thread touches.
+pub struct Vcpu {
+    pub index: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop: Arc<StopSignal>,
+}
+
+/// What one `KVM_RUN` exit means for the loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// The run was interrupted by a kick: look at the control state.
+    Interrupted,
+    /// The VM cannot continue; the reason is the failure to report.
+    Fail(String),
+}
+
+/// Maps one exit to what the loop does next. Device accesses go to the buses, which ignore
+/// addresses nobody decodes; everything the VMM cannot handle is a failure with a reason.
+pub fn handle_exit(
+    exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    pio: &Bus,
+    mmio: &Bus,
+) -> ExitAction {
+    match exit {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            tracing::trace!("port write {port:#x} {data:?}");
+            pio.write(u64::from(port), data);
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::IoIn(port, data)) => {
+            pio.read(u64::from(port), data);
+            tracing::trace!("port read {port:#x} {data:?}");
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            tracing::trace!("MMIO write {addr:#x} {data:?}");
+            mmio.write(addr, data);
+            ExitAction::Continue
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            mmio.read(addr, data);
+            tracing::trace!("MMIO read {addr:#x} {data:?}");
+            ExitAction::Continue
+        }
+        // With the in-kernel irqchip a halted vCPU waits in the kernel; an exit here means the
+        // guest halted with interrupts off, which on a PC is how a CPU stops for good.
+        Ok(VcpuExit::Hlt) => ExitAction::Interrupted,
+        Ok(VcpuExit::Shutdown) => {
+            ExitAction::Fail("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".to_string())
+        }
+        Ok(VcpuExit::InternalError) => ExitAction::Fail(
+            "KVM could not emulate a guest instruction (KVM_EXIT_INTERNAL_ERROR)".to_string(),
+        ),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => ExitAction::Fail(format!(
+            "KVM could not enter the guest (hardware entry failure reason {reason:#x} on cpu {cpu})"
+        )),
+        Ok(VcpuExit::SystemEvent(kind, _)) => {
+            ExitAction::Fail(format!("unexpected KVM system event {kind}"))
+        }
+        Ok(other) => ExitAction::Fail(format!("unexpected vCPU exit {other:?}")),
+        Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
+            ExitAction::Interrupted
+        }
+        Err(err) => ExitAction::Fail(format!("KVM_RUN failed: {err}")),
+    }
+}
+
+impl Vcpu {
+    /// The thread body: parked until the first `Run`, then runs the guest until told to stop
+    /// or the VM must stop.
+    pub fn run(mut self, control: &VcpuControl) {
+        loop {
+            match control.request() {
+                RunRequest::Stop => return,
+                RunRequest::Pause => {
+                    control.park_while(|request| request == RunRequest::Pause);
+                    continue;
+                }
+                RunRequest::Run => {}
+            }
+            if self.stop.is_requested() {
+                // The VM is ending: run no more guest code, wait for the VMM to stop us.
+                control.park_while(|request| request != RunRequest::Stop);
+                return;
+            }
+            let action = handle_exit(self.fd.run(), &self.pio, &self.mmio);
+            if let ExitAction::Fail(reason) = action {
+                let reason = self.describe_failure(&reason);
+                tracing::error!("{reason}");
+                self.stop.request(GuestStop::Failure(reason));
+            }
+        }
+    }
+
+    /// Adds where the guest was to a failure reason.
+    fn describe_failure(&mut self, reason: &str) -> String {
+        let internal = {
+            let run = self.fd.get_kvm_run();
+            if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+                // SAFETY: exit_reason says the `internal` member of the union is the valid one.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                format!(" suberror {}", internal.suberror)
+            } else {
+                String::new()
+            }
+        };
+        match self.fd.get_regs() {
+            Ok(regs) => format!(
+                "vCPU {}: {reason}{internal} at rip {:#x}",
+                self.index, regs.rip
+            ),
+            Err(_) => format!("vCPU {}: {reason}{internal}", self.index),
+        }
+    }
+}
+
+/// The running vCPU threads.
+pub struct VcpuThreads {
+    control: Arc<VcpuControl>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl VcpuThreads {
+    pub fn new(control: Arc<VcpuControl>, handles: Vec<JoinHandle<()>>) -> Self {
+        VcpuThreads { control, handles }
+    }
+
+    pub fn resume(&self) {
+        self.control.set_request(RunRequest::Run);
+    }
+
+    /// Pauses every vCPU and returns once all of them are parked outside `KVM_RUN`.
+    pub fn pause(&self) {
+        self.control.set_request(RunRequest::Pause);
+        self.kick_until(|state| state.parked == self.live_threads());
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(mut self) {
+        self.control.set_request(RunRequest::Stop);
+        self.kick_until(|_| self.handles.iter().all(|h| h.is_finished()));
+        for handle in self.handles.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    fn live_threads(&self) -> usize {
+        self.handles.iter().filter(|h| !h.is_finished()).count()
+    }
+
+    /// Kicks the threads until `done`. A kick can land just before a thread enters `KVM_RUN`,
+    /// where it has no effect, so keep kicking (briefly) until every thread has seen the request.
+    fn kick_until(&self, done: impl Fn(&ControlState) -> bool) {
+        use std::os::unix::thread::JoinHandleExt;
+        loop {
+            {
+                let state = self.control.lock();
+                if done(&state) {
+                    return;
+                }
+            }
+            for handle in self.handles.iter().filter(|h| !h.is_finished()) {
+                // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it
+                // is valid; the signal's handler is installed and does nothing.
+                let ret = unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+                if ret != 0 && ret != libc::ESRCH {
+                    tracing::warn!("cannot kick a vCPU thread: {}", Errno::from_raw(ret));
+                }
+            }
+            let state = self.control.lock();
+            let _ = self
+                .control
+                .changed
+                .wait_timeout(state, Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_exits_continue_and_faults_fail() {
+        let pio = Bus::new("pio");
+        let mmio = Bus::new("mmio");
+        let mut data = [0u8; 2];
+        assert_eq!(
+            handle_exit(Ok(VcpuExit::IoIn(0x4400, &mut data)), &pio, &mmio),
+            ExitAction::Continue
+        );
+        assert_eq!(data, [0xff, 0xff]);
+        assert_eq!(
+            handle_exit(
+                Ok(VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4])),
+                &pio,
+                &mmio
+            ),
+            ExitAction::Continue
+        );
+        assert!(
+            matches!(handle_exit(Ok(VcpuExit::Shutdown), &pio, &mmio), ExitAction::Fail(r) if r.contains("triple"))
+        );
+        assert!(matches!(
+            handle_exit(Ok(VcpuExit::InternalError), &pio, &mmio),
+            ExitAction::Fail(_)
+        ));
+        assert_eq!(
+            handle_exit(Err(kvm_ioctls::Error::new(libc::EINTR)), &pio, &mmio),
+            ExitAction::Interrupted
+        );
+        assert!(matches!(
+            handle_exit(Err(kvm_ioctls::Error::new(libc::EFAULT)), &pio, &mmio),
+            ExitAction::Fail(_)
+        ));
+    }
+}
