@@ -1,6 +1,18 @@
 //! vmd: a virtual machine manager for Linux.
+//!
+//! The `vmd` binary is the front end (`vmd run`, later the D-Bus daemon) and, re-executed in
+//! `vm` mode, the per-VM helper process that owns one KVM virtual machine:
+//! - [`launch`] starts a helper (fork + exec with LISTEN_FDS);
+//! - [`helper`] is the helper process itself;
+//! - [`protocol`] is what the two say over their control socket;
+//! - [`sandbox`] is how the helper locks itself down;
+//! - [`vmm`] builds and runs the VM on KVM, with the [`devices`] it emulates;
+//! - [`cli`] holds the user-facing commands.
 
+pub mod cli;
 pub mod devices;
+pub mod helper;
+pub mod launch;
 pub mod protocol;
 pub mod sandbox;
 pub mod vmm;

@@ -1,4 +1,64 @@
-fn main() {
-    eprintln!("vmd: no commands yet");
-    std::process::exit(2);
+//! `vmd`: the command-line entry point.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use vmd::cli::run::RunArgs;
+use vmd::helper::HelperOptions;
+use vmd::sandbox::SandboxMode;
+
+/// vmd runs virtual machines on KVM, each in its own sandboxed helper process.
+#[derive(Parser)]
+#[command(name = "vmd", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a VM in the foreground; the guest console is on stdout.
+    Run(RunArgs),
+    /// The per-VM helper, started by vmd with its fds passed as LISTEN_FDS.
+    #[command(hide = true)]
+    Vm {
+        /// Run without landlock, seccomp, uid and capability drop (for debugging only).
+        #[arg(long)]
+        no_sandbox: bool,
+        /// Report on stderr what the sandbox allows (for tests).
+        #[arg(long, hide = true)]
+        probe_sandbox: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let code = match cli.command {
+        Command::Run(args) => vmd::cli::run::run(args),
+        Command::Vm {
+            no_sandbox,
+            probe_sandbox,
+        } => vmd::helper::main(HelperOptions {
+            sandbox: if no_sandbox {
+                SandboxMode::Disabled
+            } else {
+                SandboxMode::Enforce
+            },
+            probe_sandbox,
+        }),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Logs go to stderr (the journal, when systemd runs us); `VMD_LOG` sets the filter.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

@@ -1,0 +1,3 @@
+//! The user-facing commands of the `vmd` binary.
+
+pub mod run;

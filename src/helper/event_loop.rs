@@ -1,0 +1,308 @@
+//! The helper's main loop while the guest runs: one `poll` over the VM's stop event, the
+//! termination signals, the control socket and the console input.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::{EXIT_FAILURE, EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
+use crate::devices::GuestStop;
+use crate::devices::bus::lock_device;
+use crate::protocol::{ControlChannel, Event, RecvError, Request, RunState};
+use crate::vmm::vcpu::VcpuThreads;
+use crate::vmm::vm::Vm;
+
+/// How long a guest gets to act on the power button after SIGTERM before the helper stops it.
+/// systemd's default stop timeout is 90 s; staying well inside it keeps the stop clean.
+pub const SIGTERM_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+/// How often console input is retried while the guest's receive FIFO is full.
+const CONSOLE_RETRY: Duration = Duration::from_millis(20);
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it starts later)
+/// and returns a signalfd for them.
+pub fn block_termination_signals() -> nix::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    set.thread_block()?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+}
+
+pub struct EventLoop<'a> {
+    vm: Vm,
+    vcpus: Option<VcpuThreads>,
+    control: &'a ControlChannel,
+    control_open: bool,
+    signals: SignalFd,
+    state: RunState,
+    shutdown_deadline: Option<Instant>,
+    console_open: bool,
+}
+
+/// Which fd a poll slot watches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Stop,
+    Signals,
+    Control,
+    Console,
+}
+
+impl<'a> EventLoop<'a> {
+    pub fn new(vm: Vm, vcpus: VcpuThreads, control: &'a ControlChannel, signals: SignalFd) -> Self {
+        let console_open = vm.devices.console_input.is_some();
+        EventLoop {
+            vm,
+            vcpus: Some(vcpus),
+            control,
+            control_open: true,
+            signals,
+            state: RunState::Paused,
+            shutdown_deadline: None,
+            console_open,
+        }
+    }
+
+    /// Answers `Created`, lets the vCPUs run, and loops until the VM ends; returns the exit
+    /// status.
+    pub fn run(mut self) -> i32 {
+        self.send(Event::Created);
+        if let Some(vcpus) = &self.vcpus {
+            vcpus.resume();
+        }
+        self.set_state(RunState::Running);
+        loop {
+            if let Some(code) = self.check_stop() {
+                return self.finish(code);
+            }
+            if let Some(deadline) = self.shutdown_deadline
+                && Instant::now() >= deadline
+            {
+                tracing::warn!(
+                    "the guest did not power off in time after the power button; stopping it"
+                );
+                self.send(Event::Error {
+                    reason: "the guest did not power off in time; the VM was stopped".into(),
+                });
+                return self.finish(EXIT_POWER_OFF);
+            }
+            if let Err(err) = self.wait_and_dispatch() {
+                tracing::error!("VMM main loop failed: {err}");
+                self.send(Event::Error {
+                    reason: format!("VMM main loop failed: {err}"),
+                });
+                return self.finish(EXIT_FAILURE);
+            }
+        }
+    }
+
+    /// Stops the vCPUs and exits with `code`.
+    fn finish(mut self, code: i32) -> i32 {
+        if let Some(vcpus) = self.vcpus.take() {
+            vcpus.stop();
+        }
+        code
+    }
+
+    /// Turns a recorded stop into events and an exit status.
+    fn check_stop(&mut self) -> Option<i32> {
+        let reason = self.vm.stop.reason()?;
+        Some(match reason {
+            GuestStop::PowerOff => {
+                tracing::info!("the guest powered off");
+                self.send(Event::GuestPowerOff);
+                EXIT_POWER_OFF
+            }
+            GuestStop::Reboot => {
+                tracing::info!("the guest asked to reboot");
+                self.send(Event::GuestReboot);
+                EXIT_REBOOT
+            }
+            GuestStop::Failure(reason) => {
+                self.send(Event::Error { reason });
+                EXIT_FAILURE
+            }
+        })
+    }
+
+    fn wait_and_dispatch(&mut self) -> Result<(), String> {
+        let console_has_room =
+            self.console_open && lock_device(&self.vm.devices.serial).input_capacity() > 0;
+        let mut timeout = if self.console_open && !console_has_room {
+            Some(CONSOLE_RETRY)
+        } else {
+            None
+        };
+        if let Some(deadline) = self.shutdown_deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
+
+        let mut sources = vec![Source::Stop, Source::Signals];
+        let stop_fd = self.vm.stop.event_fd();
+        // SAFETY: the eventfd is owned by the VM's StopSignal, which outlives this call.
+        let stop_fd = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stop_fd)) };
+        let mut fds = vec![
+            PollFd::new(stop_fd, PollFlags::POLLIN),
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+        ];
+        if self.control_open {
+            sources.push(Source::Control);
+            fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+        }
+        let console = self.vm.devices.console_input.as_ref().map(OwnedFd::as_fd);
+        if let (Some(console), true) = (console, console_has_room) {
+            sources.push(Source::Console);
+            fds.push(PollFd::new(console, PollFlags::POLLIN));
+        }
+
+        let poll_timeout = match timeout {
+            Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        match poll(&mut fds, poll_timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(err) => return Err(format!("poll failed: {err}")),
+        }
+        let ready: Vec<Source> = sources
+            .iter()
+            .zip(&fds)
+            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(source, _)| *source)
+            .collect();
+        drop(fds);
+        for source in ready {
+            match source {
+                Source::Stop => {
+                    // Only resets the counter; check_stop reads the reason.
+                    let _ = self.vm.stop.event_fd().read();
+                }
+                Source::Signals => self.handle_signals(),
+                Source::Control => self.handle_control(),
+                Source::Console => self.forward_console_input(),
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            tracing::info!(
+                "received signal {}; asking the guest to power off",
+                info.ssi_signo
+            );
+            self.begin_shutdown(SIGTERM_SHUTDOWN_DEADLINE);
+        }
+    }
+
+    fn handle_control(&mut self) {
+        match self.control.recv_request() {
+            Ok(Some(request)) => self.handle_request(request),
+            Ok(None) => {
+                // The launcher went away. A VM outlives its daemon (the next one re-adopts it),
+                // so keep running; there is just nobody to tell.
+                tracing::info!("the control socket closed; the VM keeps running");
+                self.control_open = false;
+            }
+            Err(RecvError::Io(err)) => {
+                tracing::error!("cannot read the control socket: {err}; ignoring it from now on");
+                self.control_open = false;
+            }
+            Err(err) => {
+                let reason = format!("malformed control request: {}", error_chain(&err));
+                tracing::warn!("{reason}");
+                self.send(Event::Error { reason });
+            }
+        }
+    }
+
+    fn handle_request(&mut self, request: Request) {
+        match request {
+            Request::Pause => {
+                if self.shutdown_deadline.is_some() {
+                    self.send(Event::Error {
+                        reason: "cannot pause: the VM is shutting down".into(),
+                    });
+                } else if self.state == RunState::Running {
+                    if let Some(vcpus) = &self.vcpus {
+                        vcpus.pause();
+                    }
+                    self.set_state(RunState::Paused);
+                } else {
+                    self.set_state(RunState::Paused);
+                }
+            }
+            Request::Resume => {
+                if let Some(vcpus) = &self.vcpus {
+                    vcpus.resume();
+                }
+                self.set_state(RunState::Running);
+            }
+            Request::Shutdown { deadline_ms } => {
+                self.begin_shutdown(Duration::from_millis(deadline_ms));
+            }
+            Request::Start { .. } => self.send(Event::Error {
+                reason: "the VM is already started".into(),
+            }),
+        }
+    }
+
+    /// Presses the power button and gives the guest until `deadline` to power off. A paused
+    /// guest is resumed first: it cannot react otherwise.
+    fn begin_shutdown(&mut self, within: Duration) {
+        if self.state == RunState::Paused {
+            if let Some(vcpus) = &self.vcpus {
+                vcpus.resume();
+            }
+            self.set_state(RunState::Running);
+        }
+        self.vm.press_power_button();
+        let deadline = Instant::now() + within;
+        self.shutdown_deadline = Some(self.shutdown_deadline.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    fn forward_console_input(&mut self) {
+        let Some(console) = &self.vm.devices.console_input else {
+            return;
+        };
+        let mut serial = lock_device(&self.vm.devices.serial);
+        let mut buf = [0u8; 64];
+        let room = serial.input_capacity().min(buf.len());
+        match nix::unistd::read(console.as_fd(), &mut buf[..room]) {
+            Ok(0) => {
+                tracing::debug!("console input closed");
+                self.console_open = false;
+            }
+            Ok(len) => {
+                serial.enqueue_input(&buf[..len]);
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            // A pty master reads EIO while no client has the terminal open: wait for one.
+            Err(Errno::EIO) => {}
+            Err(err) => {
+                tracing::warn!("cannot read console input: {err}; ignoring it from now on");
+                self.console_open = false;
+            }
+        }
+    }
+
+    fn set_state(&mut self, state: RunState) {
+        self.state = state;
+        self.send(Event::State { state });
+    }
+
+    fn send(&mut self, event: Event) {
+        if !self.control_open {
+            return;
+        }
+        if let Err(err) = self.control.send_event(&event) {
+            tracing::info!("cannot send {event:?} to the launcher: {err}");
+            self.control_open = false;
+        }
+    }
+}

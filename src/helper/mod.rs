@@ -1,0 +1,184 @@
+//! The VM helper (`vmd vm`): one process per VM, the Linux form of OpenBSD vmd's `vm_main`.
+//!
+//! It takes its fds from LISTEN_FDS, locks itself down (landlock without any path, no new
+//! privileges, an unprivileged uid, no capabilities, not dumpable), reads its configuration over
+//! the control socket, builds the VM, installs a seccomp filter per thread, answers `Created`, and
+//! runs the guest until it powers off (exit 0), asks to reboot (exit 75) or fails (exit 1).
+
+pub mod event_loop;
+pub mod listen_fds;
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+use crate::protocol::{ControlChannel, Event, Request, VmConfig};
+use crate::sandbox::{self, SandboxMode, ThreadKind};
+use crate::vmm::vcpu::install_kick_handler;
+use crate::vmm::vm::{MachineConfig, MachineFiles, build_vm};
+use listen_fds::{FdName, ReceivedFds};
+
+/// Helper exit statuses (DESIGN.md, "Launch protocol").
+pub const EXIT_POWER_OFF: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_REBOOT: i32 = 75;
+
+/// Command-line options of `vmd vm`.
+#[derive(Debug, Clone, Copy)]
+pub struct HelperOptions {
+    pub sandbox: SandboxMode,
+    /// Test aid: after the lock-down, try to open paths and report on stderr what happened.
+    pub probe_sandbox: bool,
+}
+
+/// Runs the helper; returns the process exit status.
+pub fn main(options: HelperOptions) -> i32 {
+    let mut fds = match listen_fds::take_listen_fds() {
+        Ok(fds) => fds,
+        Err(failure) => {
+            let reason = format!("refusing the passed fds: {}", failure.error);
+            eprintln!("vmd vm: {reason}");
+            if let Some(control) = failure.control {
+                let _ = ControlChannel::from_fd(control).send_event(&Event::Failed { reason });
+            }
+            return EXIT_FAILURE;
+        }
+    };
+    let Some(control) = fds.take(FdName::Control) else {
+        eprintln!("vmd vm: no control fd");
+        return EXIT_FAILURE;
+    };
+    let control = ControlChannel::from_fd(control);
+    match start(&control, fds, options) {
+        Ok(running) => running.run(),
+        Err(reason) => {
+            tracing::error!("cannot start the VM: {reason}");
+            let _ = control.send_event(&Event::Failed { reason });
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Everything up to `Created`: lock-down, configuration, VM build, vCPU threads, seccomp.
+fn start(
+    control: &ControlChannel,
+    mut fds: ReceivedFds,
+    options: HelperOptions,
+) -> Result<event_loop::EventLoop<'_>, String> {
+    // Signals the main loop handles are blocked before any thread exists, so that every
+    // thread inherits the mask and only the loop's signalfd sees them.
+    let signals = event_loop::block_termination_signals().map_err(|e| e.to_string())?;
+
+    let report = sandbox::lock_down_process(options.sandbox).map_err(|e| error_chain(&e))?;
+    tracing::debug!("sandbox: {report:?}");
+    if options.probe_sandbox {
+        probe_sandbox(&mut fds);
+    }
+
+    let config = match control.recv_request() {
+        Ok(Some(Request::Start { config })) => config,
+        Ok(Some(other)) => {
+            return Err(format!(
+                "expected Start as the first request, got {other:?}"
+            ));
+        }
+        Ok(None) => return Err("the control socket closed before the configuration arrived".into()),
+        Err(err) => {
+            return Err(format!(
+                "cannot read the configuration: {}",
+                error_chain(&err)
+            ));
+        }
+    };
+    config
+        .validate()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    let files = machine_files(&mut fds)?;
+    let mut vm = build_vm(&machine_config(&config), files).map_err(|e| error_chain(&e))?;
+
+    install_kick_handler().map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
+    let mode = options.sandbox;
+    let vcpus = vm
+        .start_vcpus(Arc::new(move || {
+            sandbox::apply_seccomp(ThreadKind::Vcpu, mode).map_err(|e| error_chain(&e))
+        }))
+        .map_err(|e| error_chain(&e))?;
+    sandbox::apply_seccomp(ThreadKind::Vmm, mode).map_err(|e| error_chain(&e))?;
+    tracing::info!(
+        "VM {} created: {} vCPUs, {} MiB",
+        config.name,
+        config.vcpus,
+        config.memory_bytes >> 20
+    );
+    Ok(event_loop::EventLoop::new(vm, vcpus, control, signals))
+}
+
+fn machine_config(config: &VmConfig) -> MachineConfig {
+    MachineConfig {
+        // validate() bounds vcpus to 1..=254.
+        vcpus: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
+        memory_bytes: config.memory_bytes,
+        cmdline: config.cmdline.clone(),
+    }
+}
+
+fn machine_files(fds: &mut ReceivedFds) -> Result<MachineFiles, String> {
+    let kvm = fds.take(FdName::Kvm).ok_or("no kvm fd")?;
+    let kernel = File::from(fds.take(FdName::Kernel).ok_or("no kernel fd")?);
+    let initrd = fds.take(FdName::Initrd).map(File::from);
+    let console = fds.take(FdName::Console).map(set_nonblocking).transpose()?;
+    Ok(MachineFiles {
+        kvm,
+        kernel,
+        initrd,
+        console,
+    })
+}
+
+/// Console output must never block a vCPU.
+fn set_nonblocking(fd: OwnedFd) -> Result<OwnedFd, String> {
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL)
+        .map_err(|e| format!("cannot read the console fd's flags: {e}"))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags))
+        .map_err(|e| format!("cannot make the console fd non-blocking: {e}"))?;
+    Ok(fd)
+}
+
+/// Tries what the sandbox must forbid and what it must still allow, and says so on stderr.
+fn probe_sandbox(fds: &mut ReceivedFds) {
+    for path in ["/etc/hostname", "/dev/kvm", "/"] {
+        match File::open(path) {
+            Ok(_) => eprintln!("sandbox probe: open {path}: allowed"),
+            Err(err) => eprintln!(
+                "sandbox probe: open {path}: {}",
+                nix::Error::from_raw(err.raw_os_error().unwrap_or(0))
+            ),
+        }
+    }
+    if let Some(kvm) = fds.take(FdName::Kvm) {
+        // SAFETY: KVM_GET_API_VERSION takes no argument and only reads the fd.
+        let version = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&kvm), 0xae00, 0) };
+        let outcome = if version < 0 {
+            std::io::Error::last_os_error().to_string()
+        } else {
+            format!("API version {version}")
+        };
+        eprintln!("sandbox probe: passed kvm fd: {outcome}");
+        fds.insert(FdName::Kvm, kvm);
+    }
+}
+
+/// An error and its sources, joined by ": ".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

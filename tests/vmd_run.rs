@@ -1,0 +1,251 @@
+//! `vmd run` end to end: the real binary, a real fork+exec'd helper, real /dev/kvm, and the
+//! project's test guest, one scenario per test.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RunningVm, proc_status, run_scenario, status_field};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn hello_prints_and_powers_off() {
+    let run = run_scenario("hello", &[], LIMIT);
+    assert!(
+        run.console.contains("testguest: scenario hello")
+            && run
+                .console
+                .contains("testguest: hello from the vmd test guest"),
+        "console:\n{}\nstderr:\n{}",
+        run.console,
+        run.stderr
+    );
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn reboot_exits_75() {
+    let run = run_scenario("reboot", &[], LIMIT);
+    assert!(
+        run.console.contains("testguest: rebooting"),
+        "{}",
+        run.console
+    );
+    assert_eq!(run.code, Some(75), "stderr:\n{}", run.stderr);
+    assert!(run.stderr.contains("asked to reboot"), "{}", run.stderr);
+}
+
+#[test]
+fn smp_brings_up_every_vcpu() {
+    let run = run_scenario("smp", &["--cpus", "2"], LIMIT);
+    assert!(
+        run.console.contains("testguest: smp: 2 cpus in MADT"),
+        "{}\n{}",
+        run.console,
+        run.stderr
+    );
+    assert!(
+        run.console.contains("testguest: cpu 1 up"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("testguest: smp: all 2 cpus up"),
+        "{}",
+        run.console
+    );
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn port_exits_are_counted_through() {
+    let run = run_scenario("exits=2000", &[], LIMIT);
+    assert!(
+        run.console.contains("testguest: exits=2000 start"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("testguest: exits done"),
+        "{}",
+        run.console
+    );
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn unmapped_io_reads_all_ones_and_the_vmm_survives() {
+    let run = run_scenario("badio", &[], LIMIT);
+    assert!(
+        run.console.contains(
+            "testguest: badio: pio8 0xff pio16 0xffff pio32 0xffffffff mmio32 0xffffffff"
+        ),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("testguest: badio: survived"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.stderr.contains("hits no device"),
+        "unmapped access not logged:\n{}",
+        run.stderr
+    );
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn a_crashing_guest_is_a_reported_failure() {
+    let run = run_scenario("crash", &[], LIMIT);
+    assert!(
+        run.console.contains("testguest: crashing with ud2"),
+        "{}",
+        run.console
+    );
+    assert_eq!(run.code, Some(1), "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.contains("triple-faulted") || run.stderr.contains("KVM_EXIT_INTERNAL_ERROR"),
+        "no failure reason:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn memtest_verifies_guest_ram() {
+    let run = run_scenario("memtest=4", &[], LIMIT);
+    assert!(
+        run.console.contains("testguest: memtest 4 MiB OK"),
+        "{}\n{}",
+        run.console,
+        run.stderr
+    );
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn memtest_beyond_ram_fails_inside_the_guest() {
+    // 32 MiB of RAM cannot hold 16 MiB + 32 MiB: the guest sees it in e820 and says so.
+    let run = run_scenario("memtest=32", &["--memory", "32M"], LIMIT);
+    assert!(
+        run.console
+            .contains("testguest: memtest: FAIL not enough RAM"),
+        "{}",
+        run.console
+    );
+}
+
+#[test]
+fn sigterm_presses_the_power_button() {
+    let vm = RunningVm::start("spin", &[]);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    vm.signal(libc::SIGTERM);
+    vm.console
+        .wait_for("testguest: power button pressed, powering off", LIMIT);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn the_helper_runs_locked_down() {
+    let vm = RunningVm::start("spin", &[]);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    let helper = vm.helper_pid();
+    let status = proc_status(helper, None);
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "Seccomp"), "2");
+    assert_eq!(status_field(&status, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapInh"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapAmb"), "0000000000000000");
+    if nix::unistd::geteuid().is_root() {
+        let uids = status_field(&status, "Uid");
+        assert!(
+            uids.split_whitespace().all(|uid| uid != "0"),
+            "helper still root: {uids}"
+        );
+        let gids = status_field(&status, "Gid");
+        assert!(
+            gids.split_whitespace().all(|gid| gid != "0"),
+            "helper still in group 0: {gids}"
+        );
+        assert_eq!(status_field(&status, "Groups"), "");
+    }
+    // Every thread (the VMM thread and each vCPU) runs under its own filter.
+    let tasks = std::fs::read_dir(format!("/proc/{helper}/task")).expect("tasks");
+    let mut threads = 0;
+    for task in tasks {
+        let tid: u32 = task
+            .expect("task")
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("tid");
+        let status = proc_status(helper, Some(tid));
+        assert_eq!(status_field(&status, "Seccomp"), "2", "thread {tid}");
+        assert_eq!(status_field(&status, "NoNewPrivs"), "1", "thread {tid}");
+        threads += 1;
+    }
+    assert!(
+        threads >= 2,
+        "expected a VMM and a vCPU thread, found {threads}"
+    );
+    vm.signal(libc::SIGTERM);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn the_sandbox_lets_no_path_be_opened_but_passed_fds_work() {
+    let run = run_scenario("hello", &["--probe-sandbox"], LIMIT);
+    for path in ["/etc/hostname", "/dev/kvm", "/"] {
+        assert!(
+            run.stderr
+                .contains(&format!("sandbox probe: open {path}: EACCES")),
+            "{path} not refused:\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr
+            .contains("sandbox probe: passed kvm fd: API version 12"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.console.contains("testguest: hello"), "{}", run.console);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let missing = run_scenario("hello", &["--kernel", "/nonexistent/vmlinux"], LIMIT);
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing
+            .stderr
+            .contains("cannot open the kernel /nonexistent/vmlinux"),
+        "{}",
+        missing.stderr
+    );
+
+    let garbage = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(garbage.path(), vec![0x90u8; 65536]).expect("write");
+    let garbage_path = garbage.path().to_str().expect("utf-8");
+    let run = run_scenario("hello", &["--kernel", garbage_path], LIMIT);
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("neither a 64-bit ELF"),
+        "{}",
+        run.stderr
+    );
+
+    let tiny = run_scenario("hello", &["--memory", "1M"], LIMIT);
+    assert_eq!(tiny.code, Some(1));
+    assert!(tiny.stderr.contains("memory"), "{}", tiny.stderr);
+
+    let no_cpus = run_scenario("hello", &["--cpus", "0"], LIMIT);
+    assert_eq!(no_cpus.code, Some(1));
+    assert!(no_cpus.stderr.contains("vcpus"), "{}", no_cpus.stderr);
+}
