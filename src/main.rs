@@ -34,6 +34,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_)) && std::env::var_os("VMD_LOG").is_none() {
+        // In the foreground the console is the point: keep the VMM's own logs (and those of
+        // the helper, which inherits this) to warnings unless asked for more.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("VMD_LOG", "warn") };
+    }
     init_logging();
     let code = match cli.command {
         Command::Run(args) => vmd::cli::run::run(args),

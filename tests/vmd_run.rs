@@ -249,3 +249,25 @@ fn bad_inputs_are_clear_errors() {
     assert_eq!(no_cpus.code, Some(1));
     assert!(no_cpus.stderr.contains("vcpus"), "{}", no_cpus.stderr);
 }
+
+#[test]
+fn a_helper_whose_launcher_dies_powers_the_guest_off() {
+    let vm = RunningVm::start("spin", &[]);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    let helper = vm.helper_pid();
+    // SIGKILL leaves the helper no one to talk to: its control socket reaches EOF.
+    vm.signal(libc::SIGKILL);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while std::path::Path::new(&format!("/proc/{helper}/status")).exists()
+        && !std::fs::read_to_string(format!("/proc/{helper}/status"))
+            .unwrap_or_default()
+            .contains("State:\tZ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphaned helper {helper} kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = vm.wait(LIMIT);
+}

@@ -204,10 +204,14 @@ impl<'a> EventLoop<'a> {
         match self.control.recv_request() {
             Ok(Some(request)) => self.handle_request(request),
             Ok(None) => {
-                // The launcher went away. A VM outlives its daemon (the next one re-adopts it),
-                // so keep running; there is just nobody to tell.
-                tracing::info!("the control socket closed; the VM keeps running");
+                // Every holder of the other end is gone. The daemon keeps it in systemd's fd
+                // store across restarts, so this means nobody can manage the VM any more (an
+                // orphaned `vmd run`): ask the guest to power off rather than run unmanaged.
+                tracing::warn!(
+                    "the control socket closed: nobody manages this VM; shutting it down"
+                );
                 self.control_open = false;
+                self.begin_shutdown(SIGTERM_SHUTDOWN_DEADLINE);
             }
             Err(RecvError::Io(err)) => {
                 tracing::error!("cannot read the control socket: {err}; ignoring it from now on");
