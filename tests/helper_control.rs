@@ -62,18 +62,14 @@ fn next_event(helper: &HelperProcess) -> Event {
         .expect("control socket open")
 }
 
-fn console_lines(console: UnixStream) -> Lines {
-    Lines::collect(console)
-}
-
-/// Starts a `spin` guest and returns it once its first heartbeat is on the console.
-fn running_spin() -> (HelperProcess, Lines) {
+/// Starts a guest with `scenario` and returns it once `first_line` is on its console.
+fn running_guest(scenario: &str, first_line: &str) -> (HelperProcess, Lines) {
     let (fds, console) = standard_fds();
     let helper = launch(fds);
     helper
         .control
         .send_request(&Request::Start {
-            config: config("spin"),
+            config: config(scenario),
         })
         .expect("send start");
     assert_eq!(next_event(&helper), Event::Created);
@@ -83,9 +79,14 @@ fn running_spin() -> (HelperProcess, Lines) {
             state: RunState::Running
         }
     );
-    let lines = console_lines(console);
-    lines.wait_for("testguest: spin heartbeat", EVENT_TIMEOUT);
+    let lines = Lines::collect(console);
+    lines.wait_for(first_line, EVENT_TIMEOUT);
     (helper, lines)
+}
+
+/// A `spin` guest, once its first heartbeat is on the console.
+fn running_spin() -> (HelperProcess, Lines) {
+    running_guest("spin", "testguest: spin heartbeat")
 }
 
 fn heartbeats(lines: &Lines) -> usize {
@@ -166,23 +167,7 @@ fn shutdown_of_a_paused_guest_resumes_it_to_power_off() {
 #[test]
 fn a_guest_that_ignores_the_power_button_is_stopped_at_the_deadline() {
     // A long `exits` run never looks at the power button.
-    let (fds, console) = standard_fds();
-    let helper = launch(fds);
-    helper
-        .control
-        .send_request(&Request::Start {
-            config: config("exits=100000000"),
-        })
-        .expect("send start");
-    assert_eq!(next_event(&helper), Event::Created);
-    assert_eq!(
-        next_event(&helper),
-        Event::State {
-            state: RunState::Running
-        }
-    );
-    let lines = console_lines(console);
-    lines.wait_for("testguest: exits=100000000 start", EVENT_TIMEOUT);
+    let (helper, _lines) = running_guest("exits=100000000", "testguest: exits=100000000 start");
     helper
         .control
         .send_request(&Request::Shutdown { deadline_ms: 500 })
