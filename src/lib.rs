@@ -7,9 +7,11 @@
 //! - [`protocol`] is what the two say over their control socket;
 //! - [`sandbox`] is how the helper locks itself down;
 //! - [`vmm`] builds and runs the VM on KVM, with the [`devices`] it emulates;
+//! - [`daemon`] is the D-Bus service that runs VMs in systemd scopes;
 //! - [`cli`] holds the user-facing commands.
 
 pub mod cli;
+pub mod daemon;
 pub mod devices;
 pub mod helper;
 pub mod launch;

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a VM in the foreground; the guest console is on stdout.
     Run(RunArgs),
+    /// Run the D-Bus service (org.vmd.vmd1); started by systemd as vmd.service.
+    Daemon(vmd::daemon::DaemonOptions),
     /// The per-VM helper, started by vmd with its fds passed as LISTEN_FDS.
     #[command(hide = true)]
     Vm {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
     init_logging();
     let code = match cli.command {
         Command::Run(args) => vmd::cli::run::run(args),
+        Command::Daemon(options) => vmd::daemon::main(options),
         Command::Vm {
             no_sandbox,
             probe_sandbox,

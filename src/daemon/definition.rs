@@ -1,0 +1,342 @@
+//! A VM's definition: what it boots and with how much, as stored in TOML files and as given
+//! to `CreateVM` in an `a{sv}`. Everything is checked here, before anything is created.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zbus::OwnedVariant;
+
+use crate::protocol::{self, VmConfig};
+
+/// Defaults for keys a definition leaves out.
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// One VM's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VmDefinition {
+    #[serde(skip)]
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub autostart: bool,
+    /// Not stored; forgotten when it stops.
+    #[serde(skip)]
+    pub transient: bool,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_vcpus() -> u32 {
+    DEFAULT_VCPUS
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_BYTES
+}
+
+/// Why a definition was refused; the text is shown to the caller.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DefinitionError {
+    #[error("invalid VM name: {0}")]
+    Name(#[from] protocol::NameError),
+    #[error(
+        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient)"
+    )]
+    UnknownKey(String),
+    #[error("configuration key {key} must be of D-Bus type {expected}, not {found}")]
+    WrongType {
+        key: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("the configuration has no Kernel")]
+    NoKernel,
+    #[error("{what} path {path:?} must be absolute")]
+    RelativePath { what: &'static str, path: PathBuf },
+    #[error("cannot use {path:?} as the {what}: {reason}")]
+    UnusableFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{0}")]
+    Config(#[from] protocol::ConfigError),
+    #[error("cannot parse the definition: {0}")]
+    Toml(String),
+}
+
+impl VmDefinition {
+    /// The helper's view of it.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            name: self.name.clone(),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            cmdline: self.cmdline.clone(),
+        }
+    }
+
+    /// Checks the name, sizes and command line, and that the files are readable regular files.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        self.vm_config().validate()?;
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        Ok(())
+    }
+
+    /// Builds a definition from `CreateVM`'s arguments.
+    pub fn from_dbus(
+        name: &str,
+        config: &HashMap<String, OwnedVariant>,
+    ) -> Result<VmDefinition, DefinitionError> {
+        protocol::validate_vm_name(name)?;
+        let mut definition = VmDefinition {
+            name: name.to_string(),
+            uuid: uuid::Uuid::new_v4(),
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: DEFAULT_VCPUS,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            autostart: false,
+            transient: false,
+        };
+        let mut kernel = None;
+        for (key, value) in config {
+            match key.as_str() {
+                "Kernel" => kernel = Some(PathBuf::from(string(value, "Kernel")?)),
+                "Initrd" => definition.initrd = Some(PathBuf::from(string(value, "Initrd")?)),
+                "Cmdline" => definition.cmdline = string(value, "Cmdline")?,
+                "VCPUs" => definition.vcpus = typed::<u32>(value, "VCPUs", "u")?,
+                "MemoryBytes" => definition.memory_bytes = typed::<u64>(value, "MemoryBytes", "t")?,
+                "Autostart" => definition.autostart = typed::<bool>(value, "Autostart", "b")?,
+                "Transient" => definition.transient = typed::<bool>(value, "Transient", "b")?,
+                other => return Err(DefinitionError::UnknownKey(other.to_string())),
+            }
+        }
+        definition.kernel = kernel.ok_or(DefinitionError::NoKernel)?;
+        definition.validate()?;
+        Ok(definition)
+    }
+
+    /// Parses a stored definition; the name comes from the file name.
+    pub fn from_toml(name: &str, text: &str) -> Result<VmDefinition, DefinitionError> {
+        protocol::validate_vm_name(name)?;
+        let mut definition: VmDefinition =
+            toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
+        definition.name = name.to_string();
+        definition.vm_config().validate()?;
+        for (what, path) in [
+            ("kernel", Some(&definition.kernel)),
+            ("initrd", definition.initrd.as_ref()),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(DefinitionError::RelativePath {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(definition)
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serializing plain fields cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+fn string(value: &OwnedVariant, key: &'static str) -> Result<String, DefinitionError> {
+    typed::<String>(value, key, "s")
+}
+
+fn typed<T>(
+    value: &OwnedVariant,
+    key: &'static str,
+    expected: &'static str,
+) -> Result<T, DefinitionError>
+where
+    T: TryFrom<OwnedVariant>,
+{
+    let signature = value.value_signature().to_string();
+    if signature != expected {
+        return Err(DefinitionError::WrongType {
+            key,
+            expected,
+            found: signature,
+        });
+    }
+    let cloned = value.try_clone().map_err(|_| DefinitionError::WrongType {
+        key,
+        expected,
+        found: signature.clone(),
+    })?;
+    T::try_from(cloned).map_err(|_| DefinitionError::WrongType {
+        key,
+        expected,
+        found: signature,
+    })
+}
+
+/// The file must be an absolute path to a readable regular file.
+fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
+    if !path.is_absolute() {
+        return Err(DefinitionError::RelativePath {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    let unusable = |reason: String| DefinitionError::UnusableFile {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| unusable(e.to_string()))?;
+    let metadata = file.metadata().map_err(|e| unusable(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(unusable("not a regular file".into()));
+    }
+    if metadata.len() == 0 {
+        return Err(unusable("the file is empty".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::Variant;
+
+    fn kernel_file() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), b"\x7fELF").expect("write");
+        file
+    }
+
+    fn config(pairs: Vec<(&str, Variant<'_>)>) -> HashMap<String, OwnedVariant> {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), OwnedVariant::try_from(v).expect("owned")))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_config_is_accepted() {
+        let kernel = kernel_file();
+        let path = kernel.path().to_str().unwrap();
+        let definition = VmDefinition::from_dbus(
+            "web-1",
+            &config(vec![
+                ("Kernel", Variant::from(path)),
+                ("VCPUs", Variant::from(2u32)),
+                ("MemoryBytes", Variant::from(64u64 << 20)),
+                ("Cmdline", Variant::from("testguest=hello")),
+                ("Autostart", Variant::from(true)),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!((definition.vcpus, definition.memory_bytes), (2, 64 << 20));
+        assert!(definition.autostart && !definition.transient);
+        let text = definition.to_toml();
+        assert_eq!(VmDefinition::from_toml("web-1", &text), Ok(definition));
+    }
+
+    #[test]
+    fn bad_configs_are_named_errors() {
+        let kernel = kernel_file();
+        let path = kernel.path().to_str().unwrap();
+        let err = |name: &str, pairs| VmDefinition::from_dbus(name, &config(pairs)).unwrap_err();
+        assert!(matches!(
+            err("-x", vec![("Kernel", Variant::from(path))]),
+            DefinitionError::Name(_)
+        ));
+        assert_eq!(
+            err(
+                "a",
+                vec![
+                    ("Kernel", Variant::from(path)),
+                    ("Disk", Variant::from("x"))
+                ]
+            ),
+            DefinitionError::UnknownKey("Disk".into())
+        );
+        assert!(matches!(
+            err(
+                "a",
+                vec![
+                    ("Kernel", Variant::from(path)),
+                    ("VCPUs", Variant::from(2i32))
+                ]
+            ),
+            DefinitionError::WrongType { key: "VCPUs", .. }
+        ));
+        assert_eq!(err("a", vec![]), DefinitionError::NoKernel);
+        assert!(matches!(
+            err(
+                "a",
+                vec![
+                    ("Kernel", Variant::from(path)),
+                    ("MemoryBytes", Variant::from(0u64))
+                ]
+            ),
+            DefinitionError::Config(_)
+        ));
+        assert!(matches!(
+            err(
+                "a",
+                vec![
+                    ("Kernel", Variant::from(path)),
+                    ("VCPUs", Variant::from(100_000u32))
+                ]
+            ),
+            DefinitionError::Config(_)
+        ));
+        assert!(matches!(
+            err("a", vec![("Kernel", Variant::from("relative/vmlinuz"))]),
+            DefinitionError::RelativePath { .. }
+        ));
+        assert!(matches!(
+            err("a", vec![("Kernel", Variant::from("/nonexistent/vmlinuz"))]),
+            DefinitionError::UnusableFile { .. }
+        ));
+        assert!(matches!(
+            err("a", vec![("Kernel", Variant::from("/etc"))]),
+            DefinitionError::UnusableFile { .. }
+        ));
+    }
+
+    #[test]
+    fn stored_definitions_are_strict() {
+        assert!(matches!(
+            VmDefinition::from_toml(
+                "a",
+                "uuid = \"00000000-0000-0000-0000-000000000000\"\nkernel = \"/k\"\nbogus = 1\n"
+            ),
+            Err(DefinitionError::Toml(_))
+        ));
+        assert!(matches!(
+            VmDefinition::from_toml(
+                "a",
+                "uuid = \"00000000-0000-0000-0000-000000000000\"\nkernel = \"k\"\n"
+            ),
+            Err(DefinitionError::RelativePath { .. })
+        ));
+    }
+}

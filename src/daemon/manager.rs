@@ -1,0 +1,300 @@
+//! The set of VMs and everything they share: the bus connections they are served on, the
+//! definition store and the helper launcher. Property changes of VMs are announced on every
+//! connection from one task, so lifecycle code never waits on D-Bus.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedObjectPath};
+
+use super::dbus::{MANAGER_PATH, ManagerObject, VmObject, vm_object_path};
+use super::definition::VmDefinition;
+use super::errors::VmdError;
+use super::notify;
+use super::store::{Origin, Store};
+use super::vm::{Change, Property, Vm, VmState};
+use crate::helper::error_chain;
+use crate::launch::Launcher;
+
+pub struct Manager {
+    /// The system bus: systemd, machined, and the service name.
+    bus: Connection,
+    /// Connections the objects are served on: the system bus and peer-to-peer clients of
+    /// vmd.sock.
+    servers: Mutex<Vec<Connection>>,
+    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    store: Store,
+    launcher: Launcher,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Manager {
+    pub fn new(bus: Connection, store: Store, launcher: Launcher) -> Arc<Manager> {
+        let (changes, receiver) = mpsc::unbounded_channel();
+        let manager = Arc::new(Manager {
+            bus,
+            servers: Mutex::new(Vec::new()),
+            vms: Mutex::new(BTreeMap::new()),
+            store,
+            launcher,
+            changes,
+        });
+        tokio::spawn(announce_changes(Arc::downgrade(&manager), receiver));
+        manager
+    }
+
+    pub fn bus(&self) -> &Connection {
+        &self.bus
+    }
+
+    pub fn launcher(&self) -> &Launcher {
+        &self.launcher
+    }
+
+    fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn servers(&self) -> Vec<Connection> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Vm>, VmdError> {
+        self.vms()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmdError::no_such_vm(name))
+    }
+
+    pub fn all(&self) -> Vec<Arc<Vm>> {
+        self.vms().values().cloned().collect()
+    }
+
+    /// (VMs, of which running or paused), for the service status.
+    pub fn counts(&self) -> (usize, usize) {
+        let vms = self.vms();
+        let running = vms
+            .values()
+            .filter(|vm| matches!(vm.state(), VmState::Running | VmState::Paused))
+            .count();
+        (vms.len(), running)
+    }
+
+    /// Serves the manager and every VM on `connection` from now on.
+    pub async fn serve_on(self: &Arc<Self>, connection: Connection) -> zbus::Result<()> {
+        let server = connection.object_server();
+        server
+            .at(MANAGER_PATH, ManagerObject::new(self.clone()))
+            .await?;
+        for vm in self.all() {
+            server
+                .at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()))
+                .await?;
+        }
+        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+        servers.retain(|c| !c.is_closed());
+        servers.push(connection);
+        Ok(())
+    }
+
+    /// Adds a VM: stored (unless transient or the administrator's), served, announced.
+    pub async fn add(
+        self: &Arc<Self>,
+        definition: VmDefinition,
+        origin: Origin,
+    ) -> Result<Arc<Vm>, VmdError> {
+        let name = definition.name.clone();
+        let vm = {
+            let mut vms = self.vms();
+            if vms.contains_key(&name) {
+                return Err(VmdError::VMExists(format!(
+                    "a VM named {name:?} exists already"
+                )));
+            }
+            if origin == Origin::Api && !definition.transient {
+                self.store.save(&definition).map_err(|e| {
+                    VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))
+                })?;
+            }
+            let vm = Vm::new(definition, origin).map_err(|e| {
+                VmdError::Failed(format!("cannot create the console: {}", error_chain(&e)))
+            })?;
+            vms.insert(name.clone(), vm.clone());
+            vm
+        };
+        let path = vm_object_path(&name);
+        for connection in self.servers() {
+            let served = connection
+                .object_server()
+                .at(path.clone(), VmObject::new(vm.clone(), self.clone()))
+                .await;
+            if let Err(err) = served {
+                tracing::warn!("cannot serve VM {name}: {err}");
+            }
+            if let Ok(emitter) = SignalEmitter::new(&connection, MANAGER_PATH) {
+                let _ = ManagerObject::vm_added(&emitter, &name, path.as_ref()).await;
+            }
+        }
+        notify::status(self);
+        Ok(vm)
+    }
+
+    /// Forgets a VM that is not running.
+    pub async fn remove(&self, vm: &Arc<Vm>) -> Result<(), VmdError> {
+        if vm.state().is_active() {
+            return Err(VmdError::InvalidState(format!(
+                "VM {} is {}; stop it before removing it",
+                vm.name,
+                vm.state().as_str()
+            )));
+        }
+        if vm.origin == Origin::Admin {
+            return Err(VmdError::NotPermitted(format!(
+                "VM {} is defined by the administrator in /etc/vmd/vms; remove it there",
+                vm.name
+            )));
+        }
+        self.store.remove(&vm.name).map_err(|e| {
+            VmdError::Failed(format!(
+                "cannot remove the stored definition: {}",
+                error_chain(&e)
+            ))
+        })?;
+        self.forget(vm).await;
+        Ok(())
+    }
+
+    async fn forget(&self, vm: &Arc<Vm>) {
+        self.vms().remove(&vm.name);
+        let path = vm_object_path(&vm.name);
+        for connection in self.servers() {
+            let _ = connection
+                .object_server()
+                .remove::<VmObject, _>(path.clone())
+                .await;
+            if let Ok(emitter) = SignalEmitter::new(&connection, MANAGER_PATH) {
+                let _ = ManagerObject::vm_removed(&emitter, &vm.name, path.as_ref()).await;
+            }
+        }
+        notify::status(self);
+    }
+
+    /// Stores a changed definition (Autostart).
+    pub fn save(&self, vm: &Vm, definition: &VmDefinition) -> Result<(), VmdError> {
+        if vm.origin == Origin::Admin {
+            return Err(VmdError::NotPermitted(format!(
+                "VM {} is defined by the administrator in /etc/vmd/vms; change it there",
+                vm.name
+            )));
+        }
+        if definition.transient {
+            return Ok(());
+        }
+        self.store.save(definition).map_err(|e| {
+            VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))
+        })
+    }
+
+    /// A VM's last helper has ended: transient VMs go away.
+    pub async fn vm_ended(&self, vm: &Arc<Vm>) {
+        if vm.definition().transient {
+            self.forget(vm).await;
+        }
+        notify::status(self);
+    }
+
+    /// Queues a PropertiesChanged for `properties` of `vm` on every connection.
+    pub fn announce(&self, vm: &Arc<Vm>, properties: Vec<Property>) {
+        let _ = self.changes.send(Change {
+            vm: vm.clone(),
+            properties,
+        });
+    }
+
+    /// Loads stored and administrator definitions.
+    pub async fn load_definitions(self: &Arc<Self>) {
+        for (definition, origin) in self.store.load_all() {
+            let name = definition.name.clone();
+            if let Err(err) = self.add(definition, origin).await {
+                tracing::warn!("cannot load VM {name}: {err}");
+            }
+        }
+    }
+
+    /// Starts the Autostart VMs, `parallel` at a time with `delay` between groups (vmd's
+    /// staggered start), so a host boot does not start every guest at once.
+    pub async fn autostart(self: &Arc<Self>, parallel: usize, delay: Duration) {
+        let autostart: Vec<Arc<Vm>> = self
+            .all()
+            .into_iter()
+            .filter(|vm| vm.definition().autostart)
+            .collect();
+        for (index, group) in autostart.chunks(parallel.max(1)).enumerate() {
+            if index > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            let starts = group.iter().map(|vm| {
+                let (vm, manager) = (vm.clone(), self.clone());
+                tokio::spawn(async move {
+                    tracing::info!("autostarting VM {}", vm.name);
+                    if let Err(err) = vm.start(&manager).await {
+                        tracing::warn!("cannot autostart VM {}: {err}", vm.name);
+                    }
+                })
+            });
+            for start in starts.collect::<Vec<_>>() {
+                let _ = start.await;
+            }
+        }
+    }
+
+    pub fn object_path(&self, vm: &Vm) -> OwnedObjectPath {
+        vm_object_path(&vm.name)
+    }
+}
+
+/// Emits queued property changes, in order, on every connection.
+async fn announce_changes(
+    manager: std::sync::Weak<Manager>,
+    mut receiver: mpsc::UnboundedReceiver<Change>,
+) {
+    while let Some(change) = receiver.recv().await {
+        let Some(manager) = manager.upgrade() else {
+            return;
+        };
+        let path = vm_object_path(&change.vm.name);
+        for connection in manager.servers() {
+            if connection.is_closed() {
+                continue;
+            }
+            let Ok(iface) = connection
+                .object_server()
+                .interface::<_, VmObject>(path.clone())
+                .await
+            else {
+                continue;
+            };
+            let object = iface.get().await;
+            let emitter = iface.signal_emitter();
+            for property in &change.properties {
+                let result = match property {
+                    Property::State => object.state_changed(emitter).await,
+                    Property::Unit => object.unit_changed(emitter).await,
+                    Property::LeaderPid => object.leader_p_i_d_changed(emitter).await,
+                    Property::Restarts => object.restarts_changed(emitter).await,
+                    Property::FailureReason => object.failure_reason_changed(emitter).await,
+                    Property::Autostart => object.autostart_changed(emitter).await,
+                };
+                if let Err(err) = result {
+                    tracing::debug!("cannot announce a change of VM {}: {err}", change.vm.name);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The vmd daemon (`vmd daemon`): the org.vmd.vmd1 D-Bus service on the system bus, and
+//! peer-to-peer on vmd.sock when socket-activated. It starts each VM as a helper process in a
+//! transient scope of its own (DESIGN.md, "Processes").
+//!
+//! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor;
+//! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
+//! - [`definition`] and [`store`] are VM definitions and their TOML files;
+//! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
+
+pub mod console;
+pub mod dbus;
+pub mod definition;
+pub mod errors;
+pub mod machined;
+pub mod manager;
+pub mod notify;
+pub mod scope;
+pub mod store;
+pub mod vm;
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use zbus::Connection;
+
+use crate::launch::Launcher;
+use manager::Manager;
+use store::Store;
+
+pub const BUS_NAME: &str = "org.vmd.vmd1";
+
+/// Options of `vmd daemon`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonOptions {
+    /// Administrator's VM definitions (read-only).
+    #[arg(long, default_value = "/etc/vmd/vms")]
+    pub config_dir: PathBuf,
+    /// Where VMs created over D-Bus are stored.
+    #[arg(long, default_value = "/var/lib/vmd/vms")]
+    pub state_dir: PathBuf,
+    /// How many Autostart VMs start at once.
+    #[arg(long, default_value_t = 2)]
+    pub autostart_parallel: usize,
+    /// Seconds between two groups of Autostart VMs.
+    #[arg(long, default_value_t = 1.0)]
+    pub autostart_delay: f64,
+}
+
+/// Runs the daemon until SIGTERM; returns the exit status.
+pub fn main(options: DaemonOptions) -> i32 {
+    // Socket activation: take the fds while the process is still single-threaded.
+    let listeners = take_activation_sockets();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(options, listeners)) {
+        Ok(()) => 0,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            1
+        }
+    }
+}
+
+/// Listening sockets passed by systemd (vmd.socket), if any.
+fn take_activation_sockets() -> Vec<std::os::unix::net::UnixListener> {
+    let Ok(fds) = sd_notify::listen_fds() else {
+        return Vec::new();
+    };
+    fds.filter_map(|fd: RawFd| {
+        // SAFETY: systemd passed this fd for us to own (LISTEN_PID matched).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let listener = std::os::unix::net::UnixListener::from(owned);
+        match listener.set_nonblocking(true) {
+            Ok(()) => Some(listener),
+            Err(err) => {
+                tracing::warn!("ignoring passed fd {fd}: {err}");
+                None
+            }
+        }
+    })
+    .collect()
+}
+
+async fn run(
+    options: DaemonOptions,
+    listeners: Vec<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<()> {
+    let launcher = Launcher::current_executable().context("cannot open the vmd executable")?;
+    let bus = zbus::connection::Builder::system()
+        .build()
+        .await
+        .context("cannot connect to the system bus")?;
+    scope::subscribe(&bus)
+        .await
+        .context("cannot subscribe to systemd's job signals")?;
+    let store = Store::new(options.config_dir.clone(), options.state_dir.clone());
+    let manager = Manager::new(bus.clone(), store, launcher);
+    manager.load_definitions().await;
+    manager
+        .serve_on(bus.clone())
+        .await
+        .context("cannot serve on the system bus")?;
+    bus.request_name(BUS_NAME)
+        .await
+        .with_context(|| format!("cannot own {BUS_NAME} on the system bus"))?;
+    for listener in listeners {
+        tokio::spawn(serve_peers(manager.clone(), listener));
+    }
+    notify::ready(&manager);
+    notify::spawn_watchdog();
+    tracing::info!("vmd is ready");
+
+    let autostart = {
+        let manager = manager.clone();
+        let delay = Duration::from_secs_f64(options.autostart_delay.max(0.0));
+        tokio::spawn(async move { manager.autostart(options.autostart_parallel, delay).await })
+    };
+
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    notify::stopping();
+    autostart.abort();
+    tracing::info!("vmd is stopping");
+    Ok(())
+}
+
+/// Accepts peer-to-peer D-Bus clients on vmd.sock.
+async fn serve_peers(manager: Arc<Manager>, listener: std::os::unix::net::UnixListener) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!("cannot use the activation socket: {err}");
+            return;
+        }
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!("cannot accept a client on vmd.sock: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            if let Err(err) = serve_peer(manager, stream).await {
+                tracing::info!("peer-to-peer client: {err:#}");
+            }
+        });
+    }
+}
+
+async fn serve_peer(manager: Arc<Manager>, stream: tokio::net::UnixStream) -> anyhow::Result<()> {
+    let stream = stream.into_std().context("cannot take the client socket")?;
+    let connection: Connection = zbus::connection::Builder::unix_stream(stream)
+        .server(zbus::Guid::generate())
+        .p2p()
+        .build()
+        .await
+        .context("D-Bus handshake failed")?;
+    manager
+        .serve_on(connection.clone())
+        .await
+        .context("cannot serve objects")?;
+    connection.closed().await;
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! One VM as the daemon sees it: its definition, its state, its console, and the supervisor
+//! task that runs a helper for it (and a fresh one after each guest reboot).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+
+use super::console::Console;
+use super::definition::VmDefinition;
+use super::manager::Manager;
+use super::scope::{self, ScopeRequest};
+use super::store::Origin;
+use super::{machined, notify};
+use crate::helper::{EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
+use crate::launch::{HelperProcess, HelperSpawn};
+use crate::protocol::{ControlChannel, Event, Request, RunState};
+
+/// How long a guest gets to power off after `Shutdown` before the helper stops it.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the helper may take from `Start` to `Created`.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// More than this many restarts, each within RESTART_WINDOW of the previous start, stop the VM
+/// (OpenBSD vmd's rule).
+pub const MAX_QUICK_RESTARTS: u32 = 3;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(6);
+
+/// The states of DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Defined,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Defined => "defined",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+
+    /// A helper exists in these states.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+/// D-Bus properties of a VM, for change notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Property {
+    State,
+    Unit,
+    LeaderPid,
+    Restarts,
+    FailureReason,
+    Autostart,
+}
+
+/// A change the D-Bus side must announce.
+pub struct Change {
+    pub vm: Arc<Vm>,
+    pub properties: Vec<Property>,
+}
+
+/// How a stop was asked for, which decides what a helper's death means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopRequest {
+    Shutdown,
+    Kill,
+}
+
+/// What changes while a VM runs.
+#[derive(Default)]
+struct Runtime {
+    unit: String,
+    leader_pid: u32,
+    restarts: u32,
+    failure_reason: String,
+    control: Option<Arc<ControlChannel>>,
+    pidfd: Option<Arc<OwnedFd>>,
+    stop_request: Option<StopRequest>,
+}
+
+pub struct Vm {
+    pub name: String,
+    pub origin: Origin,
+    definition: Mutex<VmDefinition>,
+    console: Console,
+    runtime: Mutex<Runtime>,
+    state: watch::Sender<VmState>,
+}
+
+/// Errors of lifecycle requests, mapped to D-Bus errors by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("VM {name} is {state}; {what} needs it {needs}")]
+    InvalidState {
+        name: String,
+        state: &'static str,
+        what: &'static str,
+        needs: &'static str,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Vm {
+    pub fn new(
+        definition: VmDefinition,
+        origin: Origin,
+    ) -> Result<Arc<Vm>, super::console::ConsoleError> {
+        Ok(Arc::new(Vm {
+            name: definition.name.clone(),
+            origin,
+            definition: Mutex::new(definition),
+            console: Console::new()?,
+            runtime: Mutex::new(Runtime::default()),
+            state: watch::Sender::new(VmState::Defined),
+        }))
+    }
+
+    fn runtime(&self) -> MutexGuard<'_, Runtime> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn definition(&self) -> VmDefinition {
+        self.definition
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_autostart(&self, autostart: bool) -> VmDefinition {
+        let mut definition = self.definition.lock().unwrap_or_else(|e| e.into_inner());
+        definition.autostart = autostart;
+        definition.clone()
+    }
+
+    pub fn state(&self) -> VmState {
+        *self.state.borrow()
+    }
+
+    pub fn unit(&self) -> String {
+        self.runtime().unit.clone()
+    }
+
+    pub fn leader_pid(&self) -> u32 {
+        self.runtime().leader_pid
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.runtime().restarts
+    }
+
+    pub fn failure_reason(&self) -> String {
+        self.runtime().failure_reason.clone()
+    }
+
+    pub fn open_console(&self) -> Result<OwnedFd, LifecycleError> {
+        self.console
+            .client_end()
+            .map_err(|e| LifecycleError::Failed(error_chain(&e)))
+    }
+
+    fn set_state(self: &Arc<Self>, manager: &Manager, state: VmState) {
+        self.state.send_replace(state);
+        manager.announce(self, vec![Property::State]);
+    }
+
+    fn invalid(&self, what: &'static str, needs: &'static str) -> LifecycleError {
+        LifecycleError::InvalidState {
+            name: self.name.clone(),
+            state: self.state().as_str(),
+            what,
+            needs,
+        }
+    }
+
+    /// Waits (bounded) until the state satisfies `done`; returns the state then.
+    pub async fn wait_for_state(
+        &self,
+        timeout: Duration,
+        done: impl Fn(VmState) -> bool,
+    ) -> VmState {
+        let mut receiver = self.state.subscribe();
+        let _ = tokio::time::timeout(timeout, receiver.wait_for(|s| done(*s))).await;
+        self.state()
+    }
+
+    /// Starts the VM and returns once it runs (or failed to start).
+    pub async fn start(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
+        {
+            // Check and claim under one lock, so two Start calls cannot both launch.
+            let _guard = self.runtime();
+            if self.state().is_active() {
+                return Err(self.invalid("Start", "defined, stopped or failed"));
+            }
+            self.state.send_replace(VmState::Starting);
+        }
+        {
+            let mut runtime = self.runtime();
+            runtime.failure_reason.clear();
+            runtime.restarts = 0;
+            runtime.stop_request = None;
+        }
+        manager.announce(
+            self,
+            vec![Property::State, Property::FailureReason, Property::Restarts],
+        );
+        tokio::spawn(supervise(manager.clone(), self.clone()));
+        let state = self
+            .wait_for_state(CREATE_TIMEOUT * 2, |s| s != VmState::Starting)
+            .await;
+        match state {
+            VmState::Failed => Err(LifecycleError::Failed(format!(
+                "VM {} failed to start: {}",
+                self.name,
+                self.failure_reason()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn send(&self, request: Request) -> Result<(), LifecycleError> {
+        let control = self.runtime().control.clone();
+        let control = control.ok_or_else(|| self.invalid("this request", "running"))?;
+        control.send_request(&request).map_err(|e| {
+            LifecycleError::Failed(format!("cannot reach the VM's helper: {}", error_chain(&e)))
+        })
+    }
+
+    pub async fn pause(&self) -> Result<(), LifecycleError> {
+        if self.state() != VmState::Running {
+            return Err(self.invalid("Pause", "running"));
+        }
+        self.send(Request::Pause)?;
+        self.wait_for_state(Duration::from_secs(10), |s| s != VmState::Running)
+            .await;
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<(), LifecycleError> {
+        if self.state() != VmState::Paused {
+            return Err(self.invalid("Resume", "paused"));
+        }
+        self.send(Request::Resume)?;
+        self.wait_for_state(Duration::from_secs(10), |s| s != VmState::Paused)
+            .await;
+        Ok(())
+    }
+
+    /// Asks the guest to power off; the helper stops it at the deadline, and the daemon kills
+    /// the helper if even that does not happen.
+    pub fn shutdown(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
+        if !matches!(self.state(), VmState::Running | VmState::Paused) {
+            return Err(self.invalid("Shutdown", "running or paused"));
+        }
+        self.runtime().stop_request = Some(StopRequest::Shutdown);
+        self.send(Request::Shutdown {
+            deadline_ms: SHUTDOWN_DEADLINE.as_millis() as u64,
+        })?;
+        self.set_state(manager, VmState::Stopping);
+        let vm = self.clone();
+        let pidfd = self.runtime().pidfd.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DEADLINE + Duration::from_secs(10)).await;
+            if let Some(pidfd) = pidfd
+                && vm
+                    .runtime()
+                    .pidfd
+                    .as_ref()
+                    .is_some_and(|p| Arc::ptr_eq(p, &pidfd))
+            {
+                tracing::warn!(
+                    "VM {}: the helper did not stop after Shutdown; killing it",
+                    vm.name
+                );
+                vm.runtime().stop_request = Some(StopRequest::Kill);
+                let _ = send_signal(&pidfd, libc::SIGKILL);
+            }
+        });
+        Ok(())
+    }
+
+    pub fn kill(&self) -> Result<(), LifecycleError> {
+        if !self.state().is_active() {
+            return Err(self.invalid("Kill", "starting, running, paused or stopping"));
+        }
+        let pidfd = {
+            let mut runtime = self.runtime();
+            runtime.stop_request = Some(StopRequest::Kill);
+            runtime.pidfd.clone()
+        };
+        let pidfd = pidfd.ok_or_else(|| self.invalid("Kill", "running"))?;
+        send_signal(&pidfd, libc::SIGKILL)
+            .map_err(|e| LifecycleError::Failed(format!("cannot kill the VM's helper: {e}")))
+    }
+}
+
+fn send_signal(pidfd: &OwnedFd, signal: i32) -> nix::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        Err(nix::Error::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// How one helper ended.
+#[derive(Debug)]
+enum HelperOutcome {
+    PowerOff,
+    Reboot,
+    Stopped,
+    Failed(String),
+}
+
+/// Runs helpers for `vm` until it stops or fails: a reboot means a fresh helper, unless the
+/// guest reboots too quickly too often.
+async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>) {
+    let mut quick_restarts = 0;
+    loop {
+        let started = Instant::now();
+        let outcome = run_helper(&manager, &vm).await;
+        tracing::info!("VM {}: helper ended: {outcome:?}", vm.name);
+        {
+            let mut runtime = vm.runtime();
+            runtime.control = None;
+            runtime.pidfd = None;
+            runtime.leader_pid = 0;
+            runtime.unit.clear();
+        }
+        manager.announce(&vm, vec![Property::LeaderPid, Property::Unit]);
+        let stop_request = vm.runtime().stop_request;
+        let (state, reason) = match outcome {
+            HelperOutcome::Reboot if stop_request.is_none() => {
+                quick_restarts = if started.elapsed() < RESTART_WINDOW {
+                    quick_restarts + 1
+                } else {
+                    0
+                };
+                if quick_restarts > MAX_QUICK_RESTARTS {
+                    (
+                        VmState::Stopped,
+                        format!(
+                            "the guest rebooted more than {MAX_QUICK_RESTARTS} times within {} s of starting; stopped",
+                            RESTART_WINDOW.as_secs()
+                        ),
+                    )
+                } else {
+                    vm.runtime().restarts += 1;
+                    manager.announce(&vm, vec![Property::Restarts]);
+                    vm.set_state(&manager, VmState::Starting);
+                    continue;
+                }
+            }
+            HelperOutcome::PowerOff | HelperOutcome::Reboot | HelperOutcome::Stopped => {
+                (VmState::Stopped, String::new())
+            }
+            HelperOutcome::Failed(reason) => (VmState::Failed, reason),
+        };
+        if !reason.is_empty() {
+            tracing::warn!("VM {}: {reason}", vm.name);
+        }
+        vm.runtime().failure_reason = reason;
+        manager.announce(&vm, vec![Property::FailureReason]);
+        vm.set_state(&manager, state);
+        manager.vm_ended(&vm).await;
+        return;
+    }
+}
+
+/// Launches one helper, puts it in its scope, configures it and follows it until it exits.
+async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
+    let definition = vm.definition();
+    let helper = match launch(manager, vm, &definition) {
+        Ok(helper) => helper,
+        Err(reason) => return HelperOutcome::Failed(reason),
+    };
+    let control = Arc::new(helper.control);
+    let pidfd = Arc::new(helper.pidfd);
+    let pid = helper.pid;
+    {
+        let mut runtime = vm.runtime();
+        runtime.control = Some(control.clone());
+        runtime.pidfd = Some(pidfd.clone());
+        runtime.leader_pid = pid.as_raw() as u32;
+    }
+    manager.announce(vm, vec![Property::LeaderPid]);
+
+    let request = ScopeRequest {
+        vm_name: &vm.name,
+        pid: pid.as_raw() as u32,
+        memory_bytes: definition.memory_bytes,
+        vcpus: definition.vcpus,
+    };
+    match scope::start_scope(manager.bus(), &request).await {
+        Ok(unit) => {
+            vm.runtime().unit = unit;
+            manager.announce(vm, vec![Property::Unit]);
+        }
+        Err(err) => {
+            let _ = send_signal(&pidfd, libc::SIGKILL);
+            let _ = wait_for_exit(&pidfd, pid).await;
+            return HelperOutcome::Failed(format!(
+                "cannot create the VM's scope: {}",
+                error_chain(&err)
+            ));
+        }
+    }
+
+    // The helper is in its scope: now it may build and run the guest.
+    let mut events = read_events(control.clone());
+    if let Err(err) = control.send_request(&Request::Start {
+        config: definition.vm_config(),
+    }) {
+        let _ = send_signal(&pidfd, libc::SIGKILL);
+        let _ = wait_for_exit(&pidfd, pid).await;
+        return HelperOutcome::Failed(format!(
+            "cannot configure the helper: {}",
+            error_chain(&err)
+        ));
+    }
+
+    let exit = wait_for_exit(&pidfd, pid);
+    tokio::pin!(exit);
+    let mut last_error = None;
+    let mut created = false;
+    let create_deadline = tokio::time::sleep(CREATE_TIMEOUT);
+    tokio::pin!(create_deadline);
+    let status = loop {
+        tokio::select! {
+            status = &mut exit => break status,
+            event = events.recv() => match event {
+                Some(event) => {
+                    handle_event(manager, vm, event, &mut created, &mut last_error).await;
+                }
+                // The helper closed its end; its exit follows.
+                None => break (&mut exit).await,
+            },
+            () = &mut create_deadline, if !created => {
+                let _ = send_signal(&pidfd, libc::SIGKILL);
+                last_error = Some(format!("the helper did not create the VM within {CREATE_TIMEOUT:?}"));
+            }
+        }
+    };
+    // Events sent just before exit.
+    while let Ok(event) = events.try_recv() {
+        handle_event(manager, vm, event, &mut created, &mut last_error).await;
+    }
+    let stop_request = vm.runtime().stop_request;
+    match status {
+        Ok(WaitStatus::Exited(_, EXIT_POWER_OFF)) => HelperOutcome::PowerOff,
+        Ok(WaitStatus::Exited(_, EXIT_REBOOT)) => HelperOutcome::Reboot,
+        Ok(WaitStatus::Exited(_, code)) => HelperOutcome::Failed(
+            last_error.unwrap_or_else(|| format!("the VM helper failed (exit status {code})")),
+        ),
+        Ok(WaitStatus::Signaled(_, signal, _)) if stop_request == Some(StopRequest::Kill) => {
+            let _ = signal;
+            HelperOutcome::Stopped
+        }
+        Ok(WaitStatus::Signaled(_, signal, _)) => HelperOutcome::Failed(format!(
+            "the VM helper was killed by signal {}",
+            signal.as_str()
+        )),
+        Ok(other) => HelperOutcome::Failed(format!("the VM helper ended unexpectedly: {other:?}")),
+        Err(err) => HelperOutcome::Failed(format!("cannot follow the VM helper: {err}")),
+    }
+}
+
+async fn handle_event(
+    manager: &Arc<Manager>,
+    vm: &Arc<Vm>,
+    event: Event,
+    created: &mut bool,
+    last_error: &mut Option<String>,
+) {
+    match event {
+        Event::Created => {
+            *created = true;
+            let (definition, leader) = (vm.definition(), vm.leader_pid());
+            if machined::available(manager.bus()).await
+                && let Err(err) =
+                    machined::register(manager.bus(), &vm.name, definition.uuid, leader).await
+            {
+                tracing::warn!(
+                    "VM {}: cannot register with systemd-machined: {err}",
+                    vm.name
+                );
+            }
+        }
+        Event::State { state } => {
+            if vm.state() != VmState::Stopping {
+                let state = match state {
+                    RunState::Running => VmState::Running,
+                    RunState::Paused => VmState::Paused,
+                };
+                vm.set_state(manager, state);
+                notify::status(manager);
+            }
+        }
+        Event::Failed { reason } | Event::Error { reason } => {
+            tracing::warn!("VM {}: {reason}", vm.name);
+            *last_error = Some(reason);
+        }
+        Event::GuestPowerOff => tracing::info!("VM {}: the guest powered off", vm.name),
+        Event::GuestReboot => tracing::info!("VM {}: the guest asked to reboot", vm.name),
+    }
+}
+
+/// Opens what the helper needs and starts it.
+fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<HelperProcess, String> {
+    let kvm = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let open = |what: &str, path: &std::path::Path| {
+        File::open(path).map_err(|e| format!("cannot open the {what} {}: {e}", path.display()))
+    };
+    let mut fds: Vec<(String, OwnedFd)> = vec![
+        ("kvm".into(), kvm.into()),
+        ("kernel".into(), open("kernel", &definition.kernel)?.into()),
+    ];
+    if let Some(initrd) = &definition.initrd {
+        fds.push(("initrd".into(), open("initrd", initrd)?.into()));
+    }
+    let console = vm.console.helper_end().map_err(|e| error_chain(&e))?;
+    fds.push(("console".into(), console));
+    manager
+        .launcher()
+        .spawn(HelperSpawn {
+            fds,
+            args: vec!["vm".into()],
+        })
+        .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))
+}
+
+/// Forwards the helper's events from a blocking reader thread (the control socket is a
+/// blocking SOCK_SEQPACKET fd shared with request senders).
+fn read_events(control: Arc<ControlChannel>) -> mpsc::UnboundedReceiver<Event> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        loop {
+            match control.recv_event() {
+                Ok(Some(event)) => {
+                    if sender.send(event).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!("bad message from a VM helper: {}", error_chain(&err));
+                    if matches!(err, crate::protocol::RecvError::Io(_)) {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    receiver
+}
+
+/// Waits until the helper exits (its pidfd becomes readable) and reaps it.
+async fn wait_for_exit(pidfd: &Arc<OwnedFd>, pid: nix::unistd::Pid) -> nix::Result<WaitStatus> {
+    let fd = pidfd
+        .try_clone()
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    // SAFETY: `fd` is an open pidfd owned by the AsyncFd for its whole life.
+    let async_fd = unsafe { AsyncFd::register(fd) }
+        .map_err(|e| nix::Error::from_raw(e.into_parts().1.raw_os_error().unwrap_or(libc::EIO)))?;
+    loop {
+        let mut guard = async_fd
+            .readable()
+            .await
+            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
+            WaitStatus::StillAlive => guard.clear_ready(),
+            status => return Ok(status),
+        }
+    }
+}
