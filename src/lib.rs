@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod devices;
 pub mod helper;
 pub mod launch;
+pub mod logging;
 pub mod protocol;
 pub mod sandbox;
 pub mod vmm;

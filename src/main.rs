@@ -31,6 +31,9 @@ enum Command {
         /// Report on stderr what the sandbox allows (for tests).
         #[arg(long, hide = true)]
         probe_sandbox: bool,
+        /// The VM's name, for the logs (VM_NAME= in the journal).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -42,13 +45,18 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("VMD_LOG", "warn") };
     }
-    init_logging();
+    let vm_name = match &cli.command {
+        Command::Vm { name, .. } => name.clone(),
+        _ => None,
+    };
+    vmd::logging::init(vm_name.as_deref());
     let code = match cli.command {
         Command::Run(args) => vmd::cli::run::run(args),
         Command::Daemon(options) => vmd::daemon::main(options),
         Command::Vm {
             no_sandbox,
             probe_sandbox,
+            name: _,
         } => vmd::helper::main(HelperOptions {
             sandbox: if no_sandbox {
                 SandboxMode::Disabled
@@ -59,15 +67,4 @@ fn main() -> ExitCode {
         }),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-/// Logs go to stderr (the journal, when systemd runs us); `VMD_LOG` sets the filter.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VMD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
 }

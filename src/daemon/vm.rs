@@ -558,7 +558,7 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
         .launcher()
         .spawn(HelperSpawn {
             fds,
-            args: vec!["vm".into()],
+            args: vec!["vm".into(), "--name".into(), vm.name.clone()],
         })
         .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))
 }
