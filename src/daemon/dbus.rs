@@ -82,7 +82,7 @@ impl ManagerObject {
 
 #[interface(name = "org.vmd.vmd1.Manager")]
 impl ManagerObject {
-    #[zbus(name = "CreateVM")]
+    #[zbus(name = "CreateVM", out_args("vm"))]
     async fn create_vm(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -97,13 +97,13 @@ impl ManagerObject {
         Ok(self.manager.object_path(&vm))
     }
 
-    #[zbus(name = "GetVM")]
+    #[zbus(name = "GetVM", out_args("vm"))]
     async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, VmdError> {
         let vm = self.manager.get(&name)?;
         Ok(self.manager.object_path(&vm))
     }
 
-    #[zbus(name = "ListVMs")]
+    #[zbus(name = "ListVMs", out_args("vms"))]
     async fn list_vms(&self) -> Vec<(String, String, OwnedObjectPath)> {
         self.manager
             .all()
@@ -200,6 +200,7 @@ impl VmObject {
         self.manager.remove(&self.vm).await
     }
 
+    #[zbus(out_args("console"))]
     async fn open_console(
         &self,
         #[zbus(header)] header: Header<'_>,

@@ -74,14 +74,21 @@ pub fn main(options: DaemonOptions) -> i32 {
     }
 }
 
-/// Listening sockets passed by systemd (vmd.socket), if any.
+/// The name vmd.socket gives its listening socket (FileDescriptorName=).
+const SOCKET_FD_NAME: &str = "vmd";
+
+/// Listening sockets passed by systemd (vmd.socket), if any; other passed fds are closed.
 fn take_activation_sockets() -> Vec<std::os::unix::net::UnixListener> {
-    let Ok(fds) = sd_notify::listen_fds() else {
+    let Ok(fds) = sd_notify::listen_fds_with_names() else {
         return Vec::new();
     };
-    fds.filter_map(|fd: RawFd| {
+    fds.filter_map(|(fd, name): (RawFd, String)| {
         // SAFETY: systemd passed this fd for us to own (LISTEN_PID matched).
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if name != SOCKET_FD_NAME {
+            tracing::warn!("ignoring passed fd {fd} named {name:?}");
+            return None;
+        }
         let listener = std::os::unix::net::UnixListener::from(owned);
         match listener.set_nonblocking(true) {
             Ok(()) => Some(listener),

@@ -200,7 +200,11 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 fn environment_without_listen_vars() -> Result<Vec<CString>, LaunchError> {
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
-        if key.as_bytes().starts_with(b"LISTEN_") {
+        // The helper gets its own LISTEN_* below, and must not talk to the service manager
+        // as if it were the service (sd_notify, watchdog).
+        if key.as_bytes().starts_with(b"LISTEN_")
+            || [&b"NOTIFY_SOCKET"[..], b"WATCHDOG_USEC", b"WATCHDOG_PID"].contains(&key.as_bytes())
+        {
             continue;
         }
         let mut entry = key.as_bytes().to_vec();
