@@ -1,0 +1,244 @@
+//! vmctl's command line, after OpenBSD's vmctl(8).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Control the VMs of vmd, the virtual machine manager.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmctl",
+    version,
+    after_help = "vmctl talks to vmd (org.vmd.vmd1) on the system bus, or over vmd's own socket \
+                  with --socket. Exit status: 0 on success, 1 on failure (for `wait`: the VM \
+                  failed), 2 on a usage error."
+)]
+pub struct Cli {
+    /// Talk to vmd over its socket (peer-to-peer D-Bus, e.g. /run/vmd/vmd.sock) instead of the
+    /// system bus.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Print no progress notes on stderr (errors are still printed).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a VM, defining it first if it does not exist yet (which needs -k).
+    Start(StartArgs),
+    /// Stop a VM (or all with -a): ask the guest to power off, or kill it with -f.
+    Stop(StopArgs),
+    /// Pause a running VM.
+    Pause(NameArg),
+    /// Resume a paused VM.
+    Unpause(NameArg),
+    /// Show the VMs (or one) in a table.
+    Status(StatusArgs),
+    /// Attach to a VM's serial console; type ~. at the start of a line to leave.
+    Console(NameArg),
+    /// Wait until a VM has stopped; exit status 1 if it failed.
+    Wait(WaitArgs),
+    /// Forget a VM that is not running, and its stored definition.
+    Remove(NameArg),
+}
+
+/// A command that takes one VM name.
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// The VM's name.
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: String,
+}
+
+/// `vmctl start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The VM's name.
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: String,
+
+    /// Kernel to boot (bzImage or ELF); required to define a new VM.
+    #[arg(short, long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk.
+    #[arg(short, long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+
+    /// Guest memory, e.g. 512M or 2G.
+    #[arg(short, long, value_name = "SIZE", value_parser = parse_memory)]
+    pub memory: Option<u64>,
+
+    /// Number of vCPUs.
+    #[arg(short = 'p', long = "cpus", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: Option<u32>,
+
+    /// Attach to the console once the VM has started.
+    #[arg(short, long)]
+    pub console: bool,
+}
+
+impl StartArgs {
+    /// Whether any option that only applies when defining the VM was given.
+    pub fn has_config(&self) -> bool {
+        self.kernel.is_some()
+            || self.initrd.is_some()
+            || self.cmdline.is_some()
+            || self.memory.is_some()
+            || self.cpus.is_some()
+    }
+}
+
+/// `vmctl stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The VM's name.
+    #[arg(value_name = "NAME", value_parser = parse_name,
+          required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<String>,
+
+    /// Stop every VM that is starting, running or paused.
+    #[arg(short, long)]
+    pub all: bool,
+
+    /// Kill the VM at once instead of asking the guest to power off.
+    #[arg(short, long)]
+    pub force: bool,
+
+    /// Wait until the VM has stopped.
+    #[arg(short, long)]
+    pub wait: bool,
+
+    /// With -w: give up after this many seconds (exit status 1).
+    #[arg(short, long, value_name = "SECONDS", requires = "wait")]
+    pub timeout: Option<u64>,
+}
+
+/// `vmctl status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Show only this VM.
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+}
+
+/// `vmctl wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The VM's name.
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: String,
+
+    /// Give up after this many seconds (exit status 1).
+    #[arg(short, long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+}
+
+/// A VM name, checked against vmd's rule before anything is sent.
+fn parse_name(text: &str) -> Result<String, String> {
+    vmd::protocol::validate_vm_name(text)
+        .map(|()| text.to_owned())
+        .map_err(|error| error.to_string())
+}
+
+/// A memory size as `vmd run` takes it (`512M`, `2G`, a byte count); zero is refused.
+fn parse_memory(text: &str) -> Result<u64, String> {
+    match vmd::cli::run::parse_size(text)? {
+        0 => Err("the memory size must not be zero".to_owned()),
+        bytes => Ok(bytes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn start_takes_openbsd_like_flags() {
+        let cli = parse(&[
+            "start",
+            "web",
+            "-k",
+            "vmlinuz",
+            "-i",
+            "initrd",
+            "-m",
+            "1G",
+            "-p",
+            "2",
+            "-c",
+            "--cmdline",
+            "-v console=ttyS0",
+        ])
+        .expect("parses");
+        let Command::Start(start) = cli.command else {
+            panic!("not start: {cli:?}");
+        };
+        assert_eq!(start.name, "web");
+        assert_eq!(start.kernel, Some(PathBuf::from("vmlinuz")));
+        assert_eq!(start.initrd, Some(PathBuf::from("initrd")));
+        assert_eq!(start.memory, Some(1 << 30));
+        assert_eq!(start.cpus, Some(2));
+        assert_eq!(start.cmdline.as_deref(), Some("-v console=ttyS0"));
+        assert!(start.console && start.has_config());
+    }
+
+    #[test]
+    fn global_options_go_anywhere() {
+        let cli = parse(&["status", "--socket", "/run/vmd/vmd.sock", "-q"]).expect("parses");
+        assert_eq!(cli.socket, Some(PathBuf::from("/run/vmd/vmd.sock")));
+        assert!(cli.quiet);
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        for args in [
+            &["start", "a/b"][..],
+            &["start", "-x"],
+            &["start", "web", "-m", "lots"],
+            &["start", "web", "-m", "0"],
+            &["start", "web", "-p", "0"],
+            &["stop"],
+            &["stop", "web", "-a"],
+            &["stop", "web", "-t", "5"],
+            &["wait"],
+            &["frobnicate"],
+        ] {
+            let error = parse(args).expect_err(&format!("{args:?} parses"));
+            assert_ne!(error.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn stop_all_and_wait_with_timeout() {
+        let cli = parse(&["stop", "-afw", "-t", "30"]).expect("parses");
+        let Command::Stop(stop) = cli.command else {
+            panic!("not stop: {cli:?}");
+        };
+        assert!(stop.all && stop.force && stop.wait);
+        assert_eq!((stop.name, stop.timeout), (None, Some(30)));
+    }
+}

@@ -1,0 +1,136 @@
+//! Client proxies for the vmd D-Bus API (`dbus/org.vmd.vmd1.xml`).
+//!
+//! Only what vmctl calls is declared. Proxies are built without a properties cache (see
+//! [`vm`]): vmctl reads a property once, and a cache would subscribe to signals it never uses.
+
+use std::collections::HashMap;
+
+use zbus::{
+    Connection, OwnedFd, OwnedObjectPath, OwnedVariant, Variant, fdo::PropertiesProxy,
+    names::InterfaceName, proxy, proxy::CacheProperties,
+};
+
+/// The daemon's bus name.
+pub const SERVICE: &str = "org.vmd.vmd1";
+/// The interface of each VM object.
+pub const VM_INTERFACE: &str = "org.vmd.vmd1.VM";
+
+/// `org.vmd.vmd1.Manager` at `/org/vmd/vmd1`.
+#[proxy(
+    interface = "org.vmd.vmd1.Manager",
+    default_service = "org.vmd.vmd1",
+    default_path = "/org/vmd/vmd1"
+)]
+pub trait Manager {
+    /// Defines a VM; `config` keys: Kernel s, Initrd s, Cmdline s, VCPUs u, MemoryBytes t.
+    #[zbus(name = "CreateVM", allow_interactive_auth)]
+    fn create_vm(
+        &self,
+        name: &str,
+        config: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    /// The object path of the VM called `name`.
+    #[zbus(name = "GetVM")]
+    fn get_vm(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    /// (name, state, object path) of every VM, sorted by name.
+    #[zbus(name = "ListVMs")]
+    fn list_vms(&self) -> zbus::Result<Vec<(String, String, OwnedObjectPath)>>;
+}
+
+/// `org.vmd.vmd1.VM` at `/org/vmd/vmd1/vm/<escaped name>`.
+#[proxy(interface = "org.vmd.vmd1.VM", default_service = "org.vmd.vmd1")]
+pub trait Vm {
+    /// Starts the VM.
+    #[zbus(allow_interactive_auth)]
+    fn start(&self) -> zbus::Result<()>;
+
+    /// Asks the guest to power off.
+    #[zbus(allow_interactive_auth)]
+    fn shutdown(&self) -> zbus::Result<()>;
+
+    /// Stops the VM at once.
+    #[zbus(allow_interactive_auth)]
+    fn kill(&self) -> zbus::Result<()>;
+
+    /// Pauses the vCPUs.
+    #[zbus(allow_interactive_auth)]
+    fn pause(&self) -> zbus::Result<()>;
+
+    /// Resumes the vCPUs.
+    #[zbus(allow_interactive_auth)]
+    fn resume(&self) -> zbus::Result<()>;
+
+    /// Forgets the VM and its stored definition.
+    #[zbus(allow_interactive_auth)]
+    fn remove(&self) -> zbus::Result<()>;
+
+    /// A terminal fd on the guest's console.
+    #[zbus(allow_interactive_auth)]
+    fn open_console(&self) -> zbus::Result<OwnedFd>;
+
+    /// defined, starting, running, paused, stopping, stopped or failed.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+
+    /// Why the VM failed, when `State` is `failed`.
+    #[zbus(property)]
+    fn failure_reason(&self) -> zbus::Result<String>;
+}
+
+/// The manager object.
+pub async fn manager(conn: &Connection) -> zbus::Result<ManagerProxy<'static>> {
+    ManagerProxy::builder(conn)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+}
+
+/// The VM object at `path`.
+pub async fn vm(conn: &Connection, path: OwnedObjectPath) -> zbus::Result<VmProxy<'static>> {
+    VmProxy::builder(conn)
+        .path(path)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+}
+
+/// Every `org.vmd.vmd1.VM` property of the VM at `path`, in one call: this is also how vmctl
+/// reads properties that a daemon may not have (`Owner`).
+pub async fn vm_properties(conn: &Connection, path: OwnedObjectPath) -> zbus::Result<VmProperties> {
+    let properties = PropertiesProxy::builder(conn)
+        .destination(SERVICE)
+        .path(path)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    properties
+        .get_all(InterfaceName::from_static_str_unchecked(VM_INTERFACE))
+        .await
+        .map(VmProperties)
+        .map_err(zbus::Error::from)
+}
+
+/// A VM's properties by name, as `GetAll` gave them.
+#[derive(Debug, Default)]
+pub struct VmProperties(pub HashMap<String, OwnedVariant>);
+
+impl VmProperties {
+    /// A string property; `None` if missing or of another type.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .and_then(|value| <&str>::try_from(value).ok())
+    }
+
+    /// A `u` property; `None` if missing or of another type.
+    pub fn u32(&self, name: &str) -> Option<u32> {
+        self.0.get(name).and_then(|value| u32::try_from(value).ok())
+    }
+
+    /// A `t` property; `None` if missing or of another type.
+    pub fn u64(&self, name: &str) -> Option<u64> {
+        self.0.get(name).and_then(|value| u64::try_from(value).ok())
+    }
+}
