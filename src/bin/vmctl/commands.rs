@@ -390,11 +390,9 @@ async fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, VmctlError> {
     if let Some(name) = &args.name
         && !vms.iter().any(|(listed, _, _)| listed == name)
     {
-        // Let the daemon say it (its NoSuchVM sentence); it may have been defined meanwhile.
+        // Let the daemon say why (its NoSuchVM sentence). Should the VM have been defined
+        // since ListVMs, the table just has no row for it.
         ctx.manager.get_vm(name).await?;
-        return Err(VmctlError::Message(format!(
-            "vm {name} was defined just now"
-        )));
     }
     let mut rows = Vec::new();
     for (index, (name, state, path)) in vms.into_iter().enumerate() {

@@ -26,12 +26,6 @@ pub enum VmctlError {
         /// What connect(2) said.
         source: io::Error,
     },
-    /// This build of vmctl cannot talk peer-to-peer D-Bus.
-    #[error(
-        "this vmctl was built without peer-to-peer D-Bus support (zbus feature \"p2p\"); \
-         leave out --socket to use the system bus"
-    )]
-    NoPeerToPeer,
     /// A local operation (terminal, console relay, file) failed.
     #[error("{what}: {}", io_reason(.source))]
     Io {
@@ -131,6 +125,46 @@ pub fn io_reason(error: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error a caller sees when the daemon answers with `name` and `sentence`.
+    fn reply(name: &str, sentence: &str) -> zbus::Error {
+        let call = zbus::Message::method_call("/org/vmd/vmd1", "GetVM")
+            .serial(1.try_into().expect("non-zero"))
+            .build(&("web",))
+            .expect("call");
+        zbus::Message::error(&call.header(), name)
+            .build(&(sentence,))
+            .expect("error reply")
+            .into()
+    }
+
+    #[test]
+    fn vmd_errors_give_their_sentence_and_name() {
+        let error = reply(NO_SUCH_VM, "No VM named 'web'.");
+        assert_eq!(describe(&error), "No VM named 'web'.");
+        assert!(is_no_such_vm(&error));
+        assert!(is_gone(&error));
+        let error = reply(
+            "org.vmd.vmd1.Error.InvalidState",
+            "VM 'web' is not running.",
+        );
+        assert_eq!(
+            VmctlError::from(error).to_string(),
+            "VM 'web' is not running."
+        );
+    }
+
+    #[test]
+    fn errors_without_a_sentence_give_their_name() {
+        let error = reply("org.vmd.vmd1.Error.Failed", "  ");
+        assert_eq!(
+            describe(&error),
+            "the call failed with org.vmd.vmd1.Error.Failed"
+        );
+        assert!(!is_no_such_vm(&error));
+        let error = reply("org.freedesktop.DBus.Error.UnknownObject", "");
+        assert!(is_gone(&error));
+    }
 
     #[test]
     fn fdo_errors_give_their_sentence() {

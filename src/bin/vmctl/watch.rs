@@ -35,11 +35,12 @@ pub enum Down {
     Gone,
 }
 
-/// Whether `state` means the VM is not running; `Some` with how, or `None` while it runs.
-fn down_from_state(state: &str, reason: impl FnOnce() -> String) -> Option<Down> {
+/// Whether `state` means the VM is not running: `Some` with how (a failure's reason is filled in
+/// later), or `None` while it runs.
+fn down_from_state(state: &str) -> Option<Down> {
     match state {
         "stopped" | "defined" => Some(Down::Stopped),
-        "failed" => Some(Down::Failed(reason())),
+        "failed" => Some(Down::Failed(String::new())),
         _ => None,
     }
 }
@@ -70,11 +71,13 @@ impl Watcher {
             };
             tokio::select! {
                 message = next(changes) => match message {
-                    Some(Ok(message)) => {
-                        if let Some(down) = down_from_signal(&message) {
-                            return Ok(down);
+                    Some(Ok(message)) => match down_from_signal(&message) {
+                        Some(Down::Failed(reason)) if reason.is_empty() => {
+                            return Ok(Down::Failed(self.failure_reason().await));
                         }
-                    }
+                        Some(down) => return Ok(down),
+                        None => {}
+                    },
                     Some(Err(_)) => {}
                     None => return Err(VmctlError::Message(
                         "lost the connection to vmd".to_owned(),
@@ -106,11 +109,15 @@ impl Watcher {
             Err(error) if is_gone(&error) => return Ok(Some(Down::Gone)),
             Err(error) => return Err(error.into()),
         };
-        if state != "failed" {
-            return Ok(down_from_state(&state, String::new));
+        match down_from_state(&state) {
+            Some(Down::Failed(_)) => Ok(Some(Down::Failed(self.failure_reason().await))),
+            down => Ok(down),
         }
-        let reason = self.vm.failure_reason().await.unwrap_or_default();
-        Ok(Some(Down::Failed(reason)))
+    }
+
+    /// `FailureReason`, or an empty string if it cannot be read (the VM may be gone already).
+    async fn failure_reason(&self) -> String {
+        self.vm.failure_reason().await.unwrap_or_default()
     }
 }
 
@@ -137,20 +144,21 @@ async fn subscribe(conn: &Connection, path: &OwnedObjectPath) -> Option<MessageS
     MessageStream::for_match_rule(rule, conn, None).await.ok()
 }
 
-/// The state a `PropertiesChanged` signal reports, if it reports one and it means "down".
+/// The state a `PropertiesChanged` signal reports, if it reports one and it means "down"; with
+/// the failure's reason if the same signal has it.
 fn down_from_signal(message: &Message) -> Option<Down> {
-    let (_interface, mut changed, _invalidated): (
-        String,
-        HashMap<String, OwnedVariant>,
-        Vec<String>,
-    ) = message.body().deserialize().ok()?;
+    type Body = (String, HashMap<String, OwnedVariant>, Vec<String>);
+    let (_interface, mut changed, _invalidated): Body = message.body().deserialize().ok()?;
     let state = String::try_from(changed.remove("State")?).ok()?;
-    down_from_state(&state, || {
-        changed
-            .remove("FailureReason")
-            .and_then(|reason| String::try_from(reason).ok())
-            .unwrap_or_default()
-    })
+    match down_from_state(&state)? {
+        Down::Failed(_) => Some(Down::Failed(
+            changed
+                .remove("FailureReason")
+                .and_then(|reason| String::try_from(reason).ok())
+                .unwrap_or_default(),
+        )),
+        down => Some(down),
+    }
 }
 
 #[cfg(test)]
@@ -159,14 +167,11 @@ mod tests {
 
     #[test]
     fn states_that_mean_down() {
-        assert_eq!(down_from_state("stopped", String::new), Some(Down::Stopped));
-        assert_eq!(down_from_state("defined", String::new), Some(Down::Stopped));
-        assert_eq!(
-            down_from_state("failed", || "triple fault".into()),
-            Some(Down::Failed("triple fault".into()))
-        );
+        assert_eq!(down_from_state("stopped"), Some(Down::Stopped));
+        assert_eq!(down_from_state("defined"), Some(Down::Stopped));
+        assert_eq!(down_from_state("failed"), Some(Down::Failed(String::new())));
         for running in ["starting", "running", "paused", "stopping"] {
-            assert_eq!(down_from_state(running, String::new), None, "{running}");
+            assert_eq!(down_from_state(running), None, "{running}");
         }
     }
 
