@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 need_packages=()
 command -v gcc >/dev/null || need_packages+=(gcc)
 command -v objdump >/dev/null || need_packages+=(binutils)
+# The daemon's tests boot a private systemd and drive it with real clients.
+command -v machinectl >/dev/null || need_packages+=(systemd-container)
+command -v gdbus >/dev/null || need_packages+=(libglib2.0-bin)
+command -v dbus-daemon >/dev/null || need_packages+=(dbus)
+command -v nsenter >/dev/null || need_packages+=(util-linux)
+command -v dpkg-shlibdeps >/dev/null || need_packages+=(dpkg-dev)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"
@@ -21,6 +27,8 @@ cargo test --all-targets --locked -- --skip a_stock_debian_kernel
 # Uncaptured, so that a host without hardware virtualization says why it skips.
 cargo test --locked --test linux_boot -- --nocapture
 cargo bench --locked --no-run
+# The main job of the README, end to end.
+cargo run --locked --example daemon_demo
 
 # The control-protocol decoder under libFuzzer for a short while (stable toolchain: -s none).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet

@@ -1,0 +1,832 @@
+//! The vmd daemon end to end, inside a private systemd (PID 1 of its own namespaces, with its
+//! own system bus, journald and machined) booted by `tests/systemd_box`. The package built by
+//! `packaging/build-deb.sh` is installed there with dpkg, the daemon is started by bus or socket
+//! activation, and real clients drive it: busctl, gdbus, systemctl, machinectl, journalctl and
+//! vmctl. The VMs run the project's test guest.
+
+mod common;
+#[path = "systemd_box/mod.rs"]
+mod systemd_box;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::Lines;
+use systemd_box::{BoxOptions, ExecOptions, SystemdBox};
+
+const GUEST: &str = "/var/lib/vmd-test/testguest.elf";
+const DEB: &str = "/var/cache/vmd-test/vmd.deb";
+const MANAGER: &str = "/org/vmd/vmd1";
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Builds the package once per test binary, from the binaries cargo built for this test.
+fn package() -> &'static PathBuf {
+    static DEB_PATH: OnceLock<PathBuf> = OnceLock::new();
+    DEB_PATH.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("daemon-test-deb");
+        let _ = std::fs::remove_dir_all(&out);
+        let output = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/packaging/build-deb.sh"
+        ))
+        .args([
+            "--vmd",
+            env!("CARGO_BIN_EXE_vmd"),
+            "--vmctl",
+            env!("CARGO_BIN_EXE_vmctl"),
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run build-deb.sh");
+        assert!(
+            output.status.success(),
+            "build-deb.sh failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+}
+
+/// A booted box with vmd installed from the package (not started: the first call activates it).
+struct Vmd {
+    systemd: SystemdBox,
+    _seed: tempfile::TempDir,
+}
+
+impl Vmd {
+    /// `None` (after saying why) where this host cannot boot a private systemd.
+    fn boot() -> Option<Vmd> {
+        if let Err(reason) = SystemdBox::supported() {
+            eprintln!("SKIPPED: cannot boot a private systemd here: {reason}");
+            return None;
+        }
+        let seed = tempfile::tempdir().expect("seed dir");
+        for (from, to) in [
+            (package().clone(), DEB),
+            (PathBuf::from(env!("VMD_TESTGUEST_ELF")), GUEST),
+        ] {
+            let target = seed.path().join(to.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+            std::fs::copy(&from, &target).expect("copy into seed");
+        }
+        let systemd = SystemdBox::boot(BoxOptions {
+            seed: vec![seed.path().to_path_buf()],
+            ..Default::default()
+        })
+        .expect("boot the private systemd");
+        let vmd = Vmd {
+            systemd,
+            _seed: seed,
+        };
+        vmd.ok(&["dpkg", "-i", DEB]);
+        // Debug logs from the daemon and its helpers, for the journal shown on failures.
+        vmd.ok(&["systemctl", "set-environment", "VMD_LOG=debug"]);
+        Some(vmd)
+    }
+
+    /// Runs a command in the box, bounded: a hang is a failure with the journal, not a stuck test.
+    fn run(&self, argv: &[&str]) -> Output {
+        let mut bounded = vec!["timeout", "120"];
+        bounded.extend(argv);
+        self.systemd.exec(&bounded)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, argv: &[&str]) -> String {
+        let output = self.run(argv);
+        assert!(
+            output.status.success(),
+            "{argv:?} failed ({}):\nstdout: {}\nstderr: {}\njournal:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            self.journal_tail()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, argv: &[&str]) -> String {
+        let output = self.run(argv);
+        assert!(!output.status.success(), "{argv:?} unexpectedly succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    fn journal_tail(&self) -> String {
+        let journal = self.systemd.journal();
+        let lines: Vec<&str> = journal.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    fn vm_path(name: &str) -> String {
+        format!("{MANAGER}/vm/{}", bus_label_escape(name))
+    }
+
+    /// CreateVM over busctl with the test guest running `scenario`.
+    fn create(&self, name: &str, scenario: &str, extra: &[&str]) -> String {
+        let cmdline = format!("testguest={scenario}");
+        // "--": names such as "-bad" are arguments, not options.
+        let mut argv = vec![
+            "busctl",
+            "--",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "CreateVM",
+            "sa{sv}",
+            name,
+        ];
+        let count = (3 + extra.len() / 3).to_string();
+        argv.push(&count);
+        argv.extend([
+            "Kernel",
+            "s",
+            GUEST,
+            "Cmdline",
+            "s",
+            &cmdline,
+            "MemoryBytes",
+            "t",
+            "67108864",
+        ]);
+        argv.extend(extra);
+        self.ok(&argv)
+    }
+
+    fn call(&self, name: &str, method: &str) -> String {
+        self.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            &Self::vm_path(name),
+            "org.vmd.vmd1.VM",
+            method,
+        ])
+    }
+
+    /// A property's value as busctl prints it, without the type ("s \"running\"" → "running").
+    fn property(&self, name: &str, property: &str) -> String {
+        let out = self.ok(&[
+            "busctl",
+            "get-property",
+            "org.vmd.vmd1",
+            &Self::vm_path(name),
+            "org.vmd.vmd1.VM",
+            property,
+        ]);
+        let value = out.trim().split_once(' ').map_or("", |(_, v)| v);
+        value.trim_matches('"').to_string()
+    }
+
+    /// Waits until the VM's State is `state`; returns how long that took.
+    fn wait_state(&self, name: &str, state: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.property(name, "State") == state {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "VM {name} did not become {state} within {limit:?} (it is {}; FailureReason {:?})\n{}",
+                self.property(name, "State"),
+                self.property(name, "FailureReason"),
+                self.journal_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// systemd's bus label escaping, as the daemon uses for object paths.
+fn bus_label_escape(name: &str) -> String {
+    name.bytes()
+        .enumerate()
+        .map(|(i, b)| {
+            if b.is_ascii_alphabetic() || (b.is_ascii_digit() && i > 0) {
+                (b as char).to_string()
+            } else {
+                format!("_{b:02x}")
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_vm_through_its_whole_life_with_busctl_gdbus_systemctl_machinectl_and_journalctl() {
+    let Some(vmd) = Vmd::boot() else { return };
+    // The first call starts vmd.service through bus activation.
+    assert!(
+        !vmd.run(&["systemctl", "is-active", "vmd.service"])
+            .status
+            .success()
+    );
+    let listed = vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    assert_eq!(listed.trim(), "a(sso) 0");
+    assert_eq!(
+        vmd.ok(&["systemctl", "is-active", "vmd.service"]).trim(),
+        "active"
+    );
+
+    // A third client watches the signals from now on.
+    let mut monitor =
+        vmd.systemd
+            .spawn(&["gdbus", "monitor", "--system", "--dest", "org.vmd.vmd1"]);
+    let monitor_lines = Lines::collect(monitor.stdout.take().expect("monitor stdout"));
+    monitor_lines.wait_for("is owned by", LIMIT);
+
+    let created = vmd.create("web-1", "spin", &["VCPUs", "u", "2"]);
+    assert_eq!(created.trim(), "o \"/org/vmd/vmd1/vm/web_2d1\"");
+    assert!(
+        vmd.ok(&["systemctl", "show", "-P", "StatusText", "vmd.service"])
+            .contains("1 VMs defined")
+    );
+    assert_eq!(vmd.property("web-1", "State"), "defined");
+
+    vmd.call("web-1", "Start");
+    assert_eq!(vmd.property("web-1", "State"), "running");
+    assert_eq!(vmd.property("web-1", "Unit"), "vmd-web-1.scope");
+    assert_eq!(vmd.property("web-1", "VCPUs"), "2");
+    let leader = vmd.property("web-1", "LeaderPID");
+    // gdbus, a second client implementation, sees the same.
+    let gdbus = vmd.ok(&[
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        "/org/vmd/vmd1/vm/web_2d1",
+        "--method",
+        "org.freedesktop.DBus.Properties.Get",
+        "org.vmd.vmd1.VM",
+        "State",
+    ]);
+    assert_eq!(gdbus.trim(), "(<'running'>,)");
+    let listed = vmd.ok(&[
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        MANAGER,
+        "--method",
+        "org.vmd.vmd1.Manager.ListVMs",
+    ]);
+    assert!(
+        listed.contains("('web-1', 'running', objectpath '/org/vmd/vmd1/vm/web_2d1')"),
+        "{listed}"
+    );
+
+    // systemd knows the scope and its process; the helper is the leader.
+    let status = vmd.ok(&["systemctl", "status", "--no-pager", "vmd-web-1.scope"]);
+    assert!(
+        status.contains("active (running)") && status.contains("machine.slice"),
+        "{status}"
+    );
+    let pids = vmd.ok(&["systemctl", "show", "-P", "ControlGroup", "vmd-web-1.scope"]);
+    let procs = vmd.ok(&[
+        "cat",
+        &format!("/sys/fs/cgroup/unified{}/cgroup.procs", pids.trim()),
+    ]);
+    assert!(
+        procs.lines().any(|p| p.trim() == leader),
+        "leader {leader} not in the scope: {procs}"
+    );
+    // machined has it; the journal has the helper's lines, tagged with the VM's name.
+    let machines = vmd.ok(&["machinectl", "list", "--no-legend"]);
+    assert!(
+        machines.contains("web-1") && machines.contains("vm") && machines.contains("vmd"),
+        "{machines}"
+    );
+    let journal = vmd.ok(&["journalctl", "--no-pager", "-u", "vmd-web-1.scope"]);
+    assert!(journal.contains("VM web-1 created"), "{journal}");
+    let tagged = vmd.ok(&["journalctl", "--no-pager", "VM_NAME=web-1"]);
+    assert!(tagged.contains("created: 2 vCPUs"), "{tagged}");
+
+    vmd.call("web-1", "Pause");
+    assert_eq!(vmd.property("web-1", "State"), "paused");
+    vmd.call("web-1", "Resume");
+    assert_eq!(vmd.property("web-1", "State"), "running");
+
+    // systemctl stop: SIGTERM → power button → the guest powers off → stopped, within a second.
+    vmd.ok(&["systemctl", "stop", "vmd-web-1.scope"]);
+    assert!(vmd.wait_state("web-1", "stopped", LIMIT) < Duration::from_secs(1));
+    assert_eq!(vmd.property("web-1", "LeaderPID"), "0");
+    assert_eq!(vmd.property("web-1", "FailureReason"), "");
+
+    // systemctl kill -s KILL: a failure, with the reason.
+    vmd.call("web-1", "Start");
+    vmd.ok(&["systemctl", "kill", "-s", "KILL", "vmd-web-1.scope"]);
+    assert!(vmd.wait_state("web-1", "failed", LIMIT) < Duration::from_secs(1));
+    assert!(
+        vmd.property("web-1", "FailureReason")
+            .contains("signal SIGKILL")
+    );
+
+    // machinectl terminate stops it too.
+    vmd.call("web-1", "Start");
+    vmd.ok(&["machinectl", "terminate", "web-1"]);
+    vmd.wait_state("web-1", "stopped", LIMIT);
+
+    // Shutdown over D-Bus.
+    vmd.call("web-1", "Start");
+    vmd.call("web-1", "Shutdown");
+    vmd.wait_state("web-1", "stopped", LIMIT);
+
+    // Signals seen by a third client: added, and state changes.
+    let seen = monitor_lines.wait_for("'State': <'stopped'>", LIMIT);
+    assert!(!seen.is_empty());
+    monitor_lines.wait_for(
+        "VMAdded ('web-1', objectpath '/org/vmd/vmd1/vm/web_2d1')",
+        LIMIT,
+    );
+    monitor_lines.wait_for("'State': <'running'>", LIMIT);
+    monitor_lines.wait_for("'State': <'paused'>", LIMIT);
+
+    vmd.call("web-1", "Remove");
+    vmd.fails(&[
+        "busctl",
+        "get-property",
+        "org.vmd.vmd1",
+        "/org/vmd/vmd1/vm/web_2d1",
+        "org.vmd.vmd1.VM",
+        "State",
+    ]);
+    monitor_lines.wait_for("VMRemoved ('web-1'", LIMIT);
+    let _ = monitor.kill();
+}
+
+#[test]
+fn reboots_restart_the_vm_and_crashes_fail_it() {
+    let Some(vmd) = Vmd::boot() else { return };
+    // A guest that reboots at once: restarted in a fresh helper, until it does so too often.
+    vmd.create("bouncy", "reboot", &[]);
+    vmd.call("bouncy", "Start");
+    vmd.wait_state("bouncy", "stopped", LIMIT);
+    assert_eq!(vmd.property("bouncy", "Restarts"), "3");
+    assert!(
+        vmd.property("bouncy", "FailureReason")
+            .contains("rebooted more than 3 times")
+    );
+
+    // The guest crashes after it started: Start succeeds, then the VM fails with the reason.
+    vmd.create("crashy", "crash", &[]);
+    vmd.call("crashy", "Start");
+    vmd.wait_state("crashy", "failed", LIMIT);
+    let reason = vmd.property("crashy", "FailureReason");
+    assert!(
+        reason.contains("triple-faulted") || reason.contains("KVM_EXIT_INTERNAL_ERROR"),
+        "{reason}"
+    );
+
+    // A guest that powers off by itself ends as stopped.
+    vmd.create("hello", "hello", &[]);
+    vmd.call("hello", "Start");
+    vmd.wait_state("hello", "stopped", LIMIT);
+}
+
+#[test]
+fn bad_input_gets_named_errors_and_creates_nothing() {
+    let Some(vmd) = Vmd::boot() else { return };
+    let create = |name: &str, config: &[&str]| {
+        // "--": names such as "-bad" are arguments, not options.
+        let mut argv = vec![
+            "busctl",
+            "--",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "CreateVM",
+            "sa{sv}",
+            name,
+        ];
+        argv.extend(config);
+        vmd.run(&argv)
+    };
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("-bad", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
+        (
+            "has space",
+            vec!["1", "Kernel", "s", GUEST],
+            "invalid VM name",
+        ),
+        (
+            "ok",
+            vec!["1", "Kernal", "s", GUEST],
+            "unknown configuration key \"Kernal\"",
+        ),
+        (
+            "ok",
+            vec!["1", "Kernel", "u", "3"],
+            "must be of D-Bus type s",
+        ),
+        ("ok", vec!["0"], "has no Kernel"),
+        (
+            "ok",
+            vec!["2", "Kernel", "s", GUEST, "MemoryBytes", "t", "0"],
+            "memory",
+        ),
+        (
+            "ok",
+            vec![
+                "2",
+                "Kernel",
+                "s",
+                GUEST,
+                "MemoryBytes",
+                "t",
+                "18446744073709551615",
+            ],
+            "memory",
+        ),
+        (
+            "ok",
+            vec!["2", "Kernel", "s", GUEST, "VCPUs", "u", "0"],
+            "vcpus",
+        ),
+        (
+            "ok",
+            vec!["1", "Kernel", "s", "/nonexistent"],
+            "cannot use \"/nonexistent\" as the kernel",
+        ),
+        ("ok", vec!["1", "Kernel", "s", "/etc"], "not a regular file"),
+        (
+            "ok",
+            vec!["1", "Kernel", "s", "relative"],
+            "must be absolute",
+        ),
+    ];
+    for (name, config, expected) in cases {
+        let output = create(name, &config);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} {config:?} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{name} {config:?}: expected {expected:?} in {stderr}"
+        );
+    }
+    // The error names, as another client sees them.
+    let gdbus = vmd.run(&[
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        MANAGER,
+        "--method",
+        "org.vmd.vmd1.Manager.GetVM",
+        "nothere",
+    ]);
+    assert!(String::from_utf8_lossy(&gdbus.stderr).contains("org.vmd.vmd1.Error.NoSuchVM"));
+    let gdbus = vmd.run(&[
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        MANAGER,
+        "--method",
+        "org.vmd.vmd1.Manager.CreateVM",
+        "x",
+        "{'Bogus': <'1'>}",
+    ]);
+    assert!(String::from_utf8_lossy(&gdbus.stderr).contains("org.vmd.vmd1.Error.InvalidArgument"));
+
+    // Nothing was created.
+    assert_eq!(
+        vmd.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs"
+        ])
+        .trim(),
+        "a(sso) 0"
+    );
+    assert_eq!(vmd.ok(&["ls", "-A", "/var/lib/vmd/vms"]).trim(), "");
+
+    // Duplicates, wrong states, and non-root callers.
+    vmd.create("one", "spin", &[]);
+    assert!(
+        String::from_utf8_lossy(
+            &vmd.run(&[
+                "gdbus",
+                "call",
+                "--system",
+                "--dest",
+                "org.vmd.vmd1",
+                "--object-path",
+                MANAGER,
+                "--method",
+                "org.vmd.vmd1.Manager.CreateVM",
+                "one",
+                &format!("{{'Kernel': <'{GUEST}'>}}")
+            ])
+            .stderr
+        )
+        .contains("org.vmd.vmd1.Error.VMExists")
+    );
+    assert!(
+        vmd.fails(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            "/org/vmd/vmd1/vm/one",
+            "org.vmd.vmd1.VM",
+            "Pause"
+        ])
+        .contains("is defined")
+    );
+    vmd.ok(&["useradd", "-m", "tester"]);
+    let denied = vmd.systemd.exec_with(ExecOptions {
+        argv: &[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            "/org/vmd/vmd1/vm/one",
+            "org.vmd.vmd1.VM",
+            "Start",
+        ],
+        user: Some("tester"),
+        ..Default::default()
+    });
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("only root may start VMs"));
+    assert_eq!(vmd.property("one", "State"), "defined");
+    // Reading is for everyone.
+    let read = vmd.systemd.exec_with(ExecOptions {
+        argv: &[
+            "busctl",
+            "get-property",
+            "org.vmd.vmd1",
+            "/org/vmd/vmd1/vm/one",
+            "org.vmd.vmd1.VM",
+            "State",
+        ],
+        user: Some("tester"),
+        ..Default::default()
+    });
+    assert!(read.status.success());
+}
+
+#[test]
+fn definitions_persist_and_autostart_with_the_daemon() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.create("keeper", "spin", &["Autostart", "b", "true"]);
+    vmd.create("passing", "spin", &["Transient", "b", "true"]);
+    vmd.create("idle", "spin", &[]);
+    let stored = vmd.ok(&["ls", "/var/lib/vmd/vms"]);
+    assert_eq!(
+        stored.split_whitespace().collect::<Vec<_>>(),
+        vec!["idle.toml", "keeper.toml"]
+    );
+    // An administrator's definition.
+    vmd.ok(&["sh", "-c", &format!(
+        "mkdir -p /etc/vmd/vms && printf 'uuid = \"5f0e6a52-5c1b-4f57-9d0c-0f4f3d6c2a11\"\\nkernel = \"{GUEST}\"\\ncmdline = \"testguest=spin\"\\nmemory-bytes = 67108864\\nautostart = true\\n' > /etc/vmd/vms/admin.toml"
+    )]);
+
+    // Autostart can be switched off and back on over D-Bus, and is stored.
+    vmd.ok(&[
+        "busctl",
+        "set-property",
+        "org.vmd.vmd1",
+        "/org/vmd/vmd1/vm/idle",
+        "org.vmd.vmd1.VM",
+        "Autostart",
+        "b",
+        "true",
+    ]);
+    assert!(
+        vmd.ok(&["cat", "/var/lib/vmd/vms/idle.toml"])
+            .contains("autostart = true")
+    );
+    vmd.ok(&[
+        "busctl",
+        "set-property",
+        "org.vmd.vmd1",
+        "/org/vmd/vmd1/vm/idle",
+        "org.vmd.vmd1.VM",
+        "Autostart",
+        "b",
+        "false",
+    ]);
+    assert!(
+        vmd.ok(&["cat", "/var/lib/vmd/vms/idle.toml"])
+            .contains("autostart = false")
+    );
+
+    vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    // Reloaded: the stored and the administrator's VMs; the transient one is gone.
+    let listed = vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    assert!(listed.starts_with("a(sso) 3 "), "{listed}");
+    assert!(!listed.contains("passing"));
+    vmd.wait_state("keeper", "running", LIMIT);
+    vmd.wait_state("admin", "running", LIMIT);
+    assert_eq!(vmd.property("idle", "State"), "defined");
+    // The administrator's definition is not the API's to remove.
+    vmd.ok(&["systemctl", "stop", "vmd-admin.scope"]);
+    vmd.wait_state("admin", "stopped", LIMIT);
+    assert!(
+        vmd.fails(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            "/org/vmd/vmd1/vm/admin",
+            "org.vmd.vmd1.VM",
+            "Remove"
+        ])
+        .contains("administrator")
+    );
+}
+
+#[test]
+fn socket_activation_serves_peer_to_peer_clients() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&["systemctl", "start", "vmd.socket"]);
+    assert!(
+        !vmd.run(&["systemctl", "is-active", "vmd.service"])
+            .status
+            .success()
+    );
+    // vmctl over the socket, not the bus: the connection starts the daemon.
+    let status = vmd.ok(&["vmctl", "--socket", "/run/vmd/vmd.sock", "status"]);
+    assert!(status.contains("NAME"), "{status}");
+    assert_eq!(
+        vmd.ok(&["systemctl", "is-active", "vmd.service"]).trim(),
+        "active"
+    );
+    vmd.ok(&[
+        "vmctl",
+        "--socket",
+        "/run/vmd/vmd.sock",
+        "start",
+        "sockvm",
+        "-k",
+        GUEST,
+        "-m",
+        "64M",
+        "--cmdline",
+        "testguest=spin",
+    ]);
+    let status = vmd.ok(&["vmctl", "--socket", "/run/vmd/vmd.sock", "status", "sockvm"]);
+    assert!(
+        status.contains("running") && status.contains("sockvm"),
+        "{status}"
+    );
+    // The same VM on the system bus.
+    assert_eq!(vmd.property("sockvm", "State"), "running");
+}
+
+#[test]
+fn vmctl_drives_vms_like_openbsd_vmctl() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&[
+        "vmctl",
+        "start",
+        "alpha",
+        "-k",
+        GUEST,
+        "-m",
+        "64M",
+        "-p",
+        "2",
+        "--cmdline",
+        "testguest=spin",
+    ]);
+    let status = vmd.ok(&["vmctl", "status"]);
+    let header = status.lines().next().unwrap_or_default();
+    for column in ["ID", "PID", "VCPUS", "MAXMEM", "STATE", "NAME"] {
+        assert!(header.contains(column), "{status}");
+    }
+    let row = status
+        .lines()
+        .find(|l| l.contains("alpha"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        row.contains("running") && row.contains("64.0M") && row.contains(" 2 "),
+        "{row}"
+    );
+    vmd.ok(&["vmctl", "pause", "alpha"]);
+    assert_eq!(vmd.property("alpha", "State"), "paused");
+    vmd.ok(&["vmctl", "unpause", "alpha"]);
+    assert_eq!(vmd.property("alpha", "State"), "running");
+
+    // The console: guest output through OpenConsole, for several clients in turn, across a
+    // guest reboot (which keeps the console).
+    for _ in 0..2 {
+        let mut console = vmd.systemd.spawn(&["vmctl", "console", "alpha"]);
+        let lines = Lines::collect(console.stdout.take().expect("stdout"));
+        lines.wait_for("testguest: spin heartbeat", LIMIT);
+        let _ = console.kill();
+        let _ = console.wait();
+    }
+    vmd.ok(&["vmctl", "stop", "-w", "alpha"]);
+    assert_eq!(vmd.property("alpha", "State"), "stopped");
+    let error = vmd.fails(&["vmctl", "pause", "alpha"]);
+    assert!(
+        error.starts_with("vmctl: ") && error.contains("stopped"),
+        "{error}"
+    );
+    vmd.ok(&["vmctl", "remove", "alpha"]);
+    assert!(
+        vmd.fails(&["vmctl", "status", "alpha"])
+            .contains("no VM named")
+    );
+}
+
+#[test]
+fn the_served_interfaces_match_dbus_xml() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.create("probe", "spin", &[]);
+    let mut served = vmd.ok(&[
+        "busctl",
+        "introspect",
+        "--xml-interface",
+        "org.vmd.vmd1",
+        MANAGER,
+    ]);
+    served.push_str(&vmd.ok(&[
+        "busctl",
+        "introspect",
+        "--xml-interface",
+        "org.vmd.vmd1",
+        "/org/vmd/vmd1/vm/probe",
+    ]));
+    let documented = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dbus/org.vmd.vmd1.xml"
+    ))
+    .expect("xml");
+    assert_eq!(api_members(&served), api_members(&documented));
+}
+
+/// The org.vmd.vmd1 members of introspection XML, one normalized line per method, argument,
+/// signal and property (comments, whitespace, attribute order and other interfaces ignored).
+fn api_members(xml: &str) -> std::collections::BTreeSet<String> {
+    let mut members = std::collections::BTreeSet::new();
+    let mut interface = String::new();
+    let mut member = String::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find('<') {
+        let Some(end) = rest[start..].find('>') else {
+            break;
+        };
+        let tag = &rest[start + 1..start + end];
+        rest = &rest[start + end + 1..];
+        if tag.starts_with('!') || tag.starts_with('?') || tag.starts_with('/') {
+            continue;
+        }
+        let (kind, attrs) = tag
+            .trim_end_matches('/')
+            .trim()
+            .split_once(' ')
+            .unwrap_or((tag, ""));
+        let mut attributes: Vec<String> = attrs
+            .split('"')
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .filter(|pair| pair.len() == 2)
+            .map(|pair| format!("{}{}", pair[0].trim(), pair[1]))
+            .collect();
+        attributes.sort();
+        let attributes = attributes.join(" ");
+        match kind {
+            "interface" => interface = attributes,
+            "method" | "signal" | "property" => {
+                member = format!("{kind} {attributes}");
+                if interface.contains("org.vmd.vmd1") {
+                    members.insert(format!("{interface} {member}"));
+                }
+            }
+            "arg" if interface.contains("org.vmd.vmd1") => {
+                members.insert(format!("{interface} {member} arg {attributes}"));
+            }
+            _ => {}
+        }
+    }
+    members
+}
