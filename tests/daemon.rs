@@ -82,8 +82,6 @@ impl Vmd {
             _seed: seed,
         };
         vmd.ok(&["dpkg", "-i", DEB]);
-        // Debug logs from the daemon and its helpers, for the journal shown on failures.
-        vmd.ok(&["systemctl", "set-environment", "VMD_LOG=debug"]);
         Some(vmd)
     }
 
@@ -113,6 +111,24 @@ impl Vmd {
         let output = self.run(argv);
         assert!(!output.status.success(), "{argv:?} unexpectedly succeeded");
         String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// Waits until `journalctl ARGS` shows `needle` (journald may lag behind under load).
+    fn wait_journal(&self, args: &[&str], needle: &str) {
+        let start = Instant::now();
+        let mut argv = vec!["journalctl", "--no-pager"];
+        argv.extend(args);
+        loop {
+            let journal = self.ok(&argv);
+            if journal.contains(needle) {
+                return;
+            }
+            assert!(
+                start.elapsed() < LIMIT,
+                "journalctl {args:?} never showed {needle:?}:\n{journal}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn journal_tail(&self) -> String {
@@ -310,10 +326,8 @@ fn a_vm_through_its_whole_life_with_busctl_gdbus_systemctl_machinectl_and_journa
         machines.contains("web-1") && machines.contains("vm") && machines.contains("vmd"),
         "{machines}"
     );
-    let journal = vmd.ok(&["journalctl", "--no-pager", "-u", "vmd-web-1.scope"]);
-    assert!(journal.contains("VM web-1 created"), "{journal}");
-    let tagged = vmd.ok(&["journalctl", "--no-pager", "VM_NAME=web-1"]);
-    assert!(tagged.contains("created: 2 vCPUs"), "{tagged}");
+    vmd.wait_journal(&["-u", "vmd-web-1.scope"], "VM web-1 created");
+    vmd.wait_journal(&["VM_NAME=web-1"], "created: 2 vCPUs");
 
     vmd.call("web-1", "Pause");
     assert_eq!(vmd.property("web-1", "State"), "paused");
@@ -376,6 +390,13 @@ fn reboots_restart_the_vm_and_crashes_fail_it() {
     vmd.call("bouncy", "Start");
     vmd.wait_state("bouncy", "stopped", LIMIT);
     assert_eq!(vmd.property("bouncy", "Restarts"), "3");
+    // One console across all those helpers: it holds the output of every boot.
+    let console = vmd.ok(&["vmctl", "console", "bouncy"]);
+    assert_eq!(
+        console.matches("testguest: rebooting").count(),
+        4,
+        "the console did not survive the reboots:\n{console}"
+    );
     assert!(
         vmd.property("bouncy", "FailureReason")
             .contains("rebooted more than 3 times")

@@ -86,8 +86,27 @@ impl Manager {
         (vms.len(), running)
     }
 
-    /// Serves the manager and every VM on `connection` from now on.
+    /// A connection builder that serves the manager and every current VM from the start.
+    pub fn serving<'a>(
+        self: &Arc<Self>,
+        builder: zbus::connection::Builder<'a>,
+    ) -> zbus::connection::Builder<'a> {
+        let mut builder = builder.serve_at(MANAGER_PATH, ManagerObject::new(self.clone()));
+        for vm in self.all() {
+            builder = builder.serve_at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()));
+        }
+        builder
+    }
+
+    /// Serves the manager and every VM on `connection` from now on (what it serves already
+    /// stays as it is), and announces changes there.
     pub async fn serve_on(self: &Arc<Self>, connection: Connection) -> zbus::Result<()> {
+        {
+            let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
+            servers.retain(|c| !c.is_closed());
+            servers.push(connection.clone());
+        }
+        // Includes VMs added while the connection was being set up.
         let server = connection.object_server();
         server
             .at(MANAGER_PATH, ManagerObject::new(self.clone()))
@@ -97,9 +116,6 @@ impl Manager {
                 .at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()))
                 .await?;
         }
-        let mut servers = self.servers.lock().unwrap_or_else(|e| e.into_inner());
-        servers.retain(|c| !c.is_closed());
-        servers.push(connection);
         Ok(())
     }
 

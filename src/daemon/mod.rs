@@ -177,9 +177,13 @@ async fn serve_peers(manager: Arc<Manager>, listener: std::os::unix::net::UnixLi
 
 async fn serve_peer(manager: Arc<Manager>, stream: tokio::net::UnixStream) -> anyhow::Result<()> {
     let stream = stream.into_std().context("cannot take the client socket")?;
-    let connection: Connection = zbus::connection::Builder::unix_stream(stream)
+    // The objects must be served before the connection starts: a peer may call the moment the
+    // handshake ends, and a call that arrives before the object server exists is lost.
+    let builder = zbus::connection::Builder::unix_stream(stream)
         .server(zbus::Guid::generate())
-        .p2p()
+        .p2p();
+    let connection: Connection = manager
+        .serving(builder)
         .build()
         .await
         .context("D-Bus handshake failed")?;

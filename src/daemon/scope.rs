@@ -14,6 +14,17 @@ pub const MEMORY_OVERHEAD_BYTES: u64 = 128 << 20;
 pub const TASKS_OVERHEAD: u64 = 16;
 /// How long systemd may take to create the scope.
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a previous scope of the same name may take to be collected.
+const UNIT_GONE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn clone_properties(
+    properties: &[(String, OwnedVariant)],
+) -> Result<Vec<(String, OwnedVariant)>, ScopeError> {
+    properties
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.try_clone().map_err(ScopeError::Bus)?)))
+        .collect()
+}
 
 /// Errors from creating a scope.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +104,33 @@ pub async fn start_scope(
             variant(Variant::from("strict"))?,
         ),
     ];
-    let job = systemd
-        .start_transient_unit(unit.clone(), "fail".to_string(), properties, Vec::new())
-        .await
-        .map_err(|source| ScopeError::Start {
-            unit: unit.clone(),
-            source,
-        })?;
+    // After a guest reboot the previous helper's scope of the same name may still be on its
+    // way out (systemd collects it asynchronously): give it a moment to go.
+    let deadline = tokio::time::Instant::now() + UNIT_GONE_TIMEOUT;
+    let job = loop {
+        let started = systemd
+            .start_transient_unit(
+                unit.clone(),
+                "fail".to_string(),
+                clone_properties(&properties)?,
+                Vec::new(),
+            )
+            .await;
+        match started {
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.UnitExists"
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => {
+                break other.map_err(|source| ScopeError::Start {
+                    unit: unit.clone(),
+                    source,
+                })?;
+            }
+        }
+    };
     let wait = next_matching(&mut removed, |signal| {
         let args = signal.args().ok()?;
         (args.job.as_str() == job.as_str()).then(|| args.result.clone())
