@@ -99,7 +99,8 @@ umask 022
 install -d "$root/usr/sbin" "$root/usr/bin" "$root/lib/systemd/system" \
     "$root/usr/lib/sysusers.d" "$root/usr/lib/tmpfiles.d" \
     "$root/usr/share/dbus-1/system-services" "$root/usr/share/dbus-1/system.d" \
-    "$root/usr/share/dbus-1/interfaces" "$root/usr/share/doc/vmd" "$root/DEBIAN"
+    "$root/usr/share/dbus-1/interfaces" "$root/usr/share/polkit-1/actions" \
+    "$root/usr/share/doc/vmd" "$root/DEBIAN"
 install -m 0755 "$vmd_bin" "$root/usr/sbin/vmd"
 install -m 0755 "$vmctl_bin" "$root/usr/bin/vmctl"
 if [[ $profile = release ]] && command -v strip >/dev/null; then
@@ -112,6 +113,7 @@ install -m 0644 "$repo/systemd/tmpfiles.d/vmd.conf" "$root/usr/lib/tmpfiles.d/vm
 install -m 0644 "$repo/dbus/org.vmd.vmd1.service" "$root/usr/share/dbus-1/system-services/"
 install -m 0644 "$repo/dbus/org.vmd.vmd1.conf" "$root/usr/share/dbus-1/system.d/"
 install -m 0644 "$repo/dbus/org.vmd.vmd1.xml" "$root/usr/share/dbus-1/interfaces/"
+install -m 0644 "$repo/dbus/org.vmd.vmd1.policy" "$root/usr/share/polkit-1/actions/"
 install -m 0644 "$repo/README.md" "$root/usr/share/doc/vmd/README.md"
 cat >"$root/usr/share/doc/vmd/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/

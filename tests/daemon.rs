@@ -589,7 +589,7 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
         ..Default::default()
     });
     assert!(!denied.status.success());
-    assert!(String::from_utf8_lossy(&denied.stderr).contains("only root may start VMs"));
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("org.vmd.vmd1.manage"));
     assert_eq!(vmd.property("one", "State"), "defined");
     // Reading is for everyone.
     let read = vmd.systemd.exec_with(ExecOptions {
@@ -850,4 +850,332 @@ fn api_members(xml: &str) -> std::collections::BTreeSet<String> {
         }
     }
     members
+}
+
+/// Runs a command in the box as `user`, bounded.
+fn as_user(vmd: &Vmd, user: &str, argv: &[&str]) -> Output {
+    let mut bounded = vec!["timeout", "120"];
+    bounded.extend(argv);
+    vmd.systemd.exec_with(ExecOptions {
+        argv: &bounded,
+        user: Some(user),
+        ..Default::default()
+    })
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Writes a polkit rule and waits until polkitd has loaded it.
+fn grant(vmd: &Vmd, file: &str, rule: &str, user: &str, action: &str) {
+    let written = vmd.systemd.exec_with(ExecOptions {
+        argv: &[
+            "sh",
+            "-c",
+            &format!("mkdir -p /etc/polkit-1/rules.d && cat > /etc/polkit-1/rules.d/{file}"),
+        ],
+        stdin: Some(rule.as_bytes()),
+        ..Default::default()
+    });
+    assert!(written.status.success(), "cannot write the rule {file}");
+    // polkitd reloads rules through inotify; pkcheck tells when it has.
+    let start = Instant::now();
+    let check = format!("pkcheck --action-id {action} --process $$");
+    while !as_user(vmd, user, &["sh", "-c", &check]).status.success() {
+        assert!(start.elapsed() < LIMIT, "polkit never loaded {file}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Calls CreateVMWithFiles as alice with an fd of the given kind (dbus-python, a third client).
+const FD_CLIENT: &str = r#"
+import dbus, os, socket, sys
+bus = dbus.SystemBus()
+manager = dbus.Interface(bus.get_object("org.vmd.vmd1", "/org/vmd/vmd1"), "org.vmd.vmd1.Manager")
+kind = sys.argv[1]
+if kind == "dir":
+    fd = os.open("/home/alice", os.O_RDONLY | os.O_DIRECTORY)
+elif kind == "socket":
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = sock.fileno()
+elif kind == "writeonly":
+    fd = os.open("/home/alice/guest.elf", os.O_WRONLY)
+else:
+    fd = os.open("/home/alice/guest.elf", os.O_RDONLY)
+try:
+    manager.CreateVMWithFiles("fd-" + kind, {"MemoryBytes": dbus.UInt64(64 << 20)}, {"kernel": dbus.types.UnixFd(fd)})
+    print("accepted")
+except dbus.DBusException as e:
+    print(e.get_dbus_name(), e.get_dbus_message())
+    sys.exit(1)
+"#;
+
+#[test]
+fn non_root_users_get_only_what_polkit_and_ownership_allow() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&["groupadd", "vmusers"]);
+    vmd.ok(&["useradd", "-m", "alice"]);
+    vmd.ok(&["useradd", "-m", "-G", "vmusers", "bob"]);
+    vmd.ok(&[
+        "install",
+        "-o",
+        "alice",
+        "-m",
+        "0644",
+        GUEST,
+        "/home/alice/guest.elf",
+    ]);
+    let alice_start = [
+        "vmctl",
+        "start",
+        "a1",
+        "-k",
+        "/home/alice/guest.elf",
+        "-m",
+        "64M",
+        "--cmdline",
+        "testguest=spin",
+    ];
+    let list = || {
+        vmd.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs",
+        ])
+    };
+
+    // Without a rule, nothing that changes anything.
+    let refused = as_user(&vmd, "alice", &alice_start);
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("org.vmd.vmd1.create"),
+        "{}",
+        stderr_of(&refused)
+    );
+    let refused = as_user(
+        &vmd,
+        "alice",
+        &[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "CreateVM",
+            "sa{sv}",
+            "shadow",
+            "1",
+            "Kernel",
+            "s",
+            "/etc/shadow",
+        ],
+    );
+    assert!(
+        stderr_of(&refused).contains("org.vmd.vmd1.create"),
+        "{}",
+        stderr_of(&refused)
+    );
+    assert_eq!(list().trim(), "a(sso) 0");
+
+    // Allowed to create: alice's own VM, from fds she opened; never the daemon opening her paths.
+    grant(
+        &vmd,
+        "50-alice-create.rules",
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.vmd.vmd1.create\" && subject.user == \"alice\") return polkit.Result.YES;\n});\n",
+        "alice",
+        "org.vmd.vmd1.create",
+    );
+    let refused = as_user(
+        &vmd,
+        "alice",
+        &[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "CreateVM",
+            "sa{sv}",
+            "shadow",
+            "1",
+            "Kernel",
+            "s",
+            "/etc/shadow",
+        ],
+    );
+    assert!(
+        stderr_of(&refused).contains("CreateVMWithFiles"),
+        "{}",
+        stderr_of(&refused)
+    );
+    assert_eq!(list().trim(), "a(sso) 0");
+    for (kind, expected) in [
+        ("dir", "directory"),
+        ("socket", "socket"),
+        ("writeonly", "writing only"),
+    ] {
+        let output = as_user(&vmd, "alice", &["/usr/bin/python3", "-c", FD_CLIENT, kind]);
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(!output.status.success(), "{kind} fd accepted");
+        assert!(
+            printed.contains("org.vmd.vmd1.Error.InvalidArgument") && printed.contains(expected),
+            "{kind}: {printed}"
+        );
+    }
+    assert_eq!(list().trim(), "a(sso) 0");
+    assert_eq!(
+        vmd.ok(&["sh", "-c", "ls -A /var/lib/vmd/files 2>/dev/null || true"])
+            .trim(),
+        ""
+    );
+
+    let started = as_user(&vmd, "alice", &alice_start);
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    assert_eq!(vmd.property("a1", "State"), "running");
+    assert_eq!(vmd.property("a1", "Owner"), "alice");
+    assert_eq!(vmd.property("a1", "Kernel"), "/var/lib/vmd/files/a1/kernel");
+    // Her own VM: she runs it without any more polkit rules.
+    for argv in [
+        &["vmctl", "pause", "a1"][..],
+        &["vmctl", "unpause", "a1"],
+        &["vmctl", "stop", "-w", "a1"],
+        &["vmctl", "start", "a1"],
+    ] {
+        let output = as_user(&vmd, "alice", argv);
+        assert!(output.status.success(), "{argv:?}: {}", stderr_of(&output));
+    }
+    // Removing is not part of ownership.
+    let stopped = as_user(&vmd, "alice", &["vmctl", "stop", "-w", "a1"]);
+    assert!(stopped.status.success(), "{}", stderr_of(&stopped));
+    let refused = as_user(&vmd, "alice", &["vmctl", "remove", "a1"]);
+    assert!(
+        stderr_of(&refused).contains("org.vmd.vmd1.manage"),
+        "{}",
+        stderr_of(&refused)
+    );
+    // Someone else's VM: bob may not touch it, until his group may manage VMs.
+    let refused = as_user(&vmd, "bob", &["vmctl", "start", "a1"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("org.vmd.vmd1.manage for VM a1"),
+        "{}",
+        stderr_of(&refused)
+    );
+    grant(
+        &vmd,
+        "50-vmusers-manage.rules",
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.vmd.vmd1.manage\" && subject.isInGroup(\"vmusers\")) return polkit.Result.YES;\n});\n",
+        "bob",
+        "org.vmd.vmd1.manage",
+    );
+    let allowed = as_user(&vmd, "bob", &["vmctl", "start", "a1"]);
+    assert!(allowed.status.success(), "{}", stderr_of(&allowed));
+    assert_eq!(vmd.property("a1", "State"), "running");
+    // Reading stays open to everyone, and root can always act.
+    assert!(
+        as_user(&vmd, "alice", &["vmctl", "status"])
+            .status
+            .success()
+    );
+    vmd.ok(&["vmctl", "stop", "-w", "a1"]);
+    vmd.ok(&["vmctl", "remove", "a1"]);
+    assert_eq!(
+        vmd.ok(&["sh", "-c", "ls -A /var/lib/vmd/files 2>/dev/null || true"])
+            .trim(),
+        ""
+    );
+}
+
+#[test]
+fn random_configs_and_names_never_create_anything_or_hurt_the_daemon() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let Some(vmd) = Vmd::boot() else { return };
+    // Start the daemon, then talk to it from here over the box's bus (as root).
+    vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bus = runtime
+        .block_on(zbus::connection::Builder::address(vmd.systemd.bus_address().as_str()).build())
+        .expect("connect to the box's bus");
+
+    let value = prop_oneof![
+        any::<u32>().prop_map(zbus::OwnedVariant::from),
+        any::<u64>().prop_map(zbus::OwnedVariant::from),
+        any::<bool>().prop_map(zbus::OwnedVariant::from),
+        any::<i32>().prop_map(zbus::OwnedVariant::from),
+        // Paths that do not exist, so no combination can be valid.
+        "[ -~]{0,40}".prop_map(
+            |s| zbus::OwnedVariant::try_from(zbus::Variant::from(format!("/nonexistent/{s}")))
+                .expect("string")
+        ),
+    ];
+    let key = prop_oneof![
+        Just("Kernel".to_string()),
+        Just("Initrd".to_string()),
+        Just("Cmdline".to_string()),
+        Just("VCPUs".to_string()),
+        Just("MemoryBytes".to_string()),
+        Just("Autostart".to_string()),
+        Just("Transient".to_string()),
+        Just("Owner".to_string()),
+        "[A-Za-z]{1,12}",
+    ];
+    let config = proptest::collection::vec((key, value), 0..6);
+    let name = prop_oneof!["[A-Za-z0-9._-]{1,70}", "\\PC{0,20}"];
+    let mut runner = TestRunner::new(Config {
+        cases: 150,
+        ..Config::default()
+    });
+    runner
+        .run(&(name, config), |(name, config)| {
+            let config: std::collections::HashMap<String, zbus::OwnedVariant> =
+                config.into_iter().collect();
+            let reply = runtime.block_on(bus.call_method(
+                Some("org.vmd.vmd1"),
+                MANAGER,
+                Some("org.vmd.vmd1.Manager"),
+                "CreateVM",
+                &(name.as_str(), config),
+            ));
+            match reply {
+                Err(zbus::Error::MethodError(error, _, _)) => {
+                    prop_assert!(error.as_str().starts_with("org.vmd.vmd1.Error."), "{error}");
+                }
+                Err(other) => prop_assert!(false, "not a named error: {other}"),
+                Ok(_) => prop_assert!(false, "accepted {name:?}"),
+            }
+            Ok(())
+        })
+        .expect("every random CreateVM is refused with a named error");
+    assert_eq!(
+        vmd.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs"
+        ])
+        .trim(),
+        "a(sso) 0"
+    );
+    assert_eq!(
+        vmd.ok(&["systemctl", "is-active", "vmd.service"]).trim(),
+        "active"
+    );
+    assert_eq!(vmd.ok(&["ls", "-A", "/var/lib/vmd/vms"]).trim(), "");
 }

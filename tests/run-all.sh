@@ -13,6 +13,7 @@ command -v objdump >/dev/null || need_packages+=(binutils)
 command -v machinectl >/dev/null || need_packages+=(systemd-container)
 command -v gdbus >/dev/null || need_packages+=(libglib2.0-bin)
 command -v dbus-daemon >/dev/null || need_packages+=(dbus)
+[ -x /usr/lib/polkit-1/polkitd ] || need_packages+=(polkitd)
 command -v nsenter >/dev/null || need_packages+=(util-linux)
 command -v dpkg-shlibdeps >/dev/null || need_packages+=(dpkg-dev)
 if ((${#need_packages[@]})); then

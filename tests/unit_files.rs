@@ -768,6 +768,11 @@ fn expected_files() -> Vec<(&'static str, u32, PathBuf)> {
             0o644,
             repo_file("dbus/org.vmd.vmd1.xml"),
         ),
+        (
+            "usr/share/polkit-1/actions/org.vmd.vmd1.policy",
+            0o644,
+            repo_file("dbus/org.vmd.vmd1.policy"),
+        ),
         ("usr/share/doc/vmd/README.md", 0o644, repo_file("README.md")),
     ]
 }

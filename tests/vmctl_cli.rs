@@ -149,3 +149,218 @@ fn a_socket_nobody_listens_on_is_a_clean_failure() {
     drop(socket);
     assert_clean_failure(&output, "cannot connect to ");
 }
+
+/// A stand-in for vmd on a peer-to-peer socket, to check the calls `vmctl start` makes to define
+/// a VM: GetVM answers NoSuchVM, the two create calls log what they got, Start succeeds.
+mod fake_vmd {
+    use std::{
+        collections::HashMap,
+        io::Read,
+        os::fd::AsFd,
+        path::Path,
+        sync::{Arc, Mutex},
+    };
+
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use zbus::{OwnedFd, OwnedObjectPath, OwnedVariant, interface};
+
+    /// The calls the fake daemon received, one line each.
+    pub type Log = Arc<Mutex<Vec<String>>>;
+
+    const VM_PATH: &str = "/org/vmd/vmd1/vm/web";
+
+    #[derive(Debug, zbus::DBusError)]
+    #[zbus(prefix = "org.vmd.vmd1.Error")]
+    enum Error {
+        #[zbus(error)]
+        ZBus(zbus::Error),
+        NoSuchVM(String),
+    }
+
+    fn sorted(config: &HashMap<String, OwnedVariant>) -> Vec<String> {
+        let mut entries: Vec<String> = config
+            .iter()
+            .map(|(key, value)| match <&str>::try_from(value) {
+                Ok(text) => format!("{key}={text:?}"),
+                Err(_) => format!("{key}={}", u32::try_from(value).expect("a u")),
+            })
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    struct Manager(Log);
+
+    #[interface(name = "org.vmd.vmd1.Manager")]
+    impl Manager {
+        #[zbus(name = "GetVM")]
+        fn get_vm(&self, name: String) -> Result<OwnedObjectPath, Error> {
+            Err(Error::NoSuchVM(format!("No VM named {name:?}.")))
+        }
+
+        #[zbus(name = "CreateVM")]
+        fn create_vm(
+            &self,
+            name: String,
+            config: HashMap<String, OwnedVariant>,
+        ) -> OwnedObjectPath {
+            let line = format!("CreateVM {name} {}", sorted(&config).join(" "));
+            self.0.lock().expect("log").push(line);
+            OwnedObjectPath::try_from(VM_PATH).expect("path")
+        }
+
+        #[zbus(name = "CreateVMWithFiles")]
+        fn create_vm_with_files(
+            &self,
+            name: String,
+            config: HashMap<String, OwnedVariant>,
+            files: HashMap<String, OwnedFd>,
+        ) -> OwnedObjectPath {
+            let mut contents: Vec<String> = files
+                .iter()
+                .map(|(key, fd)| {
+                    let flags =
+                        OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("flags"));
+                    let mode = if flags & OFlag::O_ACCMODE == OFlag::O_RDONLY {
+                        "ro"
+                    } else {
+                        "rw"
+                    };
+                    let mut text = String::new();
+                    std::fs::File::from(fd.as_fd().try_clone_to_owned().expect("dup"))
+                        .read_to_string(&mut text)
+                        .expect("read");
+                    format!("{key}({mode})={text}")
+                })
+                .collect();
+            contents.sort();
+            let line = format!(
+                "CreateVMWithFiles {name} {} files: {}",
+                sorted(&config).join(" "),
+                contents.join(" ")
+            );
+            self.0.lock().expect("log").push(line);
+            OwnedObjectPath::try_from(VM_PATH).expect("path")
+        }
+    }
+
+    struct Vm(Log);
+
+    #[interface(name = "org.vmd.vmd1.VM")]
+    impl Vm {
+        fn start(&self) {
+            self.0.lock().expect("log").push("Start".to_owned());
+        }
+    }
+
+    /// Serves every connection to `socket` on `runtime` until the runtime is dropped.
+    pub fn serve(runtime: &tokio::runtime::Runtime, socket: &Path, log: Log) {
+        let listener = runtime
+            .block_on(async { tokio::net::UnixListener::bind(socket) })
+            .expect("bind");
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let stream = stream.into_std().expect("std stream");
+                    let connection = zbus::connection::Builder::unix_stream(stream)
+                        .server(zbus::Guid::generate())
+                        .p2p()
+                        .serve_at("/org/vmd/vmd1", Manager(log.clone()))
+                        .serve_at(VM_PATH, Vm(log))
+                        .build()
+                        .await
+                        .expect("handshake");
+                    connection.closed().await;
+                });
+            }
+        });
+    }
+}
+
+/// `vmctl start` as root names the kernel and initrd by path (CreateVM); as anyone else it opens
+/// them itself and passes read-only fds (CreateVMWithFiles), and cannot-open is a clean failure.
+#[test]
+fn start_passes_files_as_fds_unless_root() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root, to run vmctl as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The unprivileged vmctl must reach the socket and the files.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = dir.path().join("vmd.sock");
+    let kernel = dir.path().join("vmlinuz");
+    let initrd = dir.path().join("initrd");
+    let secret = dir.path().join("secret");
+    std::fs::write(&kernel, "KERNEL").expect("write");
+    std::fs::write(&initrd, "INITRD").expect("write");
+    std::fs::write(&secret, "SECRET").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let log = fake_vmd::Log::default();
+    fake_vmd::serve(&runtime, &socket, log.clone());
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+
+    let path = |path: &std::path::Path| path.to_str().expect("utf-8").to_owned();
+    let start = |uid: Option<u32>, kernel: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmctl"));
+        command.args([
+            "--socket",
+            &path(&socket),
+            "start",
+            "web",
+            "-k",
+            kernel,
+            "-i",
+            &path(&initrd),
+            "-p",
+            "2",
+        ]);
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let output = command.output().expect("run vmctl");
+        let calls = std::mem::take(&mut *log.lock().expect("log"));
+        (output, calls)
+    };
+
+    let (output, calls) = start(None, &path(&kernel));
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(
+        calls,
+        [
+            format!(
+                "CreateVM web Initrd={:?} Kernel={:?} VCPUs=2",
+                path(&initrd),
+                path(&kernel)
+            ),
+            "Start".to_owned(),
+        ]
+    );
+
+    let (output, calls) = start(Some(NOBODY), &path(&kernel));
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    assert_eq!(
+        calls,
+        [
+            "CreateVMWithFiles web VCPUs=2 files: initrd(ro)=INITRD kernel(ro)=KERNEL",
+            "Start",
+        ]
+    );
+
+    // A file the user cannot read is never handed to the daemon.
+    let (output, calls) = start(Some(NOBODY), &path(&secret));
+    assert_clean_failure(
+        &output,
+        &format!(
+            "vmctl: cannot open the kernel {}: Permission denied",
+            path(&secret)
+        ),
+    );
+    assert!(calls.is_empty(), "{calls:?}");
+}

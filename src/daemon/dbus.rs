@@ -2,15 +2,17 @@
 //! thin: they check the caller, translate arguments and errors, and call the manager or VM.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, interface};
 
-use super::definition::VmDefinition;
+use super::authority::{self, Action, Caller};
+use super::definition::{DefinitionError, VmDefinition};
 use super::errors::VmdError;
+use super::files::{check_passed_file, copy_passed_file};
 use super::manager::Manager;
 use super::store::Origin;
 use super::vm::{LifecycleError, Property, Vm};
@@ -27,40 +29,6 @@ pub fn vm_object_path(name: &str) -> OwnedObjectPath {
     })
 }
 
-/// The caller's uid, from the bus (never from anything the caller says).
-async fn caller_uid(header: &Header<'_>, connection: &Connection) -> Result<u32, VmdError> {
-    match header.sender() {
-        // On a bus, ask the bus daemon.
-        Some(sender) if connection.unique_name().is_some() => {
-            let dbus = DBusProxy::new(connection).await?;
-            dbus.get_connection_unix_user(sender.clone().into())
-                .await
-                .map_err(|e| VmdError::NotPermitted(format!("cannot tell who is calling: {e}")))
-        }
-        // Peer to peer (vmd.sock): the socket's credentials.
-        _ => connection
-            .peer_creds()
-            .await
-            .ok()
-            .and_then(|creds| creds.unix_user_id())
-            .ok_or_else(|| VmdError::NotPermitted("cannot tell who is calling".into())),
-    }
-}
-
-/// Until polkit authorization exists, only root may change anything.
-async fn require_root(
-    header: &Header<'_>,
-    connection: &Connection,
-    what: &str,
-) -> Result<(), VmdError> {
-    match caller_uid(header, connection).await? {
-        0 => Ok(()),
-        uid => Err(VmdError::NotPermitted(format!(
-            "only root may {what} (the caller is uid {uid})"
-        ))),
-    }
-}
-
 impl From<LifecycleError> for VmdError {
     fn from(error: LifecycleError) -> Self {
         match error {
@@ -68,6 +36,32 @@ impl From<LifecycleError> for VmdError {
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }
+}
+
+fn invalid(error: DefinitionError) -> VmdError {
+    VmdError::InvalidArgument(error.to_string())
+}
+
+/// A VM created by someone other than root belongs to them; only root may give a VM to
+/// someone else, and an owner group must be one of the caller's.
+fn set_owner(caller: &Caller, definition: &mut VmDefinition) -> Result<(), VmdError> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    if definition.owner_uid.is_some_and(|uid| uid != caller.uid) {
+        return Err(VmdError::NotPermitted(
+            "only root may create a VM owned by another user".into(),
+        ));
+    }
+    if let Some(gid) = definition.owner_gid
+        && !caller.groups.contains(&gid)
+    {
+        return Err(VmdError::NotPermitted(format!(
+            "the owner group (gid {gid}) must be one of the caller's groups"
+        )));
+    }
+    definition.owner_uid = Some(caller.uid);
+    Ok(())
 }
 
 pub struct ManagerObject {
@@ -90,11 +84,93 @@ impl ManagerObject {
         name: String,
         config: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, VmdError> {
-        require_root(&header, connection, "create VMs").await?;
-        let definition = VmDefinition::from_dbus(&name, &config)
-            .map_err(|e| VmdError::InvalidArgument(e.to_string()))?;
+        let caller = authority::identify(&header, connection).await?;
+        authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
+        let mut definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
+        // The daemon opens host paths only for callers who could be trusted with its rights.
+        authority::authorize(self.manager.bus(), &caller, Action::HostFiles, Some(&name))
+            .await
+            .map_err(|_| {
+                VmdError::NotPermitted(format!(
+                    "vmd opens kernel and initrd paths only for root or holders of {}; \
+                     pass your own fds with CreateVMWithFiles instead",
+                    Action::HostFiles.id()
+                ))
+            })?;
+        if definition.kernel.as_os_str().is_empty() {
+            return Err(invalid(DefinitionError::NoKernel));
+        }
+        definition.validate().map_err(invalid)?;
+        set_owner(&caller, &mut definition)?;
         let vm = self.manager.add(definition, Origin::Api).await?;
         Ok(self.manager.object_path(&vm))
+    }
+
+    /// As CreateVM, with the kernel and initrd as fds the caller opened itself.
+    #[zbus(name = "CreateVMWithFiles", out_args("vm"))]
+    async fn create_vm_with_files(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        name: String,
+        config: HashMap<String, OwnedVariant>,
+        files: HashMap<String, zbus::OwnedFd>,
+    ) -> Result<OwnedObjectPath, VmdError> {
+        let caller = authority::identify(&header, connection).await?;
+        authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
+        let mut definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
+        for (key, what) in [("Kernel", "kernel"), ("Initrd", "initrd")] {
+            if config.contains_key(key) {
+                return Err(invalid(DefinitionError::PathWithFiles(what)));
+            }
+        }
+        if let Some(unknown) = files
+            .keys()
+            .find(|k| !["kernel", "initrd"].contains(&k.as_str()))
+        {
+            return Err(invalid(DefinitionError::UnknownFile(unknown.clone())));
+        }
+        let kernel = files
+            .get("kernel")
+            .ok_or_else(|| invalid(DefinitionError::NoKernel))?;
+        // Check every fd before anything is written.
+        let kernel_size = check_passed_file("kernel", kernel.as_fd()).map_err(invalid)?;
+        let initrd = files
+            .get("initrd")
+            .map(|fd| check_passed_file("initrd", fd.as_fd()).map(|size| (fd, size)))
+            .transpose()
+            .map_err(invalid)?;
+        if self.manager.get(&name).is_ok() {
+            return Err(VmdError::VMExists(format!(
+                "a VM named {name:?} exists already"
+            )));
+        }
+        set_owner(&caller, &mut definition)?;
+        let dir = self.manager.store().files_dir(&name);
+        let copied = copy_passed_file("kernel", kernel.as_fd(), kernel_size, &dir.join("kernel"))
+            .and_then(|kernel| {
+                definition.kernel = kernel;
+                initrd
+                    .map(|(fd, size)| {
+                        copy_passed_file("initrd", fd.as_fd(), size, &dir.join("initrd"))
+                    })
+                    .transpose()
+            })
+            .and_then(|initrd| {
+                definition.initrd = initrd;
+                definition.validate()
+            });
+        if let Err(err) = copied {
+            self.manager.store().remove_files(&name);
+            return Err(invalid(err));
+        }
+        match self.manager.add(definition, Origin::Api).await {
+            Ok(vm) => Ok(self.manager.object_path(&vm)),
+            Err(err) => {
+                self.manager.store().remove_files(&name);
+                Err(err)
+            }
+        }
     }
 
     #[zbus(name = "GetVM", out_args("vm"))]
@@ -142,6 +218,27 @@ impl VmObject {
     pub fn new(vm: Arc<Vm>, manager: Arc<Manager>) -> Self {
         VmObject { vm, manager }
     }
+
+    /// Root passes; the owner (or a member of the owner group) passes for the everyday
+    /// lifecycle (`owner_may`); everyone else needs org.vmd.vmd1.manage.
+    async fn permit(
+        &self,
+        header: &Header<'_>,
+        connection: &Connection,
+        owner_may: bool,
+    ) -> Result<(), VmdError> {
+        let caller = authority::identify(header, connection).await?;
+        if owner_may && self.vm.definition().owned_by(caller.uid, &caller.groups) {
+            return Ok(());
+        }
+        authority::authorize(
+            self.manager.bus(),
+            &caller,
+            Action::Manage,
+            Some(&self.vm.name),
+        )
+        .await
+    }
 }
 
 #[interface(name = "org.vmd.vmd1.VM")]
@@ -151,7 +248,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "start VMs").await?;
+        self.permit(&header, connection, true).await?;
         Ok(self.vm.start(&self.manager).await?)
     }
 
@@ -160,7 +257,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "stop VMs").await?;
+        self.permit(&header, connection, true).await?;
         Ok(self.vm.shutdown(&self.manager)?)
     }
 
@@ -169,7 +266,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "kill VMs").await?;
+        self.permit(&header, connection, true).await?;
         Ok(self.vm.kill()?)
     }
 
@@ -178,7 +275,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "pause VMs").await?;
+        self.permit(&header, connection, true).await?;
         Ok(self.vm.pause().await?)
     }
 
@@ -187,7 +284,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "resume VMs").await?;
+        self.permit(&header, connection, true).await?;
         Ok(self.vm.resume().await?)
     }
 
@@ -196,7 +293,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        require_root(&header, connection, "remove VMs").await?;
+        self.permit(&header, connection, false).await?;
         self.manager.remove(&self.vm).await
     }
 
@@ -206,7 +303,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<zbus::OwnedFd, VmdError> {
-        require_root(&header, connection, "open VM consoles").await?;
+        self.permit(&header, connection, true).await?;
         Ok(zbus::OwnedFd::from(self.vm.open_console()?))
     }
 
@@ -278,13 +375,18 @@ impl VmObject {
     ) -> Result<(), VmdError> {
         let header =
             header.ok_or_else(|| VmdError::NotPermitted("cannot tell who is calling".into()))?;
-        require_root(&header, connection, "change VMs").await?;
+        self.permit(&header, connection, false).await?;
         let mut changed = self.vm.definition();
         changed.autostart = value;
         self.manager.save(&self.vm, &changed)?;
         self.vm.set_autostart(value);
         self.manager.announce(&self.vm, vec![Property::Autostart]);
         Ok(())
+    }
+
+    #[zbus(property, name = "Owner")]
+    async fn owner(&self) -> String {
+        self.vm.definition().owner()
     }
 
     #[zbus(property, name = "Restarts")]

@@ -32,6 +32,11 @@ pub struct VmDefinition {
     pub memory_bytes: u64,
     #[serde(default)]
     pub autostart: bool,
+    /// The owner (and owner group), who may run the VM without polkit; root when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_gid: Option<u32>,
     /// Not stored; forgotten when it stops.
     #[serde(skip)]
     pub transient: bool,
@@ -76,6 +81,16 @@ pub enum DefinitionError {
     Config(#[from] protocol::ConfigError),
     #[error("cannot parse the definition: {0}")]
     Toml(String),
+    #[error("Owner {0:?} is not \"user\" or \"user:group\" with an existing user and group")]
+    Owner(String),
+    #[error(
+        "CreateVMWithFiles takes the kernel and initrd as fds in its files argument, not as {0} paths"
+    )]
+    PathWithFiles(&'static str),
+    #[error("unknown file {0:?} (known: kernel, initrd)")]
+    UnknownFile(String),
+    #[error("the {what} fd is unusable: {reason}")]
+    PassedFile { what: &'static str, reason: String },
 }
 
 impl VmDefinition {
@@ -104,6 +119,19 @@ impl VmDefinition {
         name: &str,
         config: &HashMap<String, OwnedVariant>,
     ) -> Result<VmDefinition, DefinitionError> {
+        let definition = Self::parse_dbus(name, config)?;
+        if definition.kernel.as_os_str().is_empty() {
+            return Err(DefinitionError::NoKernel);
+        }
+        definition.validate()?;
+        Ok(definition)
+    }
+
+    /// Reads `CreateVM`'s arguments without checking files (the kernel may come as an fd).
+    pub fn parse_dbus(
+        name: &str,
+        config: &HashMap<String, OwnedVariant>,
+    ) -> Result<VmDefinition, DefinitionError> {
         protocol::validate_vm_name(name)?;
         let mut definition = VmDefinition {
             name: name.to_string(),
@@ -114,24 +142,56 @@ impl VmDefinition {
             vcpus: DEFAULT_VCPUS,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             autostart: false,
+            owner_uid: None,
+            owner_gid: None,
             transient: false,
         };
-        let mut kernel = None;
         for (key, value) in config {
             match key.as_str() {
-                "Kernel" => kernel = Some(PathBuf::from(string(value, "Kernel")?)),
+                "Kernel" => definition.kernel = PathBuf::from(string(value, "Kernel")?),
                 "Initrd" => definition.initrd = Some(PathBuf::from(string(value, "Initrd")?)),
                 "Cmdline" => definition.cmdline = string(value, "Cmdline")?,
                 "VCPUs" => definition.vcpus = typed::<u32>(value, "VCPUs", "u")?,
                 "MemoryBytes" => definition.memory_bytes = typed::<u64>(value, "MemoryBytes", "t")?,
                 "Autostart" => definition.autostart = typed::<bool>(value, "Autostart", "b")?,
                 "Transient" => definition.transient = typed::<bool>(value, "Transient", "b")?,
+                "Owner" => {
+                    let owner = string(value, "Owner")?;
+                    let (uid, gid) = resolve_owner(&owner)?;
+                    definition.owner_uid = Some(uid);
+                    definition.owner_gid = gid;
+                }
                 other => return Err(DefinitionError::UnknownKey(other.to_string())),
             }
         }
-        definition.kernel = kernel.ok_or(DefinitionError::NoKernel)?;
-        definition.validate()?;
+        definition.vm_config().validate()?;
         Ok(definition)
+    }
+
+    /// Whether uid (with these groups) owns the VM.
+    pub fn owned_by(&self, uid: u32, groups: &[u32]) -> bool {
+        self.owner_uid == Some(uid) || self.owner_gid.is_some_and(|gid| groups.contains(&gid))
+    }
+
+    /// "user" or "user:group", or "" for root.
+    pub fn owner(&self) -> String {
+        let Some(uid) = self.owner_uid else {
+            return String::new();
+        };
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| uid.to_string(), |u| u.name);
+        match self.owner_gid {
+            None => user,
+            Some(gid) => {
+                let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| gid.to_string(), |g| g.name);
+                format!("{user}:{group}")
+            }
+        }
     }
 
     /// Parses a stored definition; the name comes from the file name.
@@ -161,6 +221,31 @@ impl VmDefinition {
         // Serializing plain fields cannot fail.
         toml::to_string(self).unwrap_or_default()
     }
+}
+
+/// "user" or "user:group" to ids.
+fn resolve_owner(owner: &str) -> Result<(u32, Option<u32>), DefinitionError> {
+    let bad = || DefinitionError::Owner(owner.to_string());
+    let (user, group) = match owner.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (owner, None),
+    };
+    let user = nix::unistd::User::from_name(user)
+        .ok()
+        .flatten()
+        .ok_or_else(bad)?;
+    let gid = match group {
+        Some(group) => Some(
+            nix::unistd::Group::from_name(group)
+                .ok()
+                .flatten()
+                .ok_or_else(bad)?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    Ok((user.uid.as_raw(), gid))
 }
 
 fn string(value: &OwnedVariant, key: &'static str) -> Result<String, DefinitionError> {

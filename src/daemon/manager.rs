@@ -54,6 +54,10 @@ impl Manager {
         &self.launcher
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -188,6 +192,9 @@ impl Manager {
 
     async fn forget(&self, vm: &Arc<Vm>) {
         self.vms().remove(&vm.name);
+        if vm.origin == Origin::Api {
+            self.store.remove_files(&vm.name);
+        }
         let path = vm_object_path(&vm.name);
         for connection in self.servers() {
             let _ = connection

@@ -7,10 +7,12 @@
 //! - [`definition`] and [`store`] are VM definitions and their TOML files;
 //! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
 
+pub mod authority;
 pub mod console;
 pub mod dbus;
 pub mod definition;
 pub mod errors;
+pub mod files;
 pub mod machined;
 pub mod manager;
 pub mod notify;

@@ -67,6 +67,21 @@ impl Store {
         definitions
     }
 
+    /// Where copies of files passed as fds are kept for VM `name`.
+    pub fn files_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.with_file_name("files").join(name)
+    }
+
+    /// Forgets the copied files of VM `name` (none is fine).
+    pub fn remove_files(&self, name: &str) {
+        let dir = self.files_dir(name);
+        if let Err(e) = fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+
     fn path_of(&self, name: &str) -> PathBuf {
         self.state_dir.join(format!("{name}.toml"))
     }
@@ -159,6 +174,8 @@ mod tests {
             vcpus: 1,
             memory_bytes: 64 << 20,
             autostart: true,
+            owner_uid: None,
+            owner_gid: None,
             transient: false,
         }
     }

@@ -6,13 +6,15 @@
 use std::{
     collections::HashMap,
     fmt::Display,
+    fs::{File, OpenOptions},
     io::{self, Write},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use tokio::time::Instant;
-use zbus::{Connection, OwnedObjectPath, Variant};
+use zbus::{Connection, Fd, OwnedObjectPath, Variant};
 
 use crate::{
     cli::{Cli, Command, StartArgs, StatusArgs, StopArgs, WaitArgs},
@@ -80,22 +82,32 @@ impl Ctx {
 /// `vmctl start`: define the VM if needed, start it, and with `-c` attach to its console.
 async fn start(ctx: &Ctx, args: StartArgs) -> Result<u8, VmctlError> {
     let config = NewVm::from_args(&args)?;
+    // The daemon opens host paths only for root; anyone else opens the kernel and initrd here and
+    // passes the fds (DESIGN.md, "Authorization").
+    let by_path = nix::unistd::geteuid().is_root();
     let path = match ctx.manager.get_vm(&args.name).await {
         Ok(path) => {
             if args.has_config() {
                 let current = proxies::vm_properties(&ctx.conn, path.clone()).await?;
-                config.check_matches(&args.name, &current)?;
+                config.check_matches(&args.name, &current, by_path)?;
             }
             path
         }
         Err(error) if is_no_such_vm(&error) => {
-            if config.kernel.is_none() {
+            let Some(kernel) = &config.kernel else {
                 return Err(VmctlError::Message(format!(
                     "vm {} does not exist; give its kernel with -k to define it",
                     args.name
                 )));
+            };
+            if by_path {
+                ctx.manager.create_vm(&args.name, config.to_dbus()?).await?
+            } else {
+                let files = PassedFiles::open(kernel, config.initrd.as_deref())?;
+                ctx.manager
+                    .create_vm_with_files(&args.name, config.settings(), files.to_dbus())
+                    .await?
             }
-            ctx.manager.create_vm(&args.name, config.to_dbus()).await?
         }
         Err(error) => return Err(error.into()),
     };
@@ -113,8 +125,10 @@ async fn start(ctx: &Ctx, args: StartArgs) -> Result<u8, VmctlError> {
 /// daemon's defaults apply to the rest.
 #[derive(Debug, Default, PartialEq)]
 struct NewVm {
-    kernel: Option<String>,
-    initrd: Option<String>,
+    /// Absolute (see [`absolute_path`]).
+    kernel: Option<PathBuf>,
+    /// Absolute (see [`absolute_path`]).
+    initrd: Option<PathBuf>,
     cmdline: Option<String>,
     vcpus: Option<u32>,
     memory: Option<u64>,
@@ -126,12 +140,12 @@ impl NewVm {
             kernel: args
                 .kernel
                 .as_deref()
-                .map(|p| host_path("kernel", p))
+                .map(|p| absolute_path("kernel", p))
                 .transpose()?,
             initrd: args
                 .initrd
                 .as_deref()
-                .map(|p| host_path("initrd", p))
+                .map(|p| absolute_path("initrd", p))
                 .transpose()?,
             cmdline: args.cmdline.clone(),
             vcpus: args.cpus,
@@ -139,15 +153,10 @@ impl NewVm {
         })
     }
 
-    /// The `a{sv}` of `CreateVM`.
-    fn to_dbus(&self) -> HashMap<&'static str, Variant<'_>> {
+    /// The `a{sv}` of `CreateVMWithFiles`: everything but the kernel and initrd, which go as
+    /// fds ([`PassedFiles`]).
+    fn settings(&self) -> HashMap<&'static str, Variant<'_>> {
         let mut config = HashMap::new();
-        if let Some(kernel) = &self.kernel {
-            config.insert("Kernel", Variant::from(kernel.as_str()));
-        }
-        if let Some(initrd) = &self.initrd {
-            config.insert("Initrd", Variant::from(initrd.as_str()));
-        }
         if let Some(cmdline) = &self.cmdline {
             config.insert("Cmdline", Variant::from(cmdline.as_str()));
         }
@@ -160,10 +169,30 @@ impl NewVm {
         config
     }
 
+    /// The `a{sv}` of `CreateVM`: the settings, and the kernel and initrd as paths for the
+    /// daemon to open.
+    fn to_dbus(&self) -> Result<HashMap<&'static str, Variant<'_>>, VmctlError> {
+        let mut config = self.settings();
+        if let Some(kernel) = &self.kernel {
+            config.insert("Kernel", Variant::from(utf8("kernel", kernel)?));
+        }
+        if let Some(initrd) = &self.initrd {
+            config.insert("Initrd", Variant::from(utf8("initrd", initrd)?));
+        }
+        Ok(config)
+    }
+
     /// For a VM that exists already: refuses options that differ from its definition, since
     /// starting it would silently ignore them. A property the daemon does not report is not
-    /// compared.
-    fn check_matches(&self, name: &str, current: &VmProperties) -> Result<(), VmctlError> {
+    /// compared, nor are the kernel and initrd unless `compare_files` (they are compared by
+    /// path, which says nothing when they were passed as fds: the daemon then reports the path
+    /// of its own copy).
+    fn check_matches(
+        &self,
+        name: &str,
+        current: &VmProperties,
+        compare_files: bool,
+    ) -> Result<(), VmctlError> {
         let mut differences = Vec::new();
         let mut compare = |what: &str, wanted: Option<String>, actual: Option<String>| {
             if let (Some(wanted), Some(actual)) = (wanted, actual)
@@ -173,8 +202,14 @@ impl NewVm {
             }
         };
         let text = |value: Option<&str>| value.map(str::to_owned);
-        compare("kernel", self.kernel.clone(), text(current.str("Kernel")));
-        compare("initrd", self.initrd.clone(), text(current.str("Initrd")));
+        if compare_files {
+            let path = |path: &Option<PathBuf>| {
+                path.as_deref()
+                    .map(|path| path.to_string_lossy().into_owned())
+            };
+            compare("kernel", path(&self.kernel), text(current.str("Kernel")));
+            compare("initrd", path(&self.initrd), text(current.str("Initrd")));
+        }
         compare(
             "cmdline",
             self.cmdline.clone(),
@@ -200,19 +235,80 @@ impl NewVm {
     }
 }
 
-/// A host path for the daemon to open: relative paths are resolved against the current
-/// directory (the daemon's is not ours); absolute ones are passed as given.
-fn host_path(what: &str, path: &Path) -> Result<String, VmctlError> {
-    let absolute: PathBuf = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        std::fs::canonicalize(path)
-            .map_err(|error| VmctlError::io(format!("{what} {}", path.display()), error))?
-    };
-    absolute
-        .into_os_string()
-        .into_string()
-        .map_err(|path| VmctlError::Message(format!("{what} path {path:?} is not valid UTF-8")))
+/// The error for a kernel or initrd that cannot be opened (or found).
+fn cannot_open(what: &str, path: &Path, error: io::Error) -> VmctlError {
+    VmctlError::io(format!("cannot open the {what} {}", path.display()), error)
+}
+
+/// A kernel or initrd path made absolute: relative paths are resolved against the current
+/// directory (the daemon's is not ours); absolute ones are kept as given.
+fn absolute_path(what: &str, path: &Path) -> Result<PathBuf, VmctlError> {
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    std::fs::canonicalize(path).map_err(|error| cannot_open(what, path, error))
+}
+
+/// A path to send over D-Bus, where paths are strings.
+fn utf8<'a>(what: &str, path: &'a Path) -> Result<&'a str, VmctlError> {
+    path.to_str()
+        .ok_or_else(|| VmctlError::Message(format!("{what} path {path:?} is not valid UTF-8")))
+}
+
+/// The kernel and initrd as vmctl opened them, with its user's rights, for `CreateVMWithFiles`.
+#[derive(Debug)]
+struct PassedFiles {
+    kernel: File,
+    initrd: Option<File>,
+}
+
+impl PassedFiles {
+    fn open(kernel: &Path, initrd: Option<&Path>) -> Result<Self, VmctlError> {
+        Ok(Self {
+            kernel: open_passed_file("kernel", kernel)?,
+            initrd: initrd
+                .map(|path| open_passed_file("initrd", path))
+                .transpose()?,
+        })
+    }
+
+    /// The `a{sh}` of `CreateVMWithFiles`. The fds are borrowed: the call sends copies, and
+    /// vmctl's own close when `self` is dropped.
+    fn to_dbus(&self) -> HashMap<&'static str, Fd<'_>> {
+        let mut files = HashMap::from([("kernel", Fd::from(&self.kernel))]);
+        if let Some(initrd) = &self.initrd {
+            files.insert("initrd", Fd::from(initrd));
+        }
+        files
+    }
+}
+
+/// Opens a file to pass to the daemon: read-only, and only a regular file. `O_NONBLOCK` keeps a
+/// FIFO from hanging vmctl in open(2) (it does not affect regular files); `O_NOCTTY` keeps a
+/// terminal from becoming ours.
+fn open_passed_file(what: &str, path: &Path) -> Result<File, VmctlError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|error| cannot_open(what, path, error))?;
+    let metadata = file
+        .metadata()
+        .map_err(|error| cannot_open(what, path, error))?;
+    if metadata.is_dir() {
+        return Err(cannot_open(
+            what,
+            path,
+            io::Error::from_raw_os_error(libc::EISDIR),
+        ));
+    }
+    if !metadata.is_file() {
+        return Err(VmctlError::Message(format!(
+            "cannot open the {what} {}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// One VM `vmctl stop` acts on.
@@ -425,19 +521,14 @@ fn status_row(id: usize, name: String, state: String, properties: &VmProperties)
     }
 }
 
-/// The `Owner` property: a user name as is, a uid as its user's name; `root` while the daemon
-/// has no owners.
+/// The `Owner` property (`user` or `user:group`); `root` when it is empty (a root-owned VM) or
+/// missing (a daemon older than owners).
 fn owner(properties: &VmProperties) -> String {
-    if let Some(owner) = properties.str("Owner").filter(|owner| !owner.is_empty()) {
-        return owner.to_owned();
-    }
-    match properties.u32("Owner") {
-        Some(uid) => nix::unistd::User::from_uid(uid.into())
-            .ok()
-            .flatten()
-            .map_or_else(|| uid.to_string(), |user| user.name),
-        None => "root".to_owned(),
-    }
+    properties
+        .str("Owner")
+        .filter(|owner| !owner.is_empty())
+        .unwrap_or("root")
+        .to_owned()
 }
 
 /// Writes `text` to stdout; a closed stdout (`vmctl status | head -1`) is not an error.
@@ -473,20 +564,13 @@ mod tests {
     }
 
     #[test]
-    fn owner_defaults_to_root_and_accepts_a_name_or_a_uid() {
+    fn owner_is_the_property_or_root() {
+        let owner_of = |value: &str| owner(&properties(&[("Owner", Variant::from(value))]));
+        assert_eq!(owner_of("tester"), "tester");
+        assert_eq!(owner_of("tester:vmusers"), "tester:vmusers");
+        // Root-owned VMs, and daemons without owners.
+        assert_eq!(owner_of(""), "root");
         assert_eq!(owner(&properties(&[])), "root");
-        assert_eq!(
-            owner(&properties(&[("Owner", Variant::from("alice"))])),
-            "alice"
-        );
-        assert_eq!(
-            owner(&properties(&[("Owner", Variant::from(0u32))])),
-            "root"
-        );
-        assert_eq!(
-            owner(&properties(&[("Owner", Variant::from(4_000_000_000u32))])),
-            "4000000000"
-        );
     }
 
     #[test]
@@ -527,16 +611,62 @@ mod tests {
         }
     }
 
+    fn sorted_keys<V>(map: &HashMap<&'static str, V>) -> Vec<&'static str> {
+        let mut keys: Vec<&str> = map.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
     #[test]
     fn create_config_has_only_what_was_given() {
         let vm = new_vm();
-        let config = vm.to_dbus();
-        let mut keys: Vec<&str> = config.keys().copied().collect();
-        keys.sort_unstable();
-        assert_eq!(keys, ["Cmdline", "Kernel", "MemoryBytes", "VCPUs"]);
+        let config = vm.to_dbus().expect("config");
+        assert_eq!(
+            sorted_keys(&config),
+            ["Cmdline", "Kernel", "MemoryBytes", "VCPUs"]
+        );
+        assert_eq!(config["Kernel"], Variant::from("/boot/vmlinuz"));
         assert_eq!(config["VCPUs"], Variant::from(2u32));
         assert_eq!(config["MemoryBytes"], Variant::from(1u64 << 30));
-        assert!(NewVm::default().to_dbus().is_empty());
+        let with_initrd = NewVm {
+            initrd: Some("/boot/initrd".into()),
+            ..new_vm()
+        };
+        let config = with_initrd.to_dbus().expect("config");
+        assert_eq!(config["Initrd"], Variant::from("/boot/initrd"));
+        assert!(NewVm::default().to_dbus().expect("config").is_empty());
+    }
+
+    #[test]
+    fn config_for_passed_files_has_no_paths() {
+        let vm = NewVm {
+            initrd: Some("/boot/initrd".into()),
+            ..new_vm()
+        };
+        let settings = vm.settings();
+        assert_eq!(sorted_keys(&settings), ["Cmdline", "MemoryBytes", "VCPUs"]);
+        assert_eq!(settings["Cmdline"], Variant::from("console=ttyS0"));
+        assert!(NewVm::default().settings().is_empty());
+    }
+
+    #[test]
+    fn paths_sent_over_dbus_must_be_utf8() {
+        use std::{ffi::OsStr, os::unix::ffi::OsStrExt};
+
+        let vm = NewVm {
+            kernel: Some(OsStr::from_bytes(b"/boot/vmlinuz-\xff").into()),
+            ..new_vm()
+        };
+        let error = vm.to_dbus().expect_err("not UTF-8").to_string();
+        assert_eq!(
+            error,
+            "kernel path \"/boot/vmlinuz-\\xFF\" is not valid UTF-8"
+        );
+        // Passed as an fd, the path need not be a string.
+        assert_eq!(
+            sorted_keys(&vm.settings()),
+            ["Cmdline", "MemoryBytes", "VCPUs"]
+        );
     }
 
     #[test]
@@ -548,9 +678,13 @@ mod tests {
             ("VCPUs", Variant::from(2u32)),
             ("MemoryBytes", Variant::from(1u64 << 30)),
         ]);
-        assert!(new_vm().check_matches("web", &same).is_ok());
+        assert!(new_vm().check_matches("web", &same, true).is_ok());
         // What the daemon does not report is not compared.
-        assert!(new_vm().check_matches("web", &properties(&[])).is_ok());
+        assert!(
+            new_vm()
+                .check_matches("web", &properties(&[]), true)
+                .is_ok()
+        );
 
         let other = properties(&[
             ("Kernel", Variant::from("/boot/vmlinuz")),
@@ -558,7 +692,7 @@ mod tests {
             ("VCPUs", Variant::from(1u32)),
         ]);
         let error = new_vm()
-            .check_matches("web", &other)
+            .check_matches("web", &other, true)
             .expect_err("differs")
             .to_string();
         assert_eq!(
@@ -569,16 +703,111 @@ mod tests {
     }
 
     #[test]
-    fn host_paths_become_absolute() {
+    fn passed_files_are_not_compared_by_path() {
+        // A VM defined from fds reports the path of the daemon's copy.
+        let copied = properties(&[
+            ("Kernel", Variant::from("/var/lib/vmd/files/web/kernel")),
+            ("Cmdline", Variant::from("console=ttyS0")),
+        ]);
+        assert!(new_vm().check_matches("web", &copied, false).is_ok());
+        let error = new_vm()
+            .check_matches("web", &copied, true)
+            .expect_err("differs")
+            .to_string();
+        assert!(error.contains("kernel \"/var/lib/vmd/files/web/kernel\", not \"/boot/vmlinuz\""));
+        // The other options still are.
+        let other = properties(&[("Cmdline", Variant::from("quiet"))]);
+        assert!(new_vm().check_matches("web", &other, false).is_err());
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"").expect("write");
-        let absolute = host_path("kernel", &kernel).expect("absolute path");
-        assert_eq!(absolute, kernel.to_str().expect("utf-8"));
+        assert_eq!(absolute_path("kernel", &kernel).expect("absolute"), kernel);
+        let relative = Path::new("src/../Cargo.toml");
+        assert_eq!(
+            absolute_path("kernel", relative).expect("absolute"),
+            std::fs::canonicalize("Cargo.toml").expect("canonicalize")
+        );
         // A missing relative path is reported with what it was for.
-        let error = host_path("initrd", Path::new("no/such/initrd"))
+        let error = absolute_path("initrd", Path::new("no/such/initrd"))
             .expect_err("missing")
             .to_string();
-        assert_eq!(error, "initrd no/such/initrd: No such file or directory");
+        assert_eq!(
+            error,
+            "cannot open the initrd no/such/initrd: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn passed_files_are_opened_read_only() {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        use zbus::zvariant::Type;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&kernel, b"kernel").expect("write");
+        std::fs::write(&initrd, b"initrd").expect("write");
+
+        let files = PassedFiles::open(&kernel, Some(&initrd)).expect("open");
+        let map = files.to_dbus();
+        assert_eq!(HashMap::<&str, Fd<'_>>::SIGNATURE.to_string(), "a{sh}");
+        assert_eq!(sorted_keys(&map), ["initrd", "kernel"]);
+        assert_eq!(map["kernel"], Fd::from(&files.kernel));
+        for fd in map.values() {
+            let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("flags"));
+            assert_eq!(flags & OFlag::O_ACCMODE, OFlag::O_RDONLY);
+        }
+
+        let files = PassedFiles::open(&kernel, None).expect("open");
+        assert_eq!(sorted_keys(&files.to_dbus()), ["kernel"]);
+    }
+
+    #[test]
+    fn unusable_passed_files_are_clear_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"kernel").expect("write");
+        let open = |kernel: &Path, initrd: Option<&Path>| {
+            PassedFiles::open(kernel, initrd)
+                .expect_err("unusable")
+                .to_string()
+        };
+
+        let missing = dir.path().join("missing");
+        assert_eq!(
+            open(&missing, None),
+            format!(
+                "cannot open the kernel {}: No such file or directory",
+                missing.display()
+            )
+        );
+        assert_eq!(
+            open(&kernel, Some(&missing)),
+            format!(
+                "cannot open the initrd {}: No such file or directory",
+                missing.display()
+            )
+        );
+        assert_eq!(
+            open(dir.path(), None),
+            format!(
+                "cannot open the kernel {}: Is a directory",
+                dir.path().display()
+            )
+        );
+        // A FIFO neither hangs vmctl nor is passed.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        assert_eq!(
+            open(&fifo, None),
+            format!(
+                "cannot open the kernel {}: not a regular file",
+                fifo.display()
+            )
+        );
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use zbus::{
-    Connection, OwnedFd, OwnedObjectPath, OwnedVariant, Variant, fdo::PropertiesProxy,
+    Connection, Fd, OwnedFd, OwnedObjectPath, OwnedVariant, Variant, fdo::PropertiesProxy,
     names::InterfaceName, proxy, proxy::CacheProperties,
 };
 
@@ -22,12 +22,24 @@ pub const VM_INTERFACE: &str = "org.vmd.vmd1.VM";
     default_path = "/org/vmd/vmd1"
 )]
 pub trait Manager {
-    /// Defines a VM; `config` keys: Kernel s, Initrd s, Cmdline s, VCPUs u, MemoryBytes t.
+    /// Defines a VM; `config` keys: Kernel s, Initrd s, Cmdline s, VCPUs u, MemoryBytes t. The
+    /// daemon opens the Kernel and Initrd paths itself, which it does only for root (or holders
+    /// of org.vmd.vmd1.host-files).
     #[zbus(name = "CreateVM", allow_interactive_auth)]
     fn create_vm(
         &self,
         name: &str,
         config: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    /// Defines a VM from files the caller opened itself: `config` as for CreateVM but without
+    /// Kernel and Initrd; `files` maps `kernel` (required) and `initrd` to read-only fds.
+    #[zbus(name = "CreateVMWithFiles", allow_interactive_auth)]
+    fn create_vm_with_files(
+        &self,
+        name: &str,
+        config: HashMap<&str, Variant<'_>>,
+        files: HashMap<&str, Fd<'_>>,
     ) -> zbus::Result<OwnedObjectPath>;
 
     /// The object path of the VM called `name`.
