@@ -1058,6 +1058,51 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         stderr_of(&refused)
     );
     // Someone else's VM: bob may not touch it, until his group may manage VMs.
+    for method in [
+        "Start",
+        "Shutdown",
+        "Kill",
+        "Pause",
+        "Resume",
+        "Remove",
+        "OpenConsole",
+    ] {
+        let refused = as_user(
+            &vmd,
+            "bob",
+            &[
+                "busctl",
+                "call",
+                "org.vmd.vmd1",
+                "/org/vmd/vmd1/vm/a1",
+                "org.vmd.vmd1.VM",
+                method,
+            ],
+        );
+        assert!(!refused.status.success(), "bob may {method} alice's VM");
+        assert!(
+            stderr_of(&refused).contains("org.vmd.vmd1.manage"),
+            "{method}: {}",
+            stderr_of(&refused)
+        );
+    }
+    let refused = as_user(
+        &vmd,
+        "bob",
+        &[
+            "busctl",
+            "set-property",
+            "org.vmd.vmd1",
+            "/org/vmd/vmd1/vm/a1",
+            "org.vmd.vmd1.VM",
+            "Autostart",
+            "b",
+            "true",
+        ],
+    );
+    assert!(!refused.status.success());
+    assert_eq!(vmd.property("a1", "Autostart"), "false");
+    assert_eq!(vmd.property("a1", "State"), "stopped");
     let refused = as_user(&vmd, "bob", &["vmctl", "start", "a1"]);
     assert!(!refused.status.success());
     assert!(
