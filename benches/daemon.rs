@@ -11,7 +11,7 @@ mod systemd_box;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use systemd_box::{BoxOptions, SystemdBox};
@@ -40,18 +40,18 @@ fn main() {
         println!("daemon benchmark skipped: cannot boot a private systemd here: {reason}");
         return;
     }
-    let seed = tempfile::tempdir().expect("seed");
-    let deb = build_package(seed.path());
-    for (from, to) in [
-        (deb, DEB),
-        (PathBuf::from(env!("VMD_TESTGUEST_ELF")), GUEST),
-    ] {
-        let target = seed.path().join("root").join(to.trim_start_matches('/'));
-        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(&from, &target).expect("copy");
-    }
+    let packages = tempfile::tempdir().expect("tempdir");
+    let deb = systemd_box::vmd::build_package(
+        Path::new(env!("CARGO_BIN_EXE_vmd")),
+        Path::new(env!("CARGO_BIN_EXE_vmctl")),
+        packages.path(),
+    )
+    .expect("build the package");
+    let seed =
+        systemd_box::vmd::seed_with(&[(&deb, DEB), (Path::new(env!("VMD_TESTGUEST_ELF")), GUEST)])
+            .expect("seed");
     let systemd = SystemdBox::boot(BoxOptions {
-        seed: vec![seed.path().join("root")],
+        seed: vec![seed.path().to_path_buf()],
         ..Default::default()
     })
     .expect("boot");
@@ -179,27 +179,4 @@ fn daemon_rss_kib(systemd: &SystemdBox) -> u64 {
 fn median<T: Copy + Ord>(values: &mut [T]) -> T {
     values.sort();
     values[values.len() / 2]
-}
-
-fn build_package(out: &Path) -> PathBuf {
-    let output = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/packaging/build-deb.sh"
-    ))
-    .args([
-        "--vmd",
-        env!("CARGO_BIN_EXE_vmd"),
-        "--vmctl",
-        env!("CARGO_BIN_EXE_vmctl"),
-        "--out",
-    ])
-    .arg(out)
-    .output()
-    .expect("build-deb.sh");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }

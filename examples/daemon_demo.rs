@@ -9,8 +9,7 @@
 mod systemd_box;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -38,16 +37,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let seed = tempfile::tempdir()?;
-    let deb = build_package(&vmd, &vmctl, seed.path())?;
-    for (from, to) in [(deb, DEB), (guest, GUEST)] {
-        let target = seed.path().join("root").join(to.trim_start_matches('/'));
-        std::fs::create_dir_all(target.parent().context("parent")?)?;
-        std::fs::copy(&from, &target).with_context(|| format!("copy {}", from.display()))?;
-    }
+    let packages = tempfile::tempdir()?;
+    let deb = systemd_box::vmd::build_package(&vmd, &vmctl, packages.path())
+        .map_err(anyhow::Error::msg)?;
+    let seed = systemd_box::vmd::seed_with(&[(&deb, DEB), (&guest, GUEST)])?;
     println!("==> booting a private systemd with its own system bus");
     let systemd = SystemdBox::boot(BoxOptions {
-        seed: vec![seed.path().join("root")],
+        seed: vec![seed.path().to_path_buf()],
         ..Default::default()
     })
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -108,26 +104,4 @@ fn main() -> anyhow::Result<()> {
     systemd.stop().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     println!("==> done: the private systemd is gone and the host is unchanged");
     Ok(())
-}
-
-fn build_package(vmd: &Path, vmctl: &Path, out: &Path) -> anyhow::Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/build-deb.sh");
-    let output = Command::new(script)
-        .arg("--vmd")
-        .arg(vmd)
-        .arg("--vmctl")
-        .arg(vmctl)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .context("run packaging/build-deb.sh")?;
-    if !output.status.success() {
-        bail!(
-            "build-deb.sh failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&output.stdout).trim(),
-    ))
 }

@@ -8,7 +8,7 @@ mod common;
 #[path = "systemd_box/mod.rs"]
 mod systemd_box;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -27,26 +27,12 @@ fn package() -> &'static PathBuf {
     DEB_PATH.get_or_init(|| {
         let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("daemon-test-deb");
         let _ = std::fs::remove_dir_all(&out);
-        let output = std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/packaging/build-deb.sh"
-        ))
-        .args([
-            "--vmd",
-            env!("CARGO_BIN_EXE_vmd"),
-            "--vmctl",
-            env!("CARGO_BIN_EXE_vmctl"),
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .expect("run build-deb.sh");
-        assert!(
-            output.status.success(),
-            "build-deb.sh failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+        systemd_box::vmd::build_package(
+            Path::new(env!("CARGO_BIN_EXE_vmd")),
+            Path::new(env!("CARGO_BIN_EXE_vmctl")),
+            &out,
+        )
+        .expect("build the package")
     })
 }
 
@@ -63,15 +49,11 @@ impl Vmd {
             eprintln!("SKIPPED: cannot boot a private systemd here: {reason}");
             return None;
         }
-        let seed = tempfile::tempdir().expect("seed dir");
-        for (from, to) in [
-            (package().clone(), DEB),
-            (PathBuf::from(env!("VMD_TESTGUEST_ELF")), GUEST),
-        ] {
-            let target = seed.path().join(to.trim_start_matches('/'));
-            std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
-            std::fs::copy(&from, &target).expect("copy into seed");
-        }
+        let seed = systemd_box::vmd::seed_with(&[
+            (package(), DEB),
+            (Path::new(env!("VMD_TESTGUEST_ELF")), GUEST),
+        ])
+        .expect("seed dir");
         let systemd = SystemdBox::boot(BoxOptions {
             seed: vec![seed.path().to_path_buf()],
             ..Default::default()

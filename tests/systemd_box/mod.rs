@@ -69,6 +69,7 @@
 mod exec;
 mod host;
 mod state;
+pub mod vmd;
 
 use std::ffi::CString;
 use std::fmt;
