@@ -635,7 +635,21 @@ fn definitions_persist_and_autostart_with_the_daemon() {
             .contains("autostart = false")
     );
 
+    // A VM that runs (paused) across the restart: the new daemon adopts it from the fd store.
+    vmd.create("runner", "spin", &[]);
+    vmd.call("runner", "Start");
+    vmd.call("runner", "Pause");
+    let runner_pid = vmd.property("runner", "LeaderPID");
+
     vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    assert_eq!(vmd.property("runner", "LeaderPID"), runner_pid);
+    assert_eq!(vmd.property("runner", "State"), "paused");
+    assert_eq!(vmd.property("runner", "Unit"), "vmd-runner.scope");
+    vmd.call("runner", "Resume");
+    assert_eq!(vmd.property("runner", "State"), "running");
+    vmd.call("runner", "Shutdown");
+    vmd.wait_state("runner", "stopped", LIMIT);
+    assert_eq!(vmd.property("runner", "FailureReason"), "");
     // Reloaded: the stored and the administrator's VMs; the transient one is gone.
     let listed = vmd.ok(&[
         "busctl",
@@ -645,7 +659,7 @@ fn definitions_persist_and_autostart_with_the_daemon() {
         "org.vmd.vmd1.Manager",
         "ListVMs",
     ]);
-    assert!(listed.starts_with("a(sso) 3 "), "{listed}");
+    assert!(listed.starts_with("a(sso) 4 "), "{listed}");
     assert!(!listed.contains("passing"));
     vmd.wait_state("keeper", "running", LIMIT);
     vmd.wait_state("admin", "running", LIMIT);

@@ -20,6 +20,7 @@ pub mod scope;
 pub mod store;
 pub mod vm;
 
+use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,8 +55,8 @@ pub struct DaemonOptions {
 
 /// Runs the daemon until SIGTERM; returns the exit status.
 pub fn main(options: DaemonOptions) -> i32 {
-    // Socket activation: take the fds while the process is still single-threaded.
-    let listeners = take_activation_sockets();
+    // Socket activation and stored VMs: take the fds while the process is single-threaded.
+    let activation = take_activation_fds();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,7 +68,7 @@ pub fn main(options: DaemonOptions) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(run(options, listeners)) {
+    match runtime.block_on(run(options, activation)) {
         Ok(()) => 0,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -79,34 +80,62 @@ pub fn main(options: DaemonOptions) -> i32 {
 /// The name vmd.socket gives its listening socket (FileDescriptorName=).
 const SOCKET_FD_NAME: &str = "vmd";
 
-/// Listening sockets passed by systemd (vmd.socket), if any; other passed fds are closed.
-fn take_activation_sockets() -> Vec<std::os::unix::net::UnixListener> {
-    let Ok(fds) = sd_notify::listen_fds_with_names() else {
-        return Vec::new();
-    };
-    fds.filter_map(|(fd, name): (RawFd, String)| {
-        // SAFETY: systemd passed this fd for us to own (LISTEN_PID matched).
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        if name != SOCKET_FD_NAME {
-            tracing::warn!("ignoring passed fd {fd} named {name:?}");
-            return None;
-        }
-        let listener = std::os::unix::net::UnixListener::from(owned);
-        match listener.set_nonblocking(true) {
-            Ok(()) => Some(listener),
-            Err(err) => {
-                tracing::warn!("ignoring passed fd {fd}: {err}");
-                None
-            }
-        }
-    })
-    .collect()
+/// What systemd passed at start: vmd.socket's listener, and the fds of running VMs a previous
+/// daemon kept in the fd store.
+#[derive(Default)]
+struct Activation {
+    listeners: Vec<std::os::unix::net::UnixListener>,
+    /// VM name → (control socket, helper pidfd).
+    stored_vms: BTreeMap<String, (Option<OwnedFd>, Option<OwnedFd>)>,
 }
 
-async fn run(
-    options: DaemonOptions,
-    listeners: Vec<std::os::unix::net::UnixListener>,
-) -> anyhow::Result<()> {
+fn take_activation_fds() -> Activation {
+    let mut activation = Activation::default();
+    let Ok(fds) = sd_notify::listen_fds_with_names() else {
+        return activation;
+    };
+    for (fd, name) in fds {
+        let fd: RawFd = fd;
+        // SAFETY: systemd passed this fd for us to own (LISTEN_PID matched).
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if name == SOCKET_FD_NAME {
+            activation
+                .listeners
+                .push(std::os::unix::net::UnixListener::from(owned));
+        } else if let Some(vm) = name.strip_prefix("vmctl-") {
+            activation.stored_vms.entry(vm.to_string()).or_default().0 = Some(owned);
+        } else if let Some(vm) = name.strip_prefix("vmpid-") {
+            activation.stored_vms.entry(vm.to_string()).or_default().1 = Some(owned);
+        } else {
+            tracing::warn!("ignoring passed fd {fd} named {name:?}");
+        }
+    }
+    activation
+}
+
+/// Takes over the VMs whose helpers outlived the previous daemon.
+fn adopt_stored_vms(
+    manager: &Arc<Manager>,
+    stored: BTreeMap<String, (Option<OwnedFd>, Option<OwnedFd>)>,
+) {
+    for (name, fds) in stored {
+        let adopted = match (manager.get(&name), fds) {
+            (Ok(vm), (Some(control), Some(pidfd))) => vm.adopt(manager, control, pidfd),
+            (Err(_), _) => Err("it has no definition any more".to_string()),
+            (Ok(_), _) => Err("the fd store holds only part of it".to_string()),
+        };
+        match adopted {
+            Ok(()) => tracing::info!("adopted the running VM {name}"),
+            Err(reason) => {
+                // Dropping its control socket makes the helper power the guest off.
+                tracing::warn!("cannot adopt VM {name}: {reason}; letting it shut down");
+                notify::forget_vm_fds(&name);
+            }
+        }
+    }
+}
+
+async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<()> {
     let launcher = Launcher::current_executable().context("cannot open the vmd executable")?;
     let bus = zbus::connection::Builder::system()
         .build()
@@ -118,6 +147,7 @@ async fn run(
     let store = Store::new(options.config_dir.clone(), options.state_dir.clone());
     let manager = Manager::new(bus.clone(), store, launcher);
     manager.load_definitions().await;
+    adopt_stored_vms(&manager, activation.stored_vms);
     manager
         .serve_on(bus.clone())
         .await
@@ -125,7 +155,7 @@ async fn run(
     bus.request_name(BUS_NAME)
         .await
         .with_context(|| format!("cannot own {BUS_NAME} on the system bus"))?;
-    for listener in listeners {
+    for listener in activation.listeners {
         tokio::spawn(serve_peers(manager.clone(), listener));
     }
     notify::ready(&manager);
@@ -152,7 +182,11 @@ async fn run(
 
 /// Accepts peer-to-peer D-Bus clients on vmd.sock.
 async fn serve_peers(manager: Arc<Manager>, listener: std::os::unix::net::UnixListener) {
-    let listener = match tokio::net::UnixListener::from_std(listener) {
+    // systemd may pass the socket in blocking mode; the runtime needs it non-blocking.
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+    {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!("cannot use the activation socket: {err}");

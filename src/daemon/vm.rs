@@ -2,7 +2,7 @@
 //! task that runs a helper for it (and a fresh one after each guest reboot).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -225,7 +225,7 @@ impl Vm {
             self,
             vec![Property::State, Property::FailureReason, Property::Restarts],
         );
-        tokio::spawn(supervise(manager.clone(), self.clone()));
+        tokio::spawn(supervise(manager.clone(), self.clone(), None));
         let state = self
             .wait_for_state(CREATE_TIMEOUT * 2, |s| s != VmState::Starting)
             .await;
@@ -300,6 +300,44 @@ impl Vm {
         Ok(())
     }
 
+    /// Takes over a helper that a previous daemon started (its control socket and pidfd come
+    /// back from systemd's fd store).
+    pub fn adopt(
+        self: &Arc<Self>,
+        manager: &Arc<Manager>,
+        control: OwnedFd,
+        pidfd: OwnedFd,
+    ) -> Result<(), String> {
+        let pid = pid_of(&pidfd).ok_or("its helper has already exited")?;
+        if self.state().is_active() {
+            return Err(format!(
+                "VM {} is already {}",
+                self.name,
+                self.state().as_str()
+            ));
+        }
+        let helper = Helper {
+            control: Arc::new(ControlChannel::from_fd(control)),
+            pidfd: Arc::new(pidfd),
+            pid: nix::unistd::Pid::from_raw(pid),
+            child: false,
+        };
+        {
+            let mut runtime = self.runtime();
+            runtime.control = Some(helper.control.clone());
+            runtime.pidfd = Some(helper.pidfd.clone());
+            runtime.leader_pid = pid as u32;
+            runtime.unit = scope::unit_name(&self.name);
+        }
+        self.state.send_replace(VmState::Running);
+        manager.announce(
+            self,
+            vec![Property::State, Property::LeaderPid, Property::Unit],
+        );
+        tokio::spawn(supervise(manager.clone(), self.clone(), Some(helper)));
+        Ok(())
+    }
+
     pub fn kill(&self) -> Result<(), LifecycleError> {
         if !self.state().is_active() {
             return Err(self.invalid("Kill", "starting, running, paused or stopping"));
@@ -313,6 +351,15 @@ impl Vm {
         send_signal(&pidfd, libc::SIGKILL)
             .map_err(|e| LifecycleError::Failed(format!("cannot kill the VM's helper: {e}")))
     }
+}
+
+/// The pid behind a pidfd (`Pid:` in its fdinfo; -1 once the process is gone).
+fn pid_of(pidfd: &OwnedFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("Pid:"))
+        .and_then(|pid| pid.trim().parse().ok())
+        .filter(|&pid: &i32| pid > 0)
 }
 
 fn send_signal(pidfd: &OwnedFd, signal: i32) -> nix::Result<()> {
@@ -344,11 +391,20 @@ enum HelperOutcome {
 
 /// Runs helpers for `vm` until it stops or fails: a reboot means a fresh helper, unless the
 /// guest reboots too quickly too often.
-async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>) {
+async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helper>) {
     let mut quick_restarts = 0;
     loop {
         let started = Instant::now();
-        let outcome = run_helper(&manager, &vm).await;
+        let outcome = match adopted.take() {
+            Some(helper) => {
+                let events = read_events(helper.control.clone());
+                // The VM may be paused: ask (an older helper may not know the question).
+                let _ = helper.control.send_request(&Request::Query);
+                follow_helper(&manager, &vm, &helper, events, true).await
+            }
+            None => run_helper(&manager, &vm).await,
+        };
+        notify::forget_vm_fds(&vm.name);
         tracing::info!("VM {}: helper ended: {outcome:?}", vm.name);
         {
             let mut runtime = vm.runtime();
@@ -400,13 +456,13 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>) {
 /// Launches one helper, puts it in its scope, configures it and follows it until it exits.
 async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     let definition = vm.definition();
-    let helper = match launch(manager, vm, &definition) {
-        Ok(helper) => helper,
+    let launched = match launch(manager, vm, &definition) {
+        Ok(launched) => launched,
         Err(reason) => return HelperOutcome::Failed(reason),
     };
-    let control = Arc::new(helper.control);
-    let pidfd = Arc::new(helper.pidfd);
-    let pid = helper.pid;
+    let control = Arc::new(launched.control);
+    let pidfd = Arc::new(launched.pidfd);
+    let pid = launched.pid;
     {
         let mut runtime = vm.runtime();
         runtime.control = Some(control.clone());
@@ -428,7 +484,13 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
         }
         Err(err) => {
             let _ = send_signal(&pidfd, libc::SIGKILL);
-            let _ = wait_for_exit(&pidfd, pid).await;
+            let helper = Helper {
+                control,
+                pidfd,
+                pid,
+                child: true,
+            };
+            let _ = wait_for_exit(&helper).await;
             return HelperOutcome::Failed(format!(
                 "cannot create the VM's scope: {}",
                 error_chain(&err)
@@ -437,74 +499,112 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     }
 
     // The helper is in its scope: now it may build and run the guest.
-    let mut events = read_events(control.clone());
-    if let Err(err) = control.send_request(&Request::Start {
+    let events = read_events(control.clone());
+    let helper = Helper {
+        control,
+        pidfd,
+        pid,
+        child: true,
+    };
+    if let Err(err) = helper.control.send_request(&Request::Start {
         config: definition.vm_config(),
     }) {
-        let _ = send_signal(&pidfd, libc::SIGKILL);
-        let _ = wait_for_exit(&pidfd, pid).await;
+        let _ = send_signal(&helper.pidfd, libc::SIGKILL);
+        let _ = wait_for_exit(&helper).await;
         return HelperOutcome::Failed(format!(
             "cannot configure the helper: {}",
             error_chain(&err)
         ));
     }
+    follow_helper(manager, vm, &helper, events, false).await
+}
 
-    let exit = wait_for_exit(&pidfd, pid);
+/// A helper being followed: launched by this daemon (`child`), or adopted from the fd store
+/// after a daemon restart (then its exit status is not ours to read).
+struct Helper {
+    control: Arc<ControlChannel>,
+    pidfd: Arc<OwnedFd>,
+    pid: nix::unistd::Pid,
+    child: bool,
+}
+
+/// Follows a helper's events until it exits; says how it ended.
+async fn follow_helper(
+    manager: &Arc<Manager>,
+    vm: &Arc<Vm>,
+    helper: &Helper,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    mut created: bool,
+) -> HelperOutcome {
+    let exit = wait_for_exit(helper);
     tokio::pin!(exit);
-    let mut last_error = None;
-    let mut created = false;
+    let mut last = LastWords::default();
     let create_deadline = tokio::time::sleep(CREATE_TIMEOUT);
     tokio::pin!(create_deadline);
     let status = loop {
         tokio::select! {
             status = &mut exit => break status,
             event = events.recv() => match event {
-                Some(event) => {
-                    handle_event(manager, vm, event, &mut created, &mut last_error).await;
-                }
+                Some(event) => handle_event(manager, vm, helper, event, &mut created, &mut last).await,
                 // The helper closed its end; its exit follows.
                 None => break (&mut exit).await,
             },
             () = &mut create_deadline, if !created => {
-                let _ = send_signal(&pidfd, libc::SIGKILL);
-                last_error = Some(format!("the helper did not create the VM within {CREATE_TIMEOUT:?}"));
+                let _ = send_signal(&helper.pidfd, libc::SIGKILL);
+                last.error = Some(format!("the helper did not create the VM within {CREATE_TIMEOUT:?}"));
             }
         }
     };
     // Events sent just before exit.
     while let Ok(event) = events.try_recv() {
-        handle_event(manager, vm, event, &mut created, &mut last_error).await;
+        handle_event(manager, vm, helper, event, &mut created, &mut last).await;
     }
     let stop_request = vm.runtime().stop_request;
     match status {
-        Ok(WaitStatus::Exited(_, EXIT_POWER_OFF)) => HelperOutcome::PowerOff,
-        Ok(WaitStatus::Exited(_, EXIT_REBOOT)) => HelperOutcome::Reboot,
-        Ok(WaitStatus::Exited(_, code)) => HelperOutcome::Failed(
-            last_error.unwrap_or_else(|| format!("the VM helper failed (exit status {code})")),
+        Ok(Some(WaitStatus::Exited(_, EXIT_POWER_OFF))) => HelperOutcome::PowerOff,
+        Ok(Some(WaitStatus::Exited(_, EXIT_REBOOT))) => HelperOutcome::Reboot,
+        Ok(Some(WaitStatus::Exited(_, code))) => HelperOutcome::Failed(
+            last.error.unwrap_or_else(|| format!("the VM helper failed (exit status {code})")),
         ),
-        Ok(WaitStatus::Signaled(_, signal, _)) if stop_request == Some(StopRequest::Kill) => {
-            let _ = signal;
-            HelperOutcome::Stopped
+        Ok(Some(WaitStatus::Signaled(..))) if stop_request == Some(StopRequest::Kill) => HelperOutcome::Stopped,
+        Ok(Some(WaitStatus::Signaled(_, signal, _))) => {
+            HelperOutcome::Failed(format!("the VM helper was killed by signal {}", signal.as_str()))
         }
-        Ok(WaitStatus::Signaled(_, signal, _)) => HelperOutcome::Failed(format!(
-            "the VM helper was killed by signal {}",
-            signal.as_str()
-        )),
-        Ok(other) => HelperOutcome::Failed(format!("the VM helper ended unexpectedly: {other:?}")),
+        Ok(Some(other)) => HelperOutcome::Failed(format!("the VM helper ended unexpectedly: {other:?}")),
+        // An adopted helper: what it said last is all there is to go by.
+        Ok(None) => match (last.error, last.guest, stop_request) {
+            (Some(reason), _, _) => HelperOutcome::Failed(reason),
+            (None, Some(Event::GuestPowerOff), _) => HelperOutcome::PowerOff,
+            (None, Some(Event::GuestReboot), _) => HelperOutcome::Reboot,
+            (None, _, Some(StopRequest::Kill)) => HelperOutcome::Stopped,
+            _ => HelperOutcome::Failed(
+                "the VM helper ended without saying why (it was adopted after a vmd restart, so its exit status is unknown)".into(),
+            ),
+        },
         Err(err) => HelperOutcome::Failed(format!("cannot follow the VM helper: {err}")),
     }
+}
+
+/// What a helper said before it exited.
+#[derive(Default)]
+struct LastWords {
+    error: Option<String>,
+    /// GuestPowerOff or GuestReboot.
+    guest: Option<Event>,
 }
 
 async fn handle_event(
     manager: &Arc<Manager>,
     vm: &Arc<Vm>,
+    helper: &Helper,
     event: Event,
     created: &mut bool,
-    last_error: &mut Option<String>,
+    last: &mut LastWords,
 ) {
     match event {
         Event::Created => {
             *created = true;
+            notify::store_vm_fds(&vm.name, helper.control.as_fd(), helper.pidfd.as_fd());
             let (definition, leader) = (vm.definition(), vm.leader_pid());
             if machined::available(manager.bus()).await
                 && let Err(err) =
@@ -528,10 +628,16 @@ async fn handle_event(
         }
         Event::Failed { reason } | Event::Error { reason } => {
             tracing::warn!("VM {}: {reason}", vm.name);
-            *last_error = Some(reason);
+            last.error = Some(reason);
         }
-        Event::GuestPowerOff => tracing::info!("VM {}: the guest powered off", vm.name),
-        Event::GuestReboot => tracing::info!("VM {}: the guest asked to reboot", vm.name),
+        Event::GuestPowerOff => {
+            tracing::info!("VM {}: the guest powered off", vm.name);
+            last.guest = Some(Event::GuestPowerOff);
+        }
+        Event::GuestReboot => {
+            tracing::info!("VM {}: the guest asked to reboot", vm.name);
+            last.guest = Some(Event::GuestReboot);
+        }
     }
 }
 
@@ -588,22 +694,21 @@ fn read_events(control: Arc<ControlChannel>) -> mpsc::UnboundedReceiver<Event> {
     receiver
 }
 
-/// Waits until the helper exits (its pidfd becomes readable) and reaps it.
-async fn wait_for_exit(pidfd: &Arc<OwnedFd>, pid: nix::unistd::Pid) -> nix::Result<WaitStatus> {
-    let fd = pidfd
-        .try_clone()
-        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+/// Waits until the helper exits (its pidfd becomes readable) and reaps it; `None` for an
+/// adopted helper, which is not this process's child.
+async fn wait_for_exit(helper: &Helper) -> nix::Result<Option<WaitStatus>> {
+    let io_error = |e: std::io::Error| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let fd = helper.pidfd.try_clone().map_err(io_error)?;
     // SAFETY: `fd` is an open pidfd owned by the AsyncFd for its whole life.
-    let async_fd = unsafe { AsyncFd::register(fd) }
-        .map_err(|e| nix::Error::from_raw(e.into_parts().1.raw_os_error().unwrap_or(libc::EIO)))?;
+    let async_fd = unsafe { AsyncFd::register(fd) }.map_err(|e| io_error(e.into_parts().1))?;
     loop {
-        let mut guard = async_fd
-            .readable()
-            .await
-            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG))? {
+        let mut guard = async_fd.readable().await.map_err(io_error)?;
+        if !helper.child {
+            return Ok(None);
+        }
+        match waitpid(helper.pid, Some(WaitPidFlag::WNOHANG))? {
             WaitStatus::StillAlive => guard.clear_ready(),
-            status => return Ok(status),
+            status => return Ok(Some(status)),
         }
     }
 }

@@ -250,6 +250,10 @@ impl<'a> EventLoop<'a> {
             Request::Shutdown { deadline_ms } => {
                 self.begin_shutdown(Duration::from_millis(deadline_ms));
             }
+            Request::Query => {
+                let state = self.state;
+                self.send(Event::State { state });
+            }
             Request::Start { .. } => self.send(Event::Error {
                 reason: "the VM is already started".into(),
             }),

@@ -262,6 +262,7 @@ mod tests {
             Request::Start { config: config() },
             Request::Pause,
             Request::Resume,
+            Request::Query,
             Request::Shutdown { deadline_ms: 0 },
             Request::Shutdown {
                 deadline_ms: u64::MAX,

@@ -143,6 +143,8 @@ pub enum Request {
         /// How long the guest gets to power off, in milliseconds.
         deadline_ms: u64,
     },
+    /// Report the current [`Event::State`] (a daemon that re-adopts a running helper asks).
+    Query,
 }
 
 /// Whether the VM's vCPUs are running.
