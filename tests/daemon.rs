@@ -19,6 +19,21 @@ use systemd_box::{BoxOptions, ExecOptions, SystemdBox};
 const GUEST: &str = "/var/lib/vmd-test/testguest.elf";
 const DEB: &str = "/var/cache/vmd-test/vmd.deb";
 const MANAGER: &str = "/org/vmd/vmd1";
+/// A config naming a file only root may read as the kernel.
+const SHADOW_AS_KERNEL: &[&str] = &[
+    "busctl",
+    "call",
+    "org.vmd.vmd1",
+    MANAGER,
+    "org.vmd.vmd1.Manager",
+    "CreateVM",
+    "sa{sv}",
+    "shadow",
+    "1",
+    "Kernel",
+    "s",
+    "/etc/shadow",
+];
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Builds the package once per test binary, from the binaries cargo built for this test.
@@ -952,24 +967,7 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         "{}",
         stderr_of(&refused)
     );
-    let refused = as_user(
-        &vmd,
-        "alice",
-        &[
-            "busctl",
-            "call",
-            "org.vmd.vmd1",
-            MANAGER,
-            "org.vmd.vmd1.Manager",
-            "CreateVM",
-            "sa{sv}",
-            "shadow",
-            "1",
-            "Kernel",
-            "s",
-            "/etc/shadow",
-        ],
-    );
+    let refused = as_user(&vmd, "alice", SHADOW_AS_KERNEL);
     assert!(
         stderr_of(&refused).contains("org.vmd.vmd1.create"),
         "{}",
@@ -985,24 +983,7 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         "alice",
         "org.vmd.vmd1.create",
     );
-    let refused = as_user(
-        &vmd,
-        "alice",
-        &[
-            "busctl",
-            "call",
-            "org.vmd.vmd1",
-            MANAGER,
-            "org.vmd.vmd1.Manager",
-            "CreateVM",
-            "sa{sv}",
-            "shadow",
-            "1",
-            "Kernel",
-            "s",
-            "/etc/shadow",
-        ],
-    );
+    let refused = as_user(&vmd, "alice", SHADOW_AS_KERNEL);
     assert!(
         stderr_of(&refused).contains("CreateVMWithFiles"),
         "{}",
