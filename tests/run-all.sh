@@ -24,14 +24,17 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked -- --skip a_stock_debian_kernel
-# Uncaptured, so that a host without hardware virtualization says why it skips.
-cargo test --locked --test linux_boot -- --nocapture
 cargo bench --locked --no-run
-# The main job of the README, end to end.
-cargo run --locked --example daemon_demo
 
 # The control-protocol decoder under libFuzzer for a short while (stable toolchain: -s none).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 (cd fuzz && cargo fuzz run -s none decode_control -- -max_total_time=20 -dict=decode_control.dict 2>&1 |
     tail -n 3)
+
+# The main job of the README, end to end.
+cargo run --locked --example daemon_demo
+
+# Every test; the Linux boot test last and uncaptured, so that a host without hardware
+# virtualization says why it skips.
+cargo test --all-targets --locked -- --skip a_stock_debian_kernel
+cargo test --locked --test linux_boot -- --nocapture
