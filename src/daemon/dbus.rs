@@ -140,13 +140,15 @@ impl ManagerObject {
             .map(|fd| check_passed_file("initrd", fd.as_fd()).map(|size| (fd, size)))
             .transpose()
             .map_err(invalid)?;
+        // Fails early without copying; Manager::add decides for good, under its lock.
         if self.manager.get(&name).is_ok() {
             return Err(VmdError::VMExists(format!(
                 "a VM named {name:?} exists already"
             )));
         }
         set_owner(&caller, &mut definition)?;
-        let dir = self.manager.store().files_dir(&name);
+        let uuid = definition.uuid;
+        let dir = self.manager.store().files_dir(&uuid);
         let copied = copy_passed_file("kernel", kernel.as_fd(), kernel_size, &dir.join("kernel"))
             .and_then(|kernel| {
                 definition.kernel = kernel;
@@ -161,13 +163,13 @@ impl ManagerObject {
                 definition.validate()
             });
         if let Err(err) = copied {
-            self.manager.store().remove_files(&name);
+            self.manager.store().remove_files(&uuid);
             return Err(invalid(err));
         }
         match self.manager.add(definition, Origin::Api).await {
             Ok(vm) => Ok(self.manager.object_path(&vm)),
             Err(err) => {
-                self.manager.store().remove_files(&name);
+                self.manager.store().remove_files(&uuid);
                 Err(err)
             }
         }

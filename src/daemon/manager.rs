@@ -193,7 +193,7 @@ impl Manager {
     async fn forget(&self, vm: &Arc<Vm>) {
         self.vms().remove(&vm.name);
         if vm.origin == Origin::Api {
-            self.store.remove_files(&vm.name);
+            self.store.remove_files(&vm.definition().uuid);
         }
         let path = vm_object_path(&vm.name);
         for connection in self.servers() {

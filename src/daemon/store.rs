@@ -67,14 +67,17 @@ impl Store {
         definitions
     }
 
-    /// Where copies of files passed as fds are kept for VM `name`.
-    pub fn files_dir(&self, name: &str) -> PathBuf {
-        self.state_dir.with_file_name("files").join(name)
+    /// Where copies of files passed as fds are kept for the VM with this UUID. Keyed by UUID,
+    /// not name: two concurrent creations of one name never share (or delete) a directory.
+    pub fn files_dir(&self, uuid: &uuid::Uuid) -> PathBuf {
+        self.state_dir
+            .with_file_name("files")
+            .join(uuid.to_string())
     }
 
-    /// Forgets the copied files of VM `name` (none is fine).
-    pub fn remove_files(&self, name: &str) {
-        let dir = self.files_dir(name);
+    /// Forgets the copied files of the VM with this UUID (none is fine).
+    pub fn remove_files(&self, uuid: &uuid::Uuid) {
+        let dir = self.files_dir(uuid);
         if let Err(e) = fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
