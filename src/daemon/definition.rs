@@ -217,9 +217,8 @@ impl VmDefinition {
         Ok(definition)
     }
 
-    pub fn to_toml(&self) -> String {
-        // Serializing plain fields cannot fail.
-        toml::to_string(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 }
 
@@ -339,7 +338,7 @@ mod tests {
         .expect("valid");
         assert_eq!((definition.vcpus, definition.memory_bytes), (2, 64 << 20));
         assert!(definition.autostart && !definition.transient);
-        let text = definition.to_toml();
+        let text = definition.to_toml().expect("serializes");
         assert_eq!(VmDefinition::from_toml("web-1", &text), Ok(definition));
     }
 

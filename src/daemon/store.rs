@@ -97,6 +97,10 @@ impl Store {
         let temp = self
             .state_dir
             .join(format!(".{}.toml.tmp", definition.name));
+        // Never replace a stored definition with something that failed to serialize.
+        let text = definition
+            .to_toml()
+            .map_err(|e| StoreError::Write(path.clone(), std::io::Error::other(e)))?;
         let write = || -> std::io::Result<()> {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -104,7 +108,7 @@ impl Store {
                 .truncate(true)
                 .mode(0o600)
                 .open(&temp)?;
-            file.write_all(definition.to_toml().as_bytes())?;
+            file.write_all(text.as_bytes())?;
             file.sync_all()?;
             fs::rename(&temp, &path)?;
             File::open(&self.state_dir)?.sync_all()
@@ -192,7 +196,7 @@ mod tests {
         fs::create_dir_all(root.path().join("etc")).unwrap();
         let mut admin = definition("b");
         admin.vcpus = 3;
-        fs::write(root.path().join("etc/b.toml"), admin.to_toml()).unwrap();
+        fs::write(root.path().join("etc/b.toml"), admin.to_toml().unwrap()).unwrap();
         fs::write(root.path().join("etc/broken.toml"), "kernel = 3").unwrap();
         let loaded = store.load_all();
         let names: Vec<_> = loaded
