@@ -31,8 +31,10 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 (cd fuzz && cargo fuzz run -s none decode_control -- -max_total_time=20 -dict=decode_control.dict 2>&1 |
     tail -n 3)
 
-# The main job of the README, end to end.
-cargo run --locked --example daemon_demo
+# The main job of the README, end to end, exactly as the README runs it: the example packages the
+# binaries cargo built next to it, so they are built first.
+cargo build --release --locked
+cargo run --release --locked --example daemon_demo
 
 # Every test; the Linux boot test last and uncaptured, so that a host without hardware
 # virtualization says why it skips.
