@@ -1205,3 +1205,72 @@ fn random_configs_and_names_never_create_anything_or_hurt_the_daemon() {
     );
     assert_eq!(vmd.ok(&["ls", "-A", "/var/lib/vmd/vms"]).trim(), "");
 }
+
+#[test]
+fn an_owner_starts_a_vm_with_only_their_own_rights_over_its_paths() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&["useradd", "-m", "carol"]);
+    vmd.ok(&["install", "-d", "-o", "carol", "/home/carol/vm"]);
+    vmd.ok(&[
+        "install",
+        "-o",
+        "carol",
+        "-m",
+        "0644",
+        GUEST,
+        "/home/carol/vm/kernel",
+    ]);
+    // Root defines the VM for carol, with a kernel in a directory she can write to.
+    vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "CreateVM",
+        "sa{sv}",
+        "c1",
+        "4",
+        "Kernel",
+        "s",
+        "/home/carol/vm/kernel",
+        "Cmdline",
+        "s",
+        "testguest=spin",
+        "MemoryBytes",
+        "t",
+        "67108864",
+        "Owner",
+        "s",
+        "carol",
+    ]);
+    let started = as_user(&vmd, "carol", &["vmctl", "start", "c1"]);
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    assert_eq!(vmd.property("c1", "State"), "running");
+    vmd.ok(&["vmctl", "stop", "-w", "c1"]);
+
+    // She swaps the kernel for a link to a file only root may read: starting it now must not
+    // hand that file to her guest.
+    let swapped = as_user(
+        &vmd,
+        "carol",
+        &["ln", "-sfn", "/etc/shadow", "/home/carol/vm/kernel"],
+    );
+    assert!(swapped.status.success(), "{}", stderr_of(&swapped));
+    let refused = as_user(&vmd, "carol", &["vmctl", "start", "c1"]);
+    assert!(!refused.status.success(), "the swapped kernel was opened");
+    let carol_uid = vmd.ok(&["id", "-u", "carol"]);
+    let reason = vmd.property("c1", "FailureReason");
+    assert!(
+        reason.contains("/home/carol/vm/kernel")
+            && reason.contains(&format!("as uid {}", carol_uid.trim()))
+            && reason.contains("Permission denied"),
+        "{reason}"
+    );
+    assert_eq!(vmd.property("c1", "State"), "failed");
+    assert_eq!(vmd.property("c1", "LeaderPID"), "0");
+    // Root answers for its own starts: the daemon opens the path, and the guest (no ELF) fails.
+    assert!(!vmd.run(&["vmctl", "start", "c1"]).status.success());
+    let reason = vmd.property("c1", "FailureReason");
+    assert!(!reason.contains("as uid"), "{reason}");
+}

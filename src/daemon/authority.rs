@@ -55,6 +55,15 @@ impl Caller {
     pub fn is_root(&self) -> bool {
         self.uid == 0
     }
+
+    /// The same caller, for a question polkit must answer without asking anyone (a check the
+    /// caller did not ask for should never pop up a password dialog).
+    pub fn without_interaction(&self) -> Caller {
+        Caller {
+            interactive: false,
+            ..self.clone()
+        }
+    }
 }
 
 fn unknown_caller(why: impl std::fmt::Display) -> VmdError {
@@ -169,7 +178,8 @@ fn subject_of(
         }
         Subject::Process { pid } => {
             fields.insert("pid", OwnedVariant::try_from(Variant::from(*pid))?);
-            // 0: polkit reads the start time itself.
+            // 0: polkit reads the start time itself. vmd cannot: ProtectProc=invisible hides
+            // other users' processes from it, which is worth more than a second look here.
             fields.insert("start-time", OwnedVariant::try_from(Variant::from(0u64))?);
             fields.insert(
                 "uid",

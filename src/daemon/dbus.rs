@@ -13,6 +13,7 @@ use super::authority::{self, Action, Caller};
 use super::definition::{DefinitionError, VmDefinition};
 use super::errors::VmdError;
 use super::files::{check_passed_file, copy_passed_file};
+use super::host_files::{Rights, UserRights};
 use super::manager::Manager;
 use super::store::Origin;
 use super::vm::{LifecycleError, Property, Vm};
@@ -228,10 +229,10 @@ impl VmObject {
         header: &Header<'_>,
         connection: &Connection,
         owner_may: bool,
-    ) -> Result<(), VmdError> {
+    ) -> Result<Caller, VmdError> {
         let caller = authority::identify(header, connection).await?;
         if owner_may && self.vm.definition().owned_by(caller.uid, &caller.groups) {
-            return Ok(());
+            return Ok(caller);
         }
         authority::authorize(
             self.manager.bus(),
@@ -239,7 +240,27 @@ impl VmObject {
             Action::Manage,
             Some(&self.vm.name),
         )
+        .await?;
+        Ok(caller)
+    }
+
+    /// With whose rights a start by `caller` opens the VM's host paths: the daemon's for root
+    /// and holders of org.vmd.vmd1.host-files, the caller's own otherwise (no confused deputy:
+    /// a path may have been swapped for a symlink since the VM was defined).
+    async fn file_rights(&self, caller: &Caller) -> Rights {
+        let may_use_host_files = authority::authorize(
+            self.manager.bus(),
+            &caller.without_interaction(),
+            Action::HostFiles,
+            Some(&self.vm.name),
+        )
         .await
+        .is_ok();
+        if may_use_host_files {
+            Rights::Daemon
+        } else {
+            Rights::User(UserRights::of_caller(caller))
+        }
     }
 }
 
@@ -250,8 +271,9 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(self.vm.start(&self.manager).await?)
+        let caller = self.permit(&header, connection, true).await?;
+        let rights = self.file_rights(&caller).await;
+        Ok(self.vm.start(&self.manager, rights).await?)
     }
 
     async fn shutdown(

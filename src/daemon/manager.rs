@@ -13,6 +13,7 @@ use zbus::{Connection, OwnedObjectPath};
 use super::dbus::{MANAGER_PATH, ManagerObject, VmObject, vm_object_path};
 use super::definition::VmDefinition;
 use super::errors::VmdError;
+use super::host_files::Rights;
 use super::notify;
 use super::store::{Origin, Store};
 use super::vm::{Change, Property, Vm, VmState};
@@ -266,7 +267,8 @@ impl Manager {
                 let (vm, manager) = (vm.clone(), self.clone());
                 tokio::spawn(async move {
                     tracing::info!("autostarting VM {}", vm.name);
-                    if let Err(err) = vm.start(&manager).await {
+                    let rights = Rights::unattended(&vm.definition());
+                    if let Err(err) = vm.start(&manager, rights).await {
                         tracing::warn!("cannot autostart VM {}: {err}", vm.name);
                     }
                 })

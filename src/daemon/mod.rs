@@ -5,6 +5,8 @@
 //! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor;
 //! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
 //! - [`definition`] and [`store`] are VM definitions and their TOML files;
+//! - [`authority`] decides who may do what; [`files`] checks and copies callers' fds, and
+//!   [`host_files`] opens definitions' paths with the rights of whoever starts the VM;
 //! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
 
 pub mod authority;
@@ -13,6 +15,7 @@ pub mod dbus;
 pub mod definition;
 pub mod errors;
 pub mod files;
+pub mod host_files;
 pub mod machined;
 pub mod manager;
 pub mod notify;

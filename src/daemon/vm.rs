@@ -1,7 +1,7 @@
 //! One VM as the daemon sees it: its definition, its state, its console, and the supervisor
 //! task that runs a helper for it (and a fresh one after each guest reboot).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::console::Console;
 use super::definition::VmDefinition;
+use super::host_files::{self, Rights};
 use super::manager::Manager;
 use super::scope::{self, ScopeRequest};
 use super::store::Origin;
@@ -97,6 +98,9 @@ struct Runtime {
     control: Option<Arc<ControlChannel>>,
     pidfd: Option<Arc<OwnedFd>>,
     stop_request: Option<StopRequest>,
+    /// With whose rights the host paths are opened, for this start and its reboots; `None`
+    /// when nobody started it just now (an adopted helper's reboot): see `Rights::unattended`.
+    file_rights: Option<Rights>,
 }
 
 pub struct Vm {
@@ -205,8 +209,13 @@ impl Vm {
         self.state()
     }
 
-    /// Starts the VM and returns once it runs (or failed to start).
-    pub async fn start(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
+    /// Starts the VM and returns once it runs (or failed to start). Its host paths are opened
+    /// with `file_rights`.
+    pub async fn start(
+        self: &Arc<Self>,
+        manager: &Arc<Manager>,
+        file_rights: Rights,
+    ) -> Result<(), LifecycleError> {
         {
             // Check and claim under one lock, so two Start calls cannot both launch.
             let _guard = self.runtime();
@@ -220,6 +229,7 @@ impl Vm {
             runtime.failure_reason.clear();
             runtime.restarts = 0;
             runtime.stop_request = None;
+            runtime.file_rights = Some(file_rights);
         }
         manager.announce(
             self,
@@ -648,8 +658,22 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
         .write(true)
         .open("/dev/kvm")
         .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    // The daemon's own copies of passed fds are its to open; host paths are opened with the
+    // rights of whoever answers for this start.
+    let file_rights = vm
+        .runtime()
+        .file_rights
+        .clone()
+        .unwrap_or_else(|| Rights::unattended(definition));
+    let copies = manager.store().files_dir(&definition.uuid);
     let open = |what: &str, path: &std::path::Path| {
-        File::open(path).map_err(|e| format!("cannot open the {what} {}: {e}", path.display()))
+        let rights = if is_within(path, &copies) {
+            &Rights::Daemon
+        } else {
+            &file_rights
+        };
+        host_files::open_regular(path, rights)
+            .map_err(|e| format!("cannot open the {what} {}: {e}", path.display()))
     };
     let mut fds: Vec<(String, OwnedFd)> = vec![
         ("kvm".into(), kvm.into()),
@@ -667,6 +691,14 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
             args: vec!["vm".into(), "--name".into(), vm.name.clone()],
         })
         .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))
+}
+
+/// `path` is inside `dir`, with no `..` to climb out again.
+fn is_within(path: &std::path::Path, dir: &std::path::Path) -> bool {
+    path.starts_with(dir)
+        && !path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
 }
 
 /// Forwards the helper's events from a blocking reader thread (the control socket is a
