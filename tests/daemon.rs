@@ -655,8 +655,39 @@ fn definitions_persist_and_autostart_with_the_daemon() {
     vmd.call("runner", "Start");
     vmd.call("runner", "Pause");
     let runner_pid = vmd.property("runner", "LeaderPID");
+    // A running transient VM has no file: its definition rides along in the fd store.
+    vmd.create("ephemeral", "spin", &["Transient", "b", "true"]);
+    vmd.call("ephemeral", "Start");
+    let ephemeral_pid = vmd.property("ephemeral", "LeaderPID");
+    let ephemeral_uuid = vmd.property("ephemeral", "UUID");
 
     vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    assert_eq!(vmd.property("ephemeral", "LeaderPID"), ephemeral_pid);
+    assert_eq!(vmd.property("ephemeral", "UUID"), ephemeral_uuid);
+    assert_eq!(vmd.property("ephemeral", "State"), "running");
+    assert!(!vmd.ok(&["ls", "/var/lib/vmd/vms"]).contains("ephemeral"));
+    vmd.call("ephemeral", "Shutdown");
+    let start = Instant::now();
+    while vmd
+        .run(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "GetVM",
+            "s",
+            "ephemeral",
+        ])
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < LIMIT,
+            "the adopted transient VM outlived its guest"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(vmd.property("runner", "LeaderPID"), runner_pid);
     assert_eq!(vmd.property("runner", "State"), "paused");
     assert_eq!(vmd.property("runner", "Unit"), "vmd-runner.scope");

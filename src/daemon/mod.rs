@@ -88,8 +88,17 @@ const SOCKET_FD_NAME: &str = "vmd";
 #[derive(Default)]
 struct Activation {
     listeners: Vec<std::os::unix::net::UnixListener>,
-    /// VM name → (control socket, helper pidfd).
-    stored_vms: BTreeMap<String, (Option<OwnedFd>, Option<OwnedFd>)>,
+    /// VM name → what the fd store kept of it.
+    stored_vms: BTreeMap<String, StoredVm>,
+}
+
+/// A running VM's fds from the fd store (notify::store_vm_fds).
+#[derive(Default)]
+struct StoredVm {
+    control: Option<OwnedFd>,
+    pidfd: Option<OwnedFd>,
+    /// Transient VMs only: their definition, which no file holds.
+    definition: Option<OwnedFd>,
 }
 
 fn take_activation_fds() -> Activation {
@@ -106,9 +115,23 @@ fn take_activation_fds() -> Activation {
                 .listeners
                 .push(std::os::unix::net::UnixListener::from(owned));
         } else if let Some(vm) = name.strip_prefix("vmctl-") {
-            activation.stored_vms.entry(vm.to_string()).or_default().0 = Some(owned);
+            activation
+                .stored_vms
+                .entry(vm.to_string())
+                .or_default()
+                .control = Some(owned);
         } else if let Some(vm) = name.strip_prefix("vmpid-") {
-            activation.stored_vms.entry(vm.to_string()).or_default().1 = Some(owned);
+            activation
+                .stored_vms
+                .entry(vm.to_string())
+                .or_default()
+                .pidfd = Some(owned);
+        } else if let Some(vm) = name.strip_prefix("vmdef-") {
+            activation
+                .stored_vms
+                .entry(vm.to_string())
+                .or_default()
+                .definition = Some(owned);
         } else {
             tracing::warn!("ignoring passed fd {fd} named {name:?}");
         }
@@ -116,16 +139,17 @@ fn take_activation_fds() -> Activation {
     activation
 }
 
-/// Takes over the VMs whose helpers outlived the previous daemon.
-fn adopt_stored_vms(
-    manager: &Arc<Manager>,
-    stored: BTreeMap<String, (Option<OwnedFd>, Option<OwnedFd>)>,
-) {
+/// Takes over the VMs whose helpers outlived the previous daemon; transient ones are defined
+/// again from the definition they left in the fd store.
+async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, StoredVm>) {
     for (name, fds) in stored {
-        let adopted = match (manager.get(&name), fds) {
-            (Ok(vm), (Some(control), Some(pidfd))) => vm.adopt(manager, control, pidfd),
-            (Err(_), _) => Err("it has no definition any more".to_string()),
-            (Ok(_), _) => Err("the fd store holds only part of it".to_string()),
+        let adopted = match (fds.control, fds.pidfd) {
+            (Some(control), Some(pidfd)) => match vm_to_adopt(manager, &name, fds.definition).await
+            {
+                Ok(vm) => vm.adopt(manager, control, pidfd),
+                Err(reason) => Err(reason),
+            },
+            _ => Err("the fd store holds only part of it".to_string()),
         };
         match adopted {
             Ok(()) => tracing::info!("adopted the running VM {name}"),
@@ -136,6 +160,29 @@ fn adopt_stored_vms(
             }
         }
     }
+}
+
+/// The loaded VM `name`, or the transient VM defined again from `definition`.
+async fn vm_to_adopt(
+    manager: &Arc<Manager>,
+    name: &str,
+    definition: Option<OwnedFd>,
+) -> Result<Arc<vm::Vm>, String> {
+    if let Ok(vm) = manager.get(name) {
+        return Ok(vm);
+    }
+    let Some(memfd) = definition else {
+        return Err("it has no definition any more".to_string());
+    };
+    let toml = notify::read_stored_definition(memfd)
+        .map_err(|e| format!("cannot read its stored definition: {e}"))?;
+    let mut definition = definition::VmDefinition::from_toml(name, &toml)
+        .map_err(|e| format!("its stored definition is bad: {e}"))?;
+    definition.transient = true;
+    manager
+        .add(definition, store::Origin::Api)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<()> {
@@ -150,7 +197,7 @@ async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<(
     let store = Store::new(options.config_dir.clone(), options.state_dir.clone());
     let manager = Manager::new(bus.clone(), store, launcher);
     manager.load_definitions().await;
-    adopt_stored_vms(&manager, activation.stored_vms);
+    adopt_stored_vms(&manager, activation.stored_vms).await;
     manager
         .serve_on(bus.clone())
         .await

@@ -1,7 +1,8 @@
 //! What the daemon tells systemd (Type=notify): READY=1 once the bus name is owned, a STATUS=
 //! line with the VM counts, WATCHDOG=1 pings when WatchdogSec is set, STOPPING=1 on the way out.
 
-use std::os::fd::BorrowedFd;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use sd_notify::NotifyState;
 
@@ -40,27 +41,90 @@ pub fn spawn_watchdog() {
     });
 }
 
-/// fd store names of a VM's control socket and helper pidfd.
-pub fn stored_fd_names(vm_name: &str) -> (String, String) {
-    (format!("vmctl-{vm_name}"), format!("vmpid-{vm_name}"))
+/// fd store names of a VM's control socket, helper pidfd and (transient VMs only, which have no
+/// file of their own) definition.
+pub fn stored_fd_names(vm_name: &str) -> [String; 3] {
+    [
+        format!("vmctl-{vm_name}"),
+        format!("vmpid-{vm_name}"),
+        format!("vmdef-{vm_name}"),
+    ]
 }
 
 /// Keeps a running VM's control socket and helper pidfd in systemd's fd store, so a restarted
-/// daemon can adopt the VM instead of the VM losing its manager.
-pub fn store_vm_fds(vm_name: &str, control: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) {
-    let (control_name, pid_name) = stored_fd_names(vm_name);
-    for (name, fd) in [(control_name, control), (pid_name, pidfd)] {
-        let state = [NotifyState::FdStore, NotifyState::FdName(&name)];
+/// daemon can adopt the VM instead of the VM losing its manager. A transient VM's definition
+/// goes along as a sealed memfd of its TOML: nothing else remembers it.
+pub fn store_vm_fds(
+    vm_name: &str,
+    control: BorrowedFd<'_>,
+    pidfd: BorrowedFd<'_>,
+    transient_definition: Option<&str>,
+) {
+    let [control_name, pid_name, definition_name] = stored_fd_names(vm_name);
+    let definition = transient_definition.map(|toml| definition_memfd(vm_name, toml));
+    let mut stored = vec![(control_name, control, true), (pid_name, pidfd, true)];
+    match &definition {
+        Some(Ok(memfd)) => stored.push((definition_name, memfd.as_fd(), false)),
+        Some(Err(err)) => {
+            tracing::warn!("VM {vm_name}: cannot keep its definition for a daemon restart: {err}")
+        }
+        None => {}
+    }
+    for (name, fd, pollable) in stored {
+        // systemd drops a polled fd on POLLHUP (the helper gone); a memfd cannot be polled.
+        let poll = if pollable { "FDPOLL=1" } else { "FDPOLL=0" };
+        let state = [
+            NotifyState::FdStore,
+            NotifyState::FdName(&name),
+            NotifyState::Custom(poll),
+        ];
         if let Err(err) = sd_notify::notify_with_fds(&state, &[fd]) {
             tracing::warn!("cannot keep {name} in systemd's fd store: {err}");
         }
     }
 }
 
+fn definition_memfd(vm_name: &str, toml: &str) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let memfd = memfd_create(
+        format!("vmd-definition-{vm_name}").as_str(),
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(toml.as_bytes())?;
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(file.into())
+}
+
+/// Reads back a definition kept by `store_vm_fds`.
+pub fn read_stored_definition(memfd: OwnedFd) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(memfd);
+    let length = file.metadata()?.len();
+    // Definitions are a few hundred bytes; anything big is not ours.
+    if length > 64 * 1024 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{length} bytes is not a VM definition"),
+        ));
+    }
+    let mut bytes = vec![0; length as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// Drops a VM's fds from the fd store once its helper is gone.
 pub fn forget_vm_fds(vm_name: &str) {
-    let (control_name, pid_name) = stored_fd_names(vm_name);
-    for name in [control_name, pid_name] {
+    for name in stored_fd_names(vm_name) {
         let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
     }
 }

@@ -614,8 +614,17 @@ async fn handle_event(
     match event {
         Event::Created => {
             *created = true;
-            notify::store_vm_fds(&vm.name, helper.control.as_fd(), helper.pidfd.as_fd());
             let (definition, leader) = (vm.definition(), vm.leader_pid());
+            let transient_toml = definition
+                .transient
+                .then(|| definition.to_toml().ok())
+                .flatten();
+            notify::store_vm_fds(
+                &vm.name,
+                helper.control.as_fd(),
+                helper.pidfd.as_fd(),
+                transient_toml.as_deref(),
+            );
             if machined::available(manager.bus()).await
                 && let Err(err) =
                     machined::register(manager.bus(), &vm.name, definition.uuid, leader).await
