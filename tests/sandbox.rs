@@ -451,6 +451,7 @@ const KVM_CREATE_VM: u64 = 0xae01;
 const KVM_CREATE_VCPU: u64 = 0xae41;
 const KVM_RUN: u64 = 0xae80;
 const KVM_IRQ_LINE: u64 = 0x4008_ae61;
+const KVM_IRQ_LINE_STATUS: u64 = 0xc008_ae67;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_SET_REGS: u64 = 0x4090_ae82;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
@@ -601,6 +602,25 @@ fn vmm_filter_kills_other_fcntls() {
         // SAFETY: F_SETFD on fd 0 takes an integer.
         unsafe { libc::syscall(libc::SYS_fcntl, 0, libc::F_SETFD, libc::FD_CLOEXEC) }
     });
+}
+
+#[test]
+fn vmm_filter_kills_sendmsg_and_recvmsg() {
+    // The control channel is send()/recv() (sendto/recvfrom); no fd is ever passed over it.
+    // SAFETY: fd -1 is invalid and the message header pointer is null: nothing is read.
+    assert_forbidden(ThreadKind::Vmm, || unsafe {
+        libc::syscall(libc::SYS_sendmsg, -1, std::ptr::null::<libc::msghdr>(), 0)
+    });
+    // SAFETY: as above.
+    assert_forbidden(ThreadKind::Vmm, || unsafe {
+        libc::syscall(libc::SYS_recvmsg, -1, std::ptr::null::<libc::msghdr>(), 0)
+    });
+}
+
+#[test]
+fn vmm_filter_kills_kvm_irq_line_status() {
+    // Interrupts are raised with KVM_IRQ_LINE (kvm-ioctls' set_irq_line).
+    assert_forbidden(ThreadKind::Vmm, || raw_ioctl(KVM_IRQ_LINE_STATUS));
 }
 
 #[test]

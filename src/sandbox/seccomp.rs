@@ -91,13 +91,6 @@ fn build_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
 const KVM_RUN: u64 = ioctl_expr(_IOC_NONE, KVMIO, 0x80, 0);
 /// `_IOW(KVMIO, 0x61, struct kvm_irq_level)`: raise or lower a GSI (VM fd).
 const KVM_IRQ_LINE: u64 = ioctl_expr(_IOC_WRITE, KVMIO, 0x61, size_of::<kvm_irq_level>() as u32);
-/// `_IOWR(KVMIO, 0x67, struct kvm_irq_level)`: `KVM_IRQ_LINE` that reports delivery (VM fd).
-const KVM_IRQ_LINE_STATUS: u64 = ioctl_expr(
-    _IOC_READ | _IOC_WRITE,
-    KVMIO,
-    0x67,
-    size_of::<kvm_irq_level>() as u32,
-);
 /// `_IOR(KVMIO, 0x81, struct kvm_regs)`: read the general-purpose registers (vCPU fd).
 const KVM_GET_REGS: u64 = ioctl_expr(_IOC_READ, KVMIO, 0x81, size_of::<kvm_regs>() as u32);
 /// `_IOR(KVMIO, 0x83, struct kvm_sregs)`: read the segment and control registers (vCPU fd).
@@ -172,23 +165,16 @@ fn vmm_allow_list(context: &Context) -> Vec<Allow> {
         allow(libc::SYS_write),
         allow(libc::SYS_readv),
         allow(libc::SYS_writev),
-        // Control socket (SOCK_SEQPACKET): messages with fds (recvmsg/sendmsg); std's
-        // UnixStream/UnixDatagram recv and send use recvfrom and sendto.
-        allow(libc::SYS_recvmsg),
+        // Control socket (SOCK_SEQPACKET, no fds are passed over it): nix's socket::recv and
+        // socket::send are glibc recv()/send(), i.e. recvfrom and sendto.
         allow(libc::SYS_recvfrom),
-        allow(libc::SYS_sendmsg),
         allow(libc::SYS_sendto),
         // Interrupt injection on the VM fd, vCPU state for error reports.
         allow_if(
             libc::SYS_ioctl,
             When::ArgIn {
                 arg: 1,
-                values: vec![
-                    KVM_IRQ_LINE,
-                    KVM_IRQ_LINE_STATUS,
-                    KVM_GET_REGS,
-                    KVM_GET_SREGS,
-                ],
+                values: vec![KVM_IRQ_LINE, KVM_GET_REGS, KVM_GET_SREGS],
             },
         ),
         // Non-blocking mode of the console and socket fds (F_GETFL, F_SETFL; std's
@@ -371,7 +357,6 @@ mod tests {
         // Values printed by a C program including <linux/kvm.h> on x86_64.
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_IRQ_LINE, 0x4008_ae61);
-        assert_eq!(KVM_IRQ_LINE_STATUS, 0xc008_ae67);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
     }
