@@ -52,29 +52,60 @@ pub fn run_scenario(scenario: &str, extra: &[&str], limit: Duration) -> Finished
     running.wait(limit)
 }
 
+/// What a reader thread has collected so far.
+#[derive(Default)]
+struct Collected {
+    lines: Vec<String>,
+    /// The pipe reached EOF (or failed): no more lines will come.
+    ended: bool,
+}
+
 /// Lines collected from a pipe by a background thread.
 #[derive(Clone, Default)]
 pub struct Lines {
-    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+    inner: Arc<(Mutex<Collected>, Condvar)>,
+    reader: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Lines {
     pub fn collect(pipe: impl Read + Send + 'static) -> Lines {
         let lines = Lines::default();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
+            let (lock, cond) = &*sink.inner;
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
-                let (lock, cond) = &*sink.inner;
-                lock.lock().unwrap().push(line);
+                lock.lock().unwrap().lines.push(line);
                 cond.notify_all();
             }
+            lock.lock().unwrap().ended = true;
+            cond.notify_all();
         });
+        *lines.reader.lock().unwrap() = Some(reader);
         lines
     }
 
+    /// Waits for the pipe's EOF (every writer gone) and joins the reader thread; false if the
+    /// EOF has not come by `deadline`.
+    pub fn wait_for_eof(&self, deadline: Instant) -> bool {
+        let (lock, cond) = &*self.inner;
+        let mut collected = lock.lock().unwrap();
+        while !collected.ended {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            collected = cond.wait_timeout(collected, deadline - now).unwrap().0;
+        }
+        drop(collected);
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.join().expect("reader thread panicked");
+        }
+        true
+    }
+
     pub fn snapshot(&self) -> Vec<String> {
-        self.inner.0.lock().unwrap().clone()
+        self.inner.0.lock().unwrap().lines.clone()
     }
 
     pub fn text(&self) -> String {
@@ -85,18 +116,23 @@ impl Lines {
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let (lock, cond) = &*self.inner;
-        let mut lines = lock.lock().unwrap();
+        let mut collected = lock.lock().unwrap();
         loop {
-            if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+            if let Some(line) = collected.lines.iter().find(|l| l.contains(needle)) {
                 return line.clone();
             }
             let now = Instant::now();
             assert!(
-                now < deadline,
-                "no line containing {needle:?} within {timeout:?}; got:\n{}",
-                lines.join("\n")
+                now < deadline && !collected.ended,
+                "no line containing {needle:?} within {timeout:?}{}; got:\n{}",
+                if collected.ended {
+                    " (the pipe ended)"
+                } else {
+                    ""
+                },
+                collected.lines.join("\n")
             );
-            lines = cond.wait_timeout(lines, deadline - now).unwrap().0;
+            collected = cond.wait_timeout(collected, deadline - now).unwrap().0;
         }
     }
 
@@ -156,7 +192,8 @@ impl RunningVm {
         }
     }
 
-    /// Waits for the end (killing the run and failing after `limit`).
+    /// Waits for the end, including EOF on stdout and stderr, which the helper may hold after
+    /// `vmd run` itself is gone (killing the run and failing after `limit`).
     pub fn wait(mut self, limit: Duration) -> Finished {
         let deadline = Instant::now() + limit;
         let status = loop {
@@ -174,8 +211,14 @@ impl RunningVm {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(50));
+        for (name, lines) in [("stdout", &self.console), ("stderr", &self.stderr)] {
+            assert!(
+                lines.wait_for_eof(deadline),
+                "{name} of vmd run still open {limit:?} after it started\nconsole:\n{}\nstderr:\n{}",
+                self.console.text(),
+                self.stderr.text()
+            );
+        }
         Finished {
             code: status.code(),
             console: self.console.text(),
