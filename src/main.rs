@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use vmd::cli::run::RunArgs;
 use vmd::helper::HelperOptions;
+use vmd::helper::listen_fds;
 use vmd::sandbox::SandboxMode;
 
 /// vmd runs virtual machines on KVM, each in its own sandboxed helper process.
@@ -39,32 +40,45 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Run(_)) && std::env::var_os("VMD_LOG").is_none() {
-        // In the foreground the console is the point: keep the VMM's own logs (and those of
-        // the helper, which inherits this) to warnings unless asked for more.
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("VMD_LOG", "warn") };
-    }
-    let vm_name = match &cli.command {
-        Command::Vm { name, .. } => name.clone(),
-        _ => None,
-    };
-    vmd::logging::init(vm_name.as_deref());
     let code = match cli.command {
-        Command::Run(args) => vmd::cli::run::run(args),
-        Command::Daemon(options) => vmd::daemon::main(options),
         Command::Vm {
             no_sandbox,
             probe_sandbox,
-            name: _,
-        } => vmd::helper::main(HelperOptions {
-            sandbox: if no_sandbox {
-                SandboxMode::Disabled
-            } else {
-                SandboxMode::Enforce
-            },
-            probe_sandbox,
-        }),
+            name,
+        } => {
+            // The passed fds come first, before anything else here opens an fd (logging may
+            // connect to the journal): an fd number LISTEN_FDS claims but the launcher did not
+            // pass must be found closed, not taken for one of our own.
+            // SAFETY: nothing in this process has opened an fd yet (the runtime and clap open
+            // none that stay open), and no other thread exists.
+            let fds = unsafe { listen_fds::take_listen_fds() };
+            vmd::logging::init(name.as_deref());
+            vmd::helper::main(
+                fds,
+                HelperOptions {
+                    sandbox: if no_sandbox {
+                        SandboxMode::Disabled
+                    } else {
+                        SandboxMode::Enforce
+                    },
+                    probe_sandbox,
+                },
+            )
+        }
+        Command::Run(args) => {
+            if std::env::var_os("VMD_LOG").is_none() {
+                // In the foreground the console is the point: keep the VMM's own logs (and
+                // those of the helper, which inherits this) to warnings unless asked for more.
+                // SAFETY: no other thread exists yet.
+                unsafe { std::env::set_var("VMD_LOG", "warn") };
+            }
+            vmd::logging::init(None);
+            vmd::cli::run::run(args)
+        }
+        Command::Daemon(options) => {
+            vmd::logging::init(None);
+            vmd::daemon::main(options)
+        }
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

@@ -353,3 +353,48 @@ fn fd_intake_errors_exit_1_with_the_reason() {
         );
     }
 }
+
+/// Without systemd on the host, the journal socket is a datagram socket of the test's, bind
+/// mounted at /run/systemd/journal/socket in a private mount namespace.
+const WITH_A_JOURNAL: &str = r#"
+mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal &&
+    : > /run/systemd/journal/socket && mount --bind "$1" /run/systemd/journal/socket || exit 99
+exec 3<&- 4<&- 5<&-
+LISTEN_PID=$$ LISTEN_FDS=3 LISTEN_FDNAMES=control:kvm:kernel exec "$0" vm
+"#;
+
+#[test]
+fn fds_claimed_but_not_passed_are_refused_before_logging_opens_the_journal() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: a private mount namespace needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket_path = dir.path().join("journal.sock");
+    let _journal = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    // stderr is "the journal" (JOURNAL_STREAM matches it), so the helper's logging connects to
+    // the socket above, which lands on the lowest free fd: 3, claimed as `control`.
+    let mut stderr = tempfile::tempfile().expect("tempfile");
+    let stat = nix::sys::stat::fstat(&stderr).expect("fstat");
+    let status = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", WITH_A_JOURNAL, VMD])
+        .arg(&socket_path)
+        .env("JOURNAL_STREAM", format!("{}:{}", stat.st_dev, stat.st_ino))
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr.try_clone().expect("dup"))
+        .status()
+        .expect("run unshare");
+    let mut text = String::new();
+    std::io::Seek::rewind(&mut stderr).expect("rewind");
+    stderr.read_to_string(&mut text).expect("read stderr");
+    assert_ne!(status.code(), Some(99), "namespace set-up failed: {text}");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("fd 3 (\"control\") is not open"),
+        "the helper took an fd it was not passed for its control socket: {text}"
+    );
+}

@@ -165,14 +165,19 @@ pub struct FdIntakeFailure {
 }
 
 /// Reads the environment, checks it, and takes ownership of the fds (marking them close-on-exec
-/// and removing the variables, so nothing leaks further). Must run while the process is
-/// single-threaded (it changes the environment).
-pub fn take_listen_fds() -> Result<ReceivedFds, FdIntakeFailure> {
+/// and removing the variables, so nothing leaks further).
+///
+/// # Safety
+/// Call it before the process opens any fd of its own that stays open (logging's journal
+/// socket included): every open fd in the claimed range is then one the launcher passed, and
+/// becomes an `OwnedFd` nothing else owns. And call it while the process is single-threaded
+/// (it changes the environment).
+pub unsafe fn take_listen_fds() -> Result<ReceivedFds, FdIntakeFailure> {
     let var = |name: &str| std::env::var(name).ok();
     let (pid, count, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));
     for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        // SAFETY: the helper calls this first thing in main, before it starts any thread, so no
-        // other thread can read the environment concurrently.
+        // SAFETY: the caller guarantees no other thread exists to read the environment
+        // concurrently.
         unsafe { std::env::remove_var(name) };
     }
     let own_pid = std::process::id();
@@ -197,8 +202,9 @@ pub fn take_listen_fds() -> Result<ReceivedFds, FdIntakeFailure> {
                 control,
             });
         }
-        // SAFETY: the fd is open (checked just above), was passed to this process for it to
-        // own, and appears once in the list (duplicate names were refused).
+        // SAFETY: the fd is open (checked just above); since the process has opened no fd of
+        // its own yet (the caller's obligation), it is one the launcher passed for us to own,
+        // and it appears once in the list (duplicate names were refused).
         received
             .fds
             .insert(name, unsafe { OwnedFd::from_raw_fd(fd) });
@@ -235,8 +241,9 @@ fn control_fd_despite(
     let position = names?.split(':').position(|name| name == "control")?;
     let fd = LISTEN_FDS_START + RawFd::try_from(position).ok()?;
     fcntl_setfd_cloexec(fd).ok()?;
-    // SAFETY: the fd is open (F_SETFD succeeded), was passed to us under the name `control`,
-    // and nothing else in the helper takes ownership of it on this failure path.
+    // SAFETY: the fd is open (F_SETFD succeeded) and, as the process has opened no fd of its
+    // own yet (take_listen_fds' caller guarantees it), was passed to us under the name
+    // `control`; nothing else in the helper takes ownership of it on this failure path.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

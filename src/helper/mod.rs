@@ -18,7 +18,7 @@ use crate::protocol::{ControlChannel, Event, Request, VmConfig};
 use crate::sandbox::{self, SandboxMode, ThreadKind};
 use crate::vmm::vcpu::install_kick_handler;
 use crate::vmm::vm::{MachineConfig, MachineFiles, build_vm};
-use listen_fds::{FdName, ReceivedFds};
+use listen_fds::{FdIntakeFailure, FdName, ReceivedFds};
 
 /// Helper exit statuses (DESIGN.md, "Launch protocol").
 pub const EXIT_POWER_OFF: i32 = 0;
@@ -33,9 +33,10 @@ pub struct HelperOptions {
     pub probe_sandbox: bool,
 }
 
-/// Runs the helper; returns the process exit status.
-pub fn main(options: HelperOptions) -> i32 {
-    let mut fds = match listen_fds::take_listen_fds() {
+/// Runs the helper on the fds `listen_fds::take_listen_fds` took (or the reason it refused
+/// them); returns the process exit status.
+pub fn main(fds: Result<ReceivedFds, FdIntakeFailure>, options: HelperOptions) -> i32 {
+    let mut fds = match fds {
         Ok(fds) => fds,
         Err(failure) => {
             let reason = format!("refusing the passed fds: {}", failure.error);
