@@ -3,9 +3,14 @@
 
 mod common;
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{RunningVm, proc_status, run_scenario, status_field};
+use common::{RunningVm, proc_status, run_scenario, status_field, vmd_run_command};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -270,4 +275,62 @@ fn a_helper_whose_launcher_dies_powers_the_guest_off() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = vm.wait(LIMIT);
+}
+
+/// `vmd run` of the spin guest with fd 9 open on `path` without close-on-exec, as
+/// `vmd run ... 9<path` in a shell.
+fn spin_with_fd_9(path: &Path) -> RunningVm {
+    let file = File::open(path).expect("open the stray file");
+    let mut command = vmd_run_command("spin", &[]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: the closure only makes async-signal-safe system calls on fd numbers.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = file.as_raw_fd();
+            let ret = if fd == 9 {
+                libc::fcntl(9, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 9)
+            };
+            if ret < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    RunningVm::watch(command.spawn().expect("spawn vmd run"))
+}
+
+#[test]
+fn the_helper_does_not_inherit_stray_fds() {
+    let stray = tempfile::NamedTempFile::new().expect("tempfile");
+    let stray_path = stray.path().canonicalize().expect("canonical path");
+    let vm = spin_with_fd_9(&stray_path);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/fd/9", vm.child.id())).ok(),
+        Some(stray_path.clone()),
+        "vmd run itself did not get fd 9"
+    );
+    let helper = vm.helper_pid();
+    let fd_dir = format!("/proc/{helper}/fd");
+    let fds: Vec<_> = std::fs::read_dir(&fd_dir)
+        .unwrap_or_else(|e| panic!("read {fd_dir}: {e}"))
+        .map(|entry| {
+            let path = entry.expect("fd entry").path();
+            (path.clone(), std::fs::read_link(&path).ok())
+        })
+        .collect();
+    assert!(fds.len() >= 3, "{fds:?}");
+    for (fd, target) in &fds {
+        assert_ne!(
+            target.as_deref(),
+            Some(stray_path.as_path()),
+            "the helper has the stray file open as {}",
+            fd.display()
+        );
+    }
+    vm.signal(libc::SIGTERM);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
 }

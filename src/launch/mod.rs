@@ -2,10 +2,11 @@
 //!
 //! Everything is prepared before `fork`: the fd table, argv and envp. The child then does only
 //! async-signal-safe work (the parent may be multi-threaded): new session, stdin/stdout on
-//! /dev/null, the passed fds moved to 3.. with close-on-exec cleared on exactly those, its own pid
-//! written into `LISTEN_PID`, and `execveat` of the executable through an fd opened when the
-//! launcher was created, so a package upgrade on disk never pairs an old parent with a new
-//! helper. An exec failure comes back to the parent through a close-on-exec pipe.
+//! /dev/null, the passed fds moved to 3.. with close-on-exec cleared on exactly those and set on
+//! every other fd it inherited, its own pid written into `LISTEN_PID`, and `execveat` of the
+//! executable through an fd opened when the launcher was created, so a package upgrade on disk
+//! never pairs an old parent with a new helper. An exec failure comes back to the parent
+//! through a close-on-exec pipe.
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -322,6 +323,15 @@ impl ChildSetup<'_> {
             for (target, fd) in (LISTEN_FDS_START..).zip(&high[..self.fds.len()]) {
                 check(libc::dup2(*fd, target))?;
             }
+            // Everything above them is closed by exec: fds this process inherited without
+            // close-on-exec (`vmd run ... 9</etc/shadow`) never reach the helper. Marked rather
+            // than closed, as the executable and the status pipe are needed until execveat.
+            check(libc::syscall(
+                libc::SYS_close_range,
+                first_free as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) as libc::c_int)?;
 
             write_decimal(
                 self.listen_pid.add(LISTEN_PID_PREFIX.len()),
