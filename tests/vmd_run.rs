@@ -334,3 +334,45 @@ fn the_helper_does_not_inherit_stray_fds() {
     let run = vm.wait(LIMIT);
     assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
 }
+
+#[test]
+fn the_helper_gets_no_backtrace_variables() {
+    // A backtrace would have a panicking helper open its own executable, which its seccomp
+    // filter answers with SIGSYS instead of the reported failure.
+    let child = vmd_run_command("spin", &[])
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "full")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmd run");
+    let vm = RunningVm::watch(child);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    let environ = |pid: u32| {
+        let path = format!("/proc/{pid}/environ");
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        bytes
+            .split(|&b| b == 0)
+            .map(|var| String::from_utf8_lossy(var).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        environ(vm.child.id()).contains(&"RUST_BACKTRACE=1".to_string()),
+        "vmd run itself did not get RUST_BACKTRACE"
+    );
+    let helper_env = environ(vm.helper_pid());
+    assert!(
+        helper_env
+            .iter()
+            .any(|var| var.starts_with("LISTEN_FDNAMES=")),
+        "{helper_env:?}"
+    );
+    assert!(
+        !helper_env.iter().any(|var| var.starts_with("RUST_BACKTRACE=")
+            || var.starts_with("RUST_LIB_BACKTRACE=")),
+        "{helper_env:?}"
+    );
+    vm.signal(libc::SIGTERM);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}

@@ -9,7 +9,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use super::{EXIT_FAILURE, EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
+use super::{EXIT_FAILURE, EXIT_POWER_OFF, EXIT_REBOOT, error_chain, panic_reason};
 use crate::devices::GuestStop;
 use crate::devices::bus::lock_device;
 use crate::protocol::{ControlChannel, Event, RecvError, Request, RunState};
@@ -71,6 +71,19 @@ impl<'a> EventLoop<'a> {
     /// Answers `Created`, lets the vCPUs run, and loops until the VM ends; returns the exit
     /// status.
     pub fn run(mut self) -> i32 {
+        // A panic stops the vCPUs like any other end, before the VM (and the guest memory
+        // they run on) is dropped, and is reported as a failure.
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_end()))
+            .unwrap_or_else(|payload| {
+                let reason = panic_reason("while running the VM", payload.as_ref());
+                tracing::error!("{reason}");
+                self.send(Event::Error { reason });
+                EXIT_FAILURE
+            });
+        self.finish(code)
+    }
+
+    fn run_until_end(&mut self) -> i32 {
         self.send(Event::Created);
         if let Some(vcpus) = &self.vcpus {
             vcpus.resume();
@@ -78,7 +91,7 @@ impl<'a> EventLoop<'a> {
         self.set_state(RunState::Running);
         loop {
             if let Some(code) = self.check_stop() {
-                return self.finish(code);
+                return code;
             }
             if let Some(deadline) = self.shutdown_deadline
                 && Instant::now() >= deadline
@@ -89,14 +102,14 @@ impl<'a> EventLoop<'a> {
                 self.send(Event::Error {
                     reason: "the guest did not power off in time; the VM was stopped".into(),
                 });
-                return self.finish(EXIT_POWER_OFF);
+                return EXIT_POWER_OFF;
             }
             if let Err(err) = self.wait_and_dispatch() {
                 tracing::error!("VMM main loop failed: {err}");
                 self.send(Event::Error {
                     reason: format!("VMM main loop failed: {err}"),
                 });
-                return self.finish(EXIT_FAILURE);
+                return EXIT_FAILURE;
             }
         }
     }

@@ -52,7 +52,13 @@ pub fn main(fds: Result<ReceivedFds, FdIntakeFailure>, options: HelperOptions) -
         return EXIT_FAILURE;
     };
     let control = ControlChannel::from_fd(control);
-    match start(&control, fds, options) {
+    // A panic is a failure like any other (vCPU threads and the event loop catch their own):
+    // the launcher hears why, and the status is 1 rather than std's 101.
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        start(&control, fds, options)
+    }))
+    .unwrap_or_else(|payload| Err(panic_reason("while starting", payload.as_ref())));
+    match started {
         Ok(running) => running.run(),
         Err(reason) => {
             tracing::error!("cannot start the VM: {reason}");
@@ -60,6 +66,16 @@ pub fn main(fds: Result<ReceivedFds, FdIntakeFailure>, options: HelperOptions) -
             EXIT_FAILURE
         }
     }
+}
+
+/// What a caught panic says, for a failure report.
+pub fn panic_reason(when: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("the VMM thread panicked {when}: {message}")
 }
 
 /// Everything up to `Created`: lock-down, configuration, VM build, vCPU threads, seccomp.

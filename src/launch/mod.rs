@@ -202,9 +202,18 @@ fn environment_without_listen_vars() -> Result<Vec<CString>, LaunchError> {
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
         // The helper gets its own LISTEN_* below, and must not talk to the service manager
-        // as if it were the service (sd_notify, watchdog).
+        // as if it were the service (sd_notify, watchdog). A backtrace would make a panic in
+        // the helper read its own executable to symbolize it: an openat its seccomp filter
+        // punishes with SIGSYS, where the panic should have been a reported failure.
         if key.as_bytes().starts_with(b"LISTEN_")
-            || [&b"NOTIFY_SOCKET"[..], b"WATCHDOG_USEC", b"WATCHDOG_PID"].contains(&key.as_bytes())
+            || [
+                &b"NOTIFY_SOCKET"[..],
+                b"WATCHDOG_USEC",
+                b"WATCHDOG_PID",
+                b"RUST_BACKTRACE",
+                b"RUST_LIB_BACKTRACE",
+            ]
+            .contains(&key.as_bytes())
         {
             continue;
         }
