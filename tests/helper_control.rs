@@ -138,6 +138,32 @@ fn pause_stops_the_guest_and_resume_continues_it() {
 }
 
 #[test]
+fn a_sigterm_during_start_up_becomes_the_power_button() {
+    let (fds, console) = standard_fds();
+    let helper = launch(fds);
+    // The helper has just exec'd and has not even read its fds: it starts with SIGTERM blocked,
+    // so the signal waits for its signalfd instead of killing it.
+    nix::sys::signal::kill(helper.pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    helper
+        .control
+        .send_request(&Request::Start {
+            config: config("spin"),
+        })
+        .expect("send start");
+    assert_eq!(next_event(&helper), Event::Created);
+    assert_eq!(
+        next_event(&helper),
+        Event::State {
+            state: RunState::Running
+        }
+    );
+    let lines = Lines::collect(console);
+    assert_eq!(next_event(&helper), Event::GuestPowerOff);
+    lines.wait_for("testguest: power button pressed", EVENT_TIMEOUT);
+    assert_eq!(helper.wait().expect("wait"), HelperExit::Exited(0));
+}
+
+#[test]
 fn shutdown_of_a_paused_guest_resumes_it_to_power_off() {
     let (helper, lines) = running_spin();
     helper.control.send_request(&Request::Pause).expect("pause");

@@ -22,13 +22,18 @@ pub const SIGTERM_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// How often console input is retried while the guest's receive FIFO is full.
 const CONSOLE_RETRY: Duration = Duration::from_millis(20);
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it starts later)
-/// and returns a signalfd for them.
+/// The signals that ask the helper to power the guest off. The launcher already starts the
+/// helper with exactly these blocked, so one sent while the helper starts up stays pending for
+/// the signalfd instead of killing it.
+pub const TERMINATION_SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
+
+/// Blocks [`TERMINATION_SIGNALS`] in the calling thread (and every thread it starts later) and
+/// returns a signalfd for them.
 pub fn block_termination_signals() -> nix::Result<SignalFd> {
     let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGHUP);
+    for signal in TERMINATION_SIGNALS {
+        set.add(signal);
+    }
     set.thread_block()?;
     SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
 }

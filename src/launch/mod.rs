@@ -1,9 +1,12 @@
 //! Starting a VM helper: the Linux form of OpenBSD vmd's `vmm_start_vm`.
 //!
-//! Everything is prepared before `fork`: the fd table, argv and envp. The child then does only
-//! async-signal-safe work (the parent may be multi-threaded): new session, stdin/stdout on
-//! /dev/null, the passed fds moved to 3.. with close-on-exec cleared on exactly those and set on
-//! every other fd it inherited, its own pid written into `LISTEN_PID`, and `execveat` of the
+//! Everything is prepared before `fork`: the fd table, argv, envp and signal masks. The parent
+//! blocks every signal around `fork`, so none of its handlers can run in the child. The child
+//! then does only async-signal-safe work (the parent may be multi-threaded): every signal
+//! disposition back to the default, exactly the helper's termination signals blocked (one sent
+//! during start-up waits for the helper's signalfd), new session, stdin/stdout on /dev/null,
+//! the passed fds moved to 3.. with close-on-exec cleared on exactly those and set on every
+//! other fd it inherited, its own pid written into `LISTEN_PID`, and `execveat` of the
 //! executable through an fd opened when the launcher was created, so a package upgrade on disk
 //! never pairs an old parent with a new helper. An exec failure comes back to the parent
 //! through a close-on-exec pipe.
@@ -14,10 +17,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use nix::fcntl::{OFlag, open};
+use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::helper::event_loop::TERMINATION_SIGNALS;
 use crate::helper::listen_fds::LISTEN_FDS_START;
 use crate::protocol::ControlChannel;
 
@@ -40,6 +45,8 @@ pub enum LaunchError {
     NulByte,
     #[error("cannot create the exec status pipe")]
     Pipe(#[source] nix::Error),
+    #[error("cannot block signals around fork")]
+    SignalMask(#[source] nix::Error),
     #[error("fork failed")]
     Fork(#[source] nix::Error),
     #[error("cannot execute the helper")]
@@ -155,6 +162,10 @@ impl Launcher {
         envp_ptrs.push(listen_pid.as_ptr().cast());
         envp_ptrs.push(std::ptr::null());
         let raw_fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let mut helper_mask = SigSet::empty();
+        for signal in TERMINATION_SIGNALS {
+            helper_mask.add(signal);
+        }
         let child = ChildSetup {
             executable: self.executable.as_raw_fd(),
             dev_null: dev_null.as_raw_fd(),
@@ -163,18 +174,27 @@ impl Launcher {
             argv: &argv_ptrs,
             envp: &envp_ptrs,
             listen_pid: listen_pid.as_mut_ptr(),
+            signal_mask: *helper_mask.as_ref(),
         };
 
+        // No signal may run one of this process's handlers in the child: block them all from
+        // before the fork until the child has reset every disposition.
+        let parent_mask = SigSet::all()
+            .thread_swap_mask(SigmaskHow::SIG_SETMASK)
+            .map_err(LaunchError::SignalMask)?;
         // SAFETY: fork has no memory-safety preconditions of its own; in the child we only call
         // `ChildSetup::exec`, which performs async-signal-safe system calls on memory prepared
         // before the fork and never returns.
         let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(LaunchError::Fork(nix::Error::last()));
-        }
         if pid == 0 {
             // SAFETY: we are the child of a fork; see ChildSetup::exec.
             unsafe { child.exec() };
+        }
+        let fork_error = nix::Error::last();
+        // Restoring a mask this thread had a moment ago cannot fail.
+        let _ = parent_mask.thread_set_mask();
+        if pid < 0 {
+            return Err(LaunchError::Fork(fork_error));
         }
         let pid = Pid::from_raw(pid);
         drop(status_write);
@@ -265,6 +285,8 @@ struct ChildSetup<'a> {
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
     listen_pid: *mut u8,
+    /// The helper's termination signals, blocked across exec.
+    signal_mask: libc::sigset_t,
 }
 
 impl ChildSetup<'_> {
@@ -298,13 +320,24 @@ impl ChildSetup<'_> {
     /// that failed.
     fn prepare_and_exec(&self, first_free: RawFd) -> Result<std::convert::Infallible, i32> {
         let check = |ret: libc::c_int| if ret < 0 { Err(errno()) } else { Ok(ret) };
-        // SAFETY: plain system calls on fd numbers and on memory that was prepared before fork
-        // and stays valid in the child's copy of the address space (argv, envp, the LISTEN_PID
-        // buffer, which has room for 21 more bytes after its prefix).
+        // SAFETY: plain system calls on fd numbers, on local structs, and on memory that was
+        // prepared before fork and stays valid in the child's copy of the address space (argv,
+        // envp, the LISTEN_PID buffer, which has room for 21 more bytes after its prefix).
         unsafe {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Every signal is blocked (the parent did so before fork). Dispositions first, so
+            // no handler of the parent's can run here once signals are let through; then the
+            // mask the helper starts with. sigaction fails for SIGKILL, SIGSTOP and glibc's
+            // internal signals, which need no reset.
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            for signal in 1..=KERNEL_LAST_SIGNAL {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+            check(libc::pthread_sigmask(
+                libc::SIG_SETMASK,
+                &self.signal_mask,
+                std::ptr::null_mut(),
+            ))?;
             check(libc::setsid())?;
 
             // Move every fd we still need above the target range first, so no dup2 below can
@@ -358,6 +391,9 @@ impl ChildSetup<'_> {
         }
     }
 }
+
+/// The highest signal number on Linux (`_NSIG - 1`, SIGRTMAX as the kernel counts).
+const KERNEL_LAST_SIGNAL: libc::c_int = 64;
 
 fn errno() -> i32 {
     std::io::Error::last_os_error()
