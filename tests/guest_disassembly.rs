@@ -79,6 +79,8 @@ const ALLOWED: &[&str] = &[
     "jo", "jp", "jpe", "jpo", "js", "jz", "ljmp", "lret", "ud2", // flags
     "clc", "stc", "cld", "cli", // system
     "in", "out", "cpuid", "rdtsc", "rdmsr", "wrmsr", "hlt", "pause", "nop", "lgdt",
+    // string port I/O (with rep): emulate.c's ins/outs (em_in/em_out, String)
+    "ins", "outs",
 ];
 
 /// One decoded instruction of `objdump -d --no-show-raw-insn` output.

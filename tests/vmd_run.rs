@@ -277,6 +277,23 @@ fn a_helper_whose_launcher_dies_powers_the_guest_off() {
     let _ = vm.wait(LIMIT);
 }
 
+#[test]
+fn string_port_io_reaches_the_port_one_element_at_a_time() {
+    let run = run_scenario("stringio", &[], LIMIT);
+    for line in [
+        "testguest: stringio: rep outsb to COM1",
+        "testguest: stringio: rep insb from COM1 scratch 0xa5a5a5a5",
+    ] {
+        assert!(
+            run.console.lines().any(|l| l == line),
+            "no line {line:?} in:\n{}\nstderr:\n{}",
+            run.console,
+            run.stderr
+        );
+    }
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
 /// `vmd run` of the spin guest with fd 9 open on `path` without close-on-exec, as
 /// `vmd run ... 9<path` in a shell.
 fn spin_with_fd_9(path: &Path) -> RunningVm {

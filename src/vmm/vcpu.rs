@@ -113,20 +113,27 @@ pub enum ExitAction {
 
 /// Maps one exit to what the loop does next. Device accesses go to the buses, which ignore
 /// addresses nobody decodes; everything the VMM cannot handle is a failure with a reason.
+/// `io_size` is the size of one port access of an I/O exit (`kvm_run.io.size`).
 pub fn handle_exit(
     exit: Result<VcpuExit<'_>, kvm_ioctls::Error>,
+    io_size: u8,
     pio: &Bus,
     mmio: &Bus,
 ) -> ExitAction {
     match exit {
         Ok(VcpuExit::IoOut(port, data)) => {
-            tracing::trace!("port write {port:#x} {data:?}");
-            pio.write(u64::from(port), data);
+            for access in data.chunks(pio_access_size(io_size, data.len())) {
+                tracing::trace!("port write {port:#x} {access:?}");
+                pio.write(u64::from(port), access);
+            }
             ExitAction::Continue
         }
         Ok(VcpuExit::IoIn(port, data)) => {
-            pio.read(u64::from(port), data);
-            tracing::trace!("port read {port:#x} {data:?}");
+            let size = pio_access_size(io_size, data.len());
+            for access in data.chunks_mut(size) {
+                pio.read(u64::from(port), access);
+                tracing::trace!("port read {port:#x} {access:?}");
+            }
             ExitAction::Continue
         }
         Ok(VcpuExit::MmioWrite(addr, data)) => {
@@ -162,6 +169,18 @@ pub fn handle_exit(
     }
 }
 
+/// The size of each access in a port I/O exit's data. String I/O (`rep ins`/`rep outs`)
+/// arrives as one exit with `count * size` bytes: the port sees `count` accesses of `size`
+/// bytes each, in order. A size KVM never reports falls back to one access of the whole data.
+fn pio_access_size(io_size: u8, len: usize) -> usize {
+    let size = usize::from(io_size);
+    if matches!(size, 1 | 2 | 4) && len.is_multiple_of(size) {
+        size
+    } else {
+        len.max(1)
+    }
+}
+
 impl Vcpu {
     /// The thread body: parked until the first `Run`, then runs the guest until told to stop
     /// or the VM must stop.
@@ -180,7 +199,19 @@ impl Vcpu {
                 control.park_while(|request| request != RunRequest::Stop);
                 return;
             }
-            let action = handle_exit(self.fd.run(), &self.pio, &self.mmio);
+            let kvm_run: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+            let exit = self.fd.run();
+            let io_size = match exit {
+                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => {
+                    // SAFETY: `kvm_run` points into this vCPU's kvm_run mapping, which lives as
+                    // long as `self.fd`; for this I/O exit the kernel filled the `io` member of
+                    // the union. Only that header field is read: the data the exit borrows
+                    // lies elsewhere in the mapping, at `io.data_offset` past the struct.
+                    unsafe { std::ptr::addr_of!((*kvm_run).__bindgen_anon_1.io.size).read() }
+                }
+                _ => 0,
+            };
+            let action = handle_exit(exit, io_size, &self.pio, &self.mmio);
             if let ExitAction::Fail(reason) = action {
                 let reason = self.describe_failure(&reason);
                 tracing::error!("{reason}");
@@ -285,32 +316,79 @@ mod tests {
         let mmio = Bus::new("mmio");
         let mut data = [0u8; 2];
         assert_eq!(
-            handle_exit(Ok(VcpuExit::IoIn(0x4400, &mut data)), &pio, &mmio),
+            handle_exit(Ok(VcpuExit::IoIn(0x4400, &mut data)), 2, &pio, &mmio),
             ExitAction::Continue
         );
         assert_eq!(data, [0xff, 0xff]);
         assert_eq!(
             handle_exit(
                 Ok(VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4])),
+                0,
                 &pio,
                 &mmio
             ),
             ExitAction::Continue
         );
         assert!(
-            matches!(handle_exit(Ok(VcpuExit::Shutdown), &pio, &mmio), ExitAction::Fail(r) if r.contains("triple"))
+            matches!(handle_exit(Ok(VcpuExit::Shutdown), 0, &pio, &mmio), ExitAction::Fail(r) if r.contains("triple"))
         );
         assert!(matches!(
-            handle_exit(Ok(VcpuExit::InternalError), &pio, &mmio),
+            handle_exit(Ok(VcpuExit::InternalError), 0, &pio, &mmio),
             ExitAction::Fail(_)
         ));
         assert_eq!(
-            handle_exit(Err(kvm_ioctls::Error::new(libc::EINTR)), &pio, &mmio),
+            handle_exit(Err(kvm_ioctls::Error::new(libc::EINTR)), 0, &pio, &mmio),
             ExitAction::Interrupted
         );
         assert!(matches!(
-            handle_exit(Err(kvm_ioctls::Error::new(libc::EFAULT)), &pio, &mmio),
+            handle_exit(Err(kvm_ioctls::Error::new(libc::EFAULT)), 0, &pio, &mmio),
             ExitAction::Fail(_)
         ));
+    }
+
+    /// Records each access it sees; reads return 0x10, 0x11, ... in order.
+    #[derive(Default)]
+    struct Port {
+        writes: Vec<Vec<u8>>,
+        reads: Vec<usize>,
+    }
+
+    impl crate::devices::bus::BusDevice for Port {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            self.reads.push(data.len());
+            data.fill(0x10 + self.reads.len() as u8 - 1);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.writes.push(data.to_vec());
+        }
+    }
+
+    #[test]
+    fn string_port_io_is_one_access_per_element() {
+        let port = Arc::new(Mutex::new(Port::default()));
+        let mut pio = Bus::new("pio");
+        pio.insert(0x3f8, 8, port.clone()).expect("insert");
+        let mmio = Bus::new("mmio");
+
+        // rep outsb of 3 bytes: three 1-byte writes, not one 3-byte write the port ignores.
+        let action = handle_exit(Ok(VcpuExit::IoOut(0x3f8, b"abc")), 1, &pio, &mmio);
+        assert_eq!(action, ExitAction::Continue);
+        // rep insw of 2 words: two 2-byte reads, each filling its own element.
+        let mut words = [0u8; 4];
+        handle_exit(Ok(VcpuExit::IoIn(0x3f8, &mut words)), 2, &pio, &mmio);
+        let port = port.lock().unwrap();
+        assert_eq!(port.writes, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(port.reads, [2, 2]);
+        assert_eq!(words, [0x10, 0x10, 0x11, 0x11]);
+    }
+
+    #[test]
+    fn sizes_kvm_never_reports_are_one_access() {
+        assert_eq!(pio_access_size(1, 3), 1);
+        assert_eq!(pio_access_size(4, 8), 4);
+        assert_eq!(pio_access_size(0, 3), 3);
+        assert_eq!(pio_access_size(4, 6), 6);
+        assert_eq!(pio_access_size(8, 8), 8);
+        assert_eq!(pio_access_size(0, 0), 1);
     }
 }

@@ -15,6 +15,7 @@
 /* ---- platform contract (src/vmm/layout.rs) ---- */
 #define COM1_THR            0x3f8
 #define COM1_LSR            0x3fd
+#define COM1_SCR            0x3ff           /* scratch register */
 #define LSR_THR_EMPTY       0x20
 #define PM1_STS_PORT        0x600
 #define PM1_PWRBTN_STS      0x100
@@ -113,6 +114,9 @@ _start:
     lea     k_spin(%rip), %rdi
     call    str_is
     je      sc_spin
+    lea     k_stringio(%rip), %rdi
+    call    str_is
+    je      sc_stringio
     lea     k_exits(%rip), %rdi
     call    str_prefix
     je      sc_exits
@@ -250,6 +254,31 @@ sc_spin:
     outw    %ax, %dx                    /* write 1 to clear */
     lea     s_pwrbtn(%rip), %rsi
     call    say
+    jmp     poweroff
+
+/* stringio: string port I/O, which KVM hands to the VMM as count * size bytes in one exit.
+ * A line written with rep outsb (vmd's COM1 never fills, so LSR is not polled), then four
+ * bytes read with rep insb from the scratch register after writing 0xa5 to it. */
+sc_stringio:
+    call    line_begin
+    lea     s_stringio_outs(%rip), %rsi
+    mov     $(s_stringio_outs_end - s_stringio_outs), %ecx
+    mov     $COM1_THR, %edx
+    rep outsb
+    call    line_end
+    mov     $COM1_SCR, %edx
+    mov     $0xa5, %al
+    outb    %al, %dx
+    lea     stringio_buf(%rip), %rdi
+    mov     $4, %ecx
+    rep insb
+    call    line_begin
+    lea     s_stringio_ins(%rip), %rsi
+    call    puts
+    mov     stringio_buf(%rip), %eax
+    mov     $8, %ecx
+    call    puthex
+    call    line_end
     jmp     poweroff
 
 /* memtest=MIB: pattern test of [16 MiB, 16 MiB + MIB MiB) */
@@ -1036,6 +1065,9 @@ s_badio_mmio32:     .asciz " mmio32 "
 s_badio_survived:   .asciz "badio: survived"
 s_heartbeat:        .asciz "spin heartbeat "
 s_pwrbtn:           .asciz "power button pressed, powering off"
+s_stringio_outs:    .ascii "stringio: rep outsb to COM1"
+s_stringio_outs_end:
+s_stringio_ins:     .asciz "stringio: rep insb from COM1 scratch "
 s_memtest:          .asciz "memtest "
 s_memtest_ok:       .asciz " MiB OK"
 s_memtest_fail_at:  .asciz "memtest: FAIL at "
@@ -1059,6 +1091,7 @@ k_smp:              .asciz "smp"
 k_badio:            .asciz "badio"
 k_crash:            .asciz "crash"
 k_spin:             .asciz "spin"
+k_stringio:         .asciz "stringio"
 k_exits:            .asciz "exits="
 k_memtest:          .asciz "memtest="
 
@@ -1071,6 +1104,7 @@ scen_len:           .quad 0
 con_lock:           .long 0
 ap_next_index:      .long 0
 ap_arrived:         .long 0
+stringio_buf:       .long 0
 
     .bss
     .p2align 4
