@@ -8,7 +8,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
 use common::{RunningVm, proc_status, run_scenario, status_field, vmd_run_command};
 
@@ -392,4 +394,59 @@ fn the_helper_gets_no_backtrace_variables() {
     vm.signal(libc::SIGTERM);
     let run = vm.wait(LIMIT);
     assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+/// Bytes `pid` has read with read(2) and friends (`rchar` in /proc/PID/io).
+fn bytes_read(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("read /proc/PID/io");
+    io.lines()
+        .find_map(|line| line.strip_prefix("rchar: "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
+#[test]
+fn a_stalled_stdout_does_not_stop_sigterm() {
+    // stdout is a one-page pipe, full before the guest prints anything, that nobody reads
+    // until the guest is off.
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+    fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(4096)).expect("F_SETPIPE_SZ");
+    let capacity = fcntl(&write_end, FcntlArg::F_GETPIPE_SZ).expect("F_GETPIPE_SZ");
+    let filler = vec![b'x'; usize::try_from(capacity).expect("size")];
+    assert_eq!(
+        nix::unistd::write(&write_end, &filler).expect("fill"),
+        filler.len()
+    );
+    let mut child = vmd_run_command("spin", &[])
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmd run");
+    let stderr = common::Lines::collect(child.stderr.take().expect("stderr piped"));
+    stderr.wait_for("VM run created", LIMIT);
+    // Once vmd run reads console output after this point it has something stdout does not take
+    // (a blocking write would now hang there for good).
+    let before = bytes_read(child.id());
+    let deadline = Instant::now() + LIMIT;
+    while bytes_read(child.id()) == before {
+        assert!(Instant::now() < deadline, "vmd run read no console output");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill with the pid of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    stderr.wait_for("the guest powered off", LIMIT);
+    // Now read stdout: vmd run writes out what it kept and exits.
+    let vm = RunningVm {
+        child,
+        console: common::Lines::collect(File::from(read_end)),
+        stderr,
+    };
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+    assert!(
+        run.console
+            .contains("testguest: power button pressed, powering off"),
+        "{}",
+        run.console
+    );
 }

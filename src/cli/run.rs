@@ -5,7 +5,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,8 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{self, MsgFlags};
+use nix::sys::stat::SFlag;
 
 use crate::helper::{EXIT_FAILURE, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
@@ -151,6 +154,8 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
             return Err(format!("cannot start the VM: {reason}"));
         }
         Ok(Some(other)) => {
+            let _ = kill(helper.pid, Signal::SIGKILL);
+            finish(&helper);
             return Err(format!("unexpected first event from the helper: {other:?}"));
         }
         Ok(None) => {
@@ -196,89 +201,229 @@ fn finish(helper: &HelperProcess) -> HelperExit {
 }
 
 /// Copies the console to stdout and stdin to the console, reports the helper's events, and
-/// returns when the helper has exited and its output is drained.
+/// returns when the helper has exited and its output is written out (or given up on: a signal
+/// after the helper's end leaves what stdout has not taken yet).
 fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> Result<(), String> {
     let stdin = std::io::stdin();
     let mut stdin_open = true;
     let mut control_open = true;
+    let mut console_open = true;
+    let mut exited = false;
     let mut interrupts = 0;
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = StdoutSink::new();
     let mut buf = [0u8; 4096];
     loop {
-        let mut fds = vec![
-            PollFd::new(console.as_fd(), PollFlags::POLLIN),
-            PollFd::new(helper.pidfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
-        ];
+        if exited && !console_open && stdout.is_idle() {
+            while control_open {
+                control_open = report_events(helper);
+            }
+            return Ok(());
+        }
+        let mut sources = Vec::new();
+        let mut fds = Vec::new();
+        // A full stdout buffer stops console reads: the console socket fills, and the helper's
+        // COM1 drops output as it does when nobody reads.
+        if console_open && stdout.has_room() {
+            sources.push(Source::Console);
+            fds.push(PollFd::new(console.as_fd(), PollFlags::POLLIN));
+        }
+        if stdout.has_pending() {
+            sources.push(Source::Stdout);
+            fds.push(PollFd::new(stdout.as_fd(), PollFlags::POLLOUT));
+        }
+        if !exited {
+            sources.push(Source::Exit);
+            fds.push(PollFd::new(helper.pidfd.as_fd(), PollFlags::POLLIN));
+        }
+        sources.push(Source::Signals);
+        fds.push(PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN));
         if control_open {
+            sources.push(Source::Control);
             fds.push(PollFd::new(helper.control.as_fd(), PollFlags::POLLIN));
         }
-        if stdin_open {
+        if stdin_open && !exited {
+            sources.push(Source::Stdin);
             fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(err) => return Err(format!("poll failed: {err}")),
         }
-        let ready = |i: usize| {
-            fds.get(i)
-                .and_then(PollFd::revents)
-                .is_some_and(|r| !r.is_empty())
-        };
-        let (console_ready, exited, signalled) = (ready(0), ready(1), ready(2));
-        let control_ready = control_open && ready(3);
-        let stdin_ready = stdin_open && ready(if control_open { 4 } else { 3 });
+        let ready: Vec<Source> = sources
+            .iter()
+            .zip(&fds)
+            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(source, _)| *source)
+            .collect();
         drop(fds);
 
-        if console_ready {
-            copy_console_out(console, &mut stdout, &mut buf);
-        }
-        if control_ready {
-            control_open = report_events(helper);
-        }
-        if stdin_ready {
-            match nix::unistd::read(stdin.as_fd(), &mut buf) {
-                Ok(0) | Err(_) => stdin_open = false,
-                Ok(len) => {
-                    let _ = (&*console).write_all(&buf[..len]);
+        for source in ready {
+            match source {
+                Source::Console => {
+                    let room = stdout.room().min(buf.len());
+                    match nix::unistd::read(console.as_fd(), &mut buf[..room]) {
+                        Ok(0) => console_open = false,
+                        Ok(len) => stdout.push(&buf[..len]),
+                        Err(Errno::EINTR) => {}
+                        // Once the helper is gone nothing more can arrive.
+                        Err(Errno::EAGAIN) => console_open = !exited,
+                        Err(_) => console_open = false,
+                    }
+                }
+                Source::Stdout => stdout.write_some(),
+                // The helper is gone, so its end of the console is closed: what is left in the
+                // socket is drained by the loop, then reads see EOF.
+                Source::Exit => exited = true,
+                Source::Control => control_open = report_events(helper),
+                Source::Stdin => match nix::unistd::read(stdin.as_fd(), &mut buf) {
+                    Ok(0) | Err(_) => stdin_open = false,
+                    Ok(len) => {
+                        let _ = (&*console).write_all(&buf[..len]);
+                    }
+                },
+                Source::Signals => {
+                    while let Ok(Some(_)) = signal_fd.read_signal() {
+                        interrupts += 1;
+                    }
+                    if exited {
+                        // Only stdout is left, and it has stalled: stop waiting for it.
+                        while control_open {
+                            control_open = report_events(helper);
+                        }
+                        return Ok(());
+                    }
+                    if interrupts == 1 {
+                        let _ = helper.control.send_request(&Request::Shutdown {
+                            deadline_ms: INTERRUPT_SHUTDOWN_DEADLINE.as_millis() as u64,
+                        });
+                    } else if interrupts > 1 {
+                        let _ = kill(helper.pid, Signal::SIGKILL);
+                    }
                 }
             }
-        }
-        if signalled {
-            while let Ok(Some(_)) = signal_fd.read_signal() {
-                interrupts += 1;
-            }
-            if interrupts == 1 {
-                let _ = helper.control.send_request(&Request::Shutdown {
-                    deadline_ms: INTERRUPT_SHUTDOWN_DEADLINE.as_millis() as u64,
-                });
-            } else if interrupts > 1 {
-                let _ = kill(helper.pid, Signal::SIGKILL);
-            }
-        }
-        if exited {
-            // The helper is gone, so its end of the console is closed: drain what is left.
-            copy_console_out(console, &mut stdout, &mut buf);
-            while control_open {
-                control_open = report_events(helper);
-            }
-            return Ok(());
         }
     }
 }
 
-/// Copies what the console has now to stdout (the console socket is non-blocking).
-fn copy_console_out(console: &UnixStream, stdout: &mut impl Write, buf: &mut [u8]) {
-    loop {
-        match nix::unistd::read(console.as_fd(), buf) {
-            Ok(0) => break,
-            Ok(len) => {
-                let _ = stdout.write_all(&buf[..len]);
-                let _ = stdout.flush();
+/// Which fd a poll slot of [`relay`] watches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Console,
+    Stdout,
+    Exit,
+    Signals,
+    Control,
+    Stdin,
+}
+
+/// Console output not yet taken by stdout, at most this much.
+const STDOUT_BUFFER: usize = 64 * 1024;
+/// Bytes a pipe takes in one write without blocking once poll says it is writable.
+const PIPE_BUF: usize = 4096;
+
+/// Console output on its way to stdout, written without ever blocking the relay. Setting
+/// O_NONBLOCK on the inherited stdout would change the file description every process
+/// sharing it uses (the shell, a pager), so a pipe or terminal is opened again, privately and
+/// non-blocking, and a socket is written with MSG_DONTWAIT.
+struct StdoutSink {
+    stdout: std::io::Stdout,
+    target: StdoutTarget,
+    pending: Vec<u8>,
+    /// Writing failed (e.g. the reader is gone): output is dropped from then on.
+    failed: bool,
+}
+
+enum StdoutTarget {
+    /// Our own non-blocking open of stdout's pipe or terminal.
+    Reopened(File),
+    /// stdout is a socket: sent with MSG_DONTWAIT.
+    Socket,
+    /// A regular file (writes do not wait for a reader), or a pipe or terminal that could not be
+    /// opened again: written only when poll says it is writable, at most PIPE_BUF bytes at a
+    /// time, which a pipe then takes without blocking.
+    Shared,
+}
+
+impl StdoutSink {
+    fn new() -> Self {
+        let stdout = std::io::stdout();
+        let kind = nix::sys::stat::fstat(stdout.as_fd())
+            .map(|stat| SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT);
+        let target = match kind {
+            Ok(SFlag::S_IFSOCK) => StdoutTarget::Socket,
+            Ok(SFlag::S_IFIFO | SFlag::S_IFCHR) => OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open("/proc/self/fd/1")
+                .map_or(StdoutTarget::Shared, StdoutTarget::Reopened),
+            _ => StdoutTarget::Shared,
+        };
+        StdoutSink {
+            stdout,
+            target,
+            pending: Vec::new(),
+            failed: false,
+        }
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.target {
+            StdoutTarget::Reopened(file) => file.as_fd(),
+            StdoutTarget::Socket | StdoutTarget::Shared => self.stdout.as_fd(),
+        }
+    }
+
+    /// How much more console output may be read now.
+    fn room(&self) -> usize {
+        if self.failed {
+            PIPE_BUF
+        } else {
+            STDOUT_BUFFER.saturating_sub(self.pending.len())
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.room() > 0
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if !self.failed {
+            self.pending.extend_from_slice(bytes);
+        }
+    }
+
+    /// Writes what stdout takes now; called when poll says it is writable.
+    fn write_some(&mut self) {
+        let written = match &self.target {
+            StdoutTarget::Reopened(file) => nix::unistd::write(file, &self.pending),
+            StdoutTarget::Socket => socket::send(
+                self.stdout.as_fd().as_raw_fd(),
+                &self.pending,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ),
+            StdoutTarget::Shared => {
+                let chunk = self.pending.len().min(PIPE_BUF);
+                nix::unistd::write(self.stdout.as_fd(), &self.pending[..chunk])
             }
-            Err(Errno::EINTR) => continue,
-            // EAGAIN: nothing more for now.
-            Err(_) => break,
+        };
+        match written {
+            Ok(len) => {
+                self.pending.drain(..len);
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(err) => {
+                eprintln!("vmd: cannot write the console to stdout: {err}; dropping it");
+                self.failed = true;
+                self.pending = Vec::new();
+            }
         }
     }
 }
