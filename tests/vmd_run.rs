@@ -261,22 +261,20 @@ fn bad_inputs_are_clear_errors() {
 fn a_helper_whose_launcher_dies_powers_the_guest_off() {
     let vm = RunningVm::start("spin", &[]);
     vm.console.wait_for("testguest: spin heartbeat", LIMIT);
-    let helper = vm.helper_pid();
-    // SIGKILL leaves the helper no one to talk to: its control socket reaches EOF.
+    // SIGKILL leaves the helper no one to talk to: its control socket reaches EOF. Its console
+    // now goes nowhere, but it still logs to the stderr it inherited from `vmd run`.
     vm.signal(libc::SIGKILL);
-    let deadline = std::time::Instant::now() + LIMIT;
-    while std::path::Path::new(&format!("/proc/{helper}/status")).exists()
-        && !std::fs::read_to_string(format!("/proc/{helper}/status"))
-            .unwrap_or_default()
-            .contains("State:\tZ")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "orphaned helper {helper} kept running"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = vm.wait(LIMIT);
+    vm.stderr
+        .wait_for("the control socket closed: nobody manages this VM", LIMIT);
+    // Logged only when the guest itself writes SLP_EN to PM1 after seeing the button (a guest
+    // that missed it would be stopped at the deadline instead).
+    vm.stderr.wait_for("the guest powered off", LIMIT);
+    let run = vm.wait(LIMIT);
+    assert!(
+        !run.stderr.contains("did not power off in time"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
