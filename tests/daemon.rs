@@ -441,6 +441,11 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
             vec!["1", "Kernel", "s", GUEST],
             "invalid VM name",
         ),
+        // Names machined would refuse in RegisterMachine (systemd's hostname_is_valid).
+        ("a.", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
+        ("a..b", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
+        ("a-", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
+        ("a_b", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
         (
             "ok",
             vec!["1", "Kernal", "s", GUEST],

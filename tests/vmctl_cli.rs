@@ -88,10 +88,7 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         (&["frobnicate"], "unrecognized subcommand"),
         (&["start"], "<NAME>"),
         (&["start", "web", "--bogus"], "--bogus"),
-        (
-            &["start", ".etc", "-k", "/k"],
-            "must start with an ASCII letter or digit",
-        ),
+        (&["start", ".etc", "-k", "/k"], "no '.' at the start or end"),
         (&["start", "a/b"], "only ASCII letters, digits"),
         (&["start", "web", "-m", "lots"], "is not a size"),
         (&["start", "web", "-p", "0"], "--cpus"),

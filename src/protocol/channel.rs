@@ -501,7 +501,8 @@ mod tests {
 
     fn valid_config() -> impl Strategy<Value = VmConfig> {
         (
-            "[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+            // Valid VM names: dot-separated labels, '-' only inside a label, at most 58 chars.
+            "[A-Za-z0-9]([A-Za-z0-9-]{0,30}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,10}[A-Za-z0-9])?){0,2}",
             1..=crate::protocol::MAX_VCPUS,
             (crate::protocol::MIN_MEMORY_BYTES / crate::protocol::MEMORY_ALIGN_BYTES)
                 ..=(crate::protocol::MAX_MEMORY_BYTES / crate::protocol::MEMORY_ALIGN_BYTES),

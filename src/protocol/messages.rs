@@ -221,7 +221,7 @@ mod tests {
         };
         assert!(matches!(
             config.validate(),
-            Err(ConfigError::Name(NameError::BadFirstChar { .. }))
+            Err(ConfigError::Name(NameError::MisplacedHyphen { .. }))
         ));
     }
 
