@@ -308,6 +308,17 @@ fn a_vm_through_its_whole_life_with_busctl_gdbus_systemctl_machinectl_and_journa
         status.contains("active (running)") && status.contains("machine.slice"),
         "{status}"
     );
+    // The limits README documents: guest memory + 128 MiB, vCPUs + 16 tasks.
+    assert_eq!(
+        vmd.ok(&["systemctl", "show", "-P", "MemoryMax", "vmd-web-1.scope"])
+            .trim(),
+        ((64u64 << 20) + (128 << 20)).to_string()
+    );
+    assert_eq!(
+        vmd.ok(&["systemctl", "show", "-P", "TasksMax", "vmd-web-1.scope"])
+            .trim(),
+        "18"
+    );
     let pids = vmd.ok(&["systemctl", "show", "-P", "ControlGroup", "vmd-web-1.scope"]);
     let procs = vmd.ok(&[
         "cat",
