@@ -618,7 +618,76 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
         ..Default::default()
     });
     assert!(read.status.success());
+
+    // A creation that fails after its checks (here: no pseudo-terminal left for the console)
+    // leaves nothing behind: no stored definition, no copied files, no VM, and nothing for the
+    // next daemon to load. The box has its own devpts instance: cap it at the ptys in use ("one"
+    // holds the first), so that the next allocation fails with ENOSPC.
+    vmd.ok(&[
+        "sh",
+        "-c",
+        "i=0; while [ -e /dev/pts/$i ]; do i=$((i + 1)); done; [ $i -gt 0 ] && mount -o remount,max=$i /dev/pts",
+    ]);
+    let failed = vmd.fails(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "CreateVM",
+        "sa{sv}",
+        "nopty",
+        "1",
+        "Kernel",
+        "s",
+        GUEST,
+    ]);
+    assert!(failed.contains("cannot create the console"), "{failed}");
+    let with_files = vmd.run(&["/usr/bin/python3", "-c", ROOT_FD_CLIENT, "nopty-files"]);
+    let printed = String::from_utf8_lossy(&with_files.stdout);
+    assert!(
+        printed.contains("org.vmd.vmd1.Error.Failed") && printed.contains("console"),
+        "{printed}"
+    );
+    let only_one = |vmd: &Vmd| {
+        assert_eq!(
+            vmd.ok(&[
+                "busctl",
+                "call",
+                "org.vmd.vmd1",
+                MANAGER,
+                "org.vmd.vmd1.Manager",
+                "ListVMs"
+            ])
+            .trim(),
+            "a(sso) 1 \"one\" \"defined\" \"/org/vmd/vmd1/vm/one\""
+        );
+        assert_eq!(vmd.ok(&["ls", "-A", "/var/lib/vmd/vms"]).trim(), "one.toml");
+        assert_eq!(
+            vmd.ok(&["sh", "-c", "ls -A /var/lib/vmd/files 2>/dev/null || true"])
+                .trim(),
+            ""
+        );
+    };
+    only_one(&vmd);
+    vmd.ok(&["mount", "-o", "remount,max=1048576", "/dev/pts"]);
+    vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    only_one(&vmd);
 }
+
+/// Calls CreateVMWithFiles (as whoever runs it) with the test guest as an fd.
+const ROOT_FD_CLIENT: &str = r#"
+import dbus, os, sys
+bus = dbus.SystemBus()
+manager = dbus.Interface(bus.get_object("org.vmd.vmd1", "/org/vmd/vmd1"), "org.vmd.vmd1.Manager")
+fd = os.open("/var/lib/vmd-test/testguest.elf", os.O_RDONLY)
+try:
+    manager.CreateVMWithFiles(sys.argv[1], {"MemoryBytes": dbus.UInt64(64 << 20)}, {"kernel": dbus.types.UnixFd(fd)})
+    print("accepted")
+except dbus.DBusException as e:
+    print(e.get_dbus_name(), e.get_dbus_message())
+    sys.exit(1)
+"#;
 
 #[test]
 fn definitions_persist_and_autostart_with_the_daemon() {

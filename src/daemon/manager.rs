@@ -138,14 +138,18 @@ impl Manager {
                     "a VM named {name:?} exists already"
                 )));
             }
-            if origin == Origin::Api && !definition.transient {
-                self.store.save(&definition).map_err(|e| {
-                    VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))
-                })?;
-            }
+            // Everything that can fail comes before the definition is stored, and storing is
+            // the last step that can: a failed creation must leave no file that the next
+            // daemon would load.
+            let store = origin == Origin::Api && !definition.transient;
             let vm = Vm::new(definition, origin).map_err(|e| {
                 VmdError::Failed(format!("cannot create the console: {}", error_chain(&e)))
             })?;
+            if store {
+                self.store.save(&vm.definition()).map_err(|e| {
+                    VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))
+                })?;
+            }
             vms.insert(name.clone(), vm.clone());
             vm
         };
