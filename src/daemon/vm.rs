@@ -280,34 +280,71 @@ impl Vm {
     /// Asks the guest to power off; the helper stops it at the deadline, and the daemon kills
     /// the helper if even that does not happen.
     pub fn shutdown(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
-        if !matches!(self.state(), VmState::Running | VmState::Paused) {
-            return Err(self.invalid("Shutdown", "running or paused"));
-        }
-        self.runtime().stop_request = Some(StopRequest::Shutdown);
-        self.send(Request::Shutdown {
-            deadline_ms: SHUTDOWN_DEADLINE.as_millis() as u64,
-        })?;
+        self.request_shutdown()?;
         self.set_state(manager, VmState::Stopping);
         let vm = self.clone();
         let pidfd = self.runtime().pidfd.clone();
         tokio::spawn(async move {
             tokio::time::sleep(SHUTDOWN_DEADLINE + Duration::from_secs(10)).await;
-            if let Some(pidfd) = pidfd
-                && vm
-                    .runtime()
-                    .pidfd
-                    .as_ref()
-                    .is_some_and(|p| Arc::ptr_eq(p, &pidfd))
+            let Some(pidfd) = pidfd else { return };
+            let mut runtime = vm.runtime();
+            // Only the helper that was asked to shut down, not one started since.
+            if runtime
+                .pidfd
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &pidfd))
             {
                 tracing::warn!(
                     "VM {}: the helper did not stop after Shutdown; killing it",
                     vm.name
                 );
-                vm.runtime().stop_request = Some(StopRequest::Kill);
-                let _ = send_signal(&pidfd, libc::SIGKILL);
+                let _ = vm.kill_helper(&mut runtime, &pidfd);
             }
         });
         Ok(())
+    }
+
+    /// Sends Shutdown to the helper and records that the VM is being stopped (so a guest
+    /// reboot now means stopped). A refused or failed request leaves the record as it was.
+    fn request_shutdown(&self) -> Result<(), LifecycleError> {
+        if !matches!(self.state(), VmState::Running | VmState::Paused) {
+            return Err(self.invalid("Shutdown", "running or paused"));
+        }
+        let (control, previous) = {
+            let mut runtime = self.runtime();
+            let control = runtime
+                .control
+                .clone()
+                .ok_or_else(|| self.invalid("Shutdown", "running or paused"))?;
+            // Recorded before sending: the helper may exit before send_request returns.
+            (control, runtime.stop_request.replace(StopRequest::Shutdown))
+        };
+        let sent = control.send_request(&Request::Shutdown {
+            deadline_ms: SHUTDOWN_DEADLINE.as_millis() as u64,
+        });
+        if let Err(err) = sent {
+            let mut runtime = self.runtime();
+            // Unless a Kill was recorded meanwhile, which stands.
+            if runtime.stop_request == Some(StopRequest::Shutdown) {
+                runtime.stop_request = previous;
+            }
+            return Err(LifecycleError::Failed(format!(
+                "cannot reach the VM's helper: {}",
+                error_chain(&err)
+            )));
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the helper behind `pidfd`, recording the Kill first (its death must not count
+    /// as a failure) and taking the record back if the signal cannot be sent. Runs under the
+    /// runtime lock, so the supervisor never sees a record that is about to be taken back.
+    fn kill_helper(&self, runtime: &mut Runtime, pidfd: &OwnedFd) -> Result<(), LifecycleError> {
+        let previous = runtime.stop_request.replace(StopRequest::Kill);
+        send_signal(pidfd, libc::SIGKILL).map_err(|e| {
+            runtime.stop_request = previous;
+            LifecycleError::Failed(format!("cannot kill the VM's helper: {e}"))
+        })
     }
 
     /// Takes over a helper that a previous daemon started (its control socket and pidfd come
@@ -352,14 +389,14 @@ impl Vm {
         if !self.state().is_active() {
             return Err(self.invalid("Kill", "starting, running, paused or stopping"));
         }
-        let pidfd = {
-            let mut runtime = self.runtime();
-            runtime.stop_request = Some(StopRequest::Kill);
-            runtime.pidfd.clone()
-        };
-        let pidfd = pidfd.ok_or_else(|| self.invalid("Kill", "running"))?;
-        send_signal(&pidfd, libc::SIGKILL)
-            .map_err(|e| LifecycleError::Failed(format!("cannot kill the VM's helper: {e}")))
+        let mut runtime = self.runtime();
+        // No helper yet (starting, or between a guest reboot and the next helper): refused,
+        // and nothing recorded, or the next reboot or crash would count as this Kill.
+        let pidfd = runtime
+            .pidfd
+            .clone()
+            .ok_or_else(|| self.invalid("Kill", "to have a running helper"))?;
+        self.kill_helper(&mut runtime, &pidfd)
     }
 }
 
@@ -751,5 +788,128 @@ async fn wait_for_exit(helper: &Helper) -> nix::Result<Option<WaitStatus>> {
             WaitStatus::StillAlive => guard.clear_ready(),
             status => return Ok(Some(status)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use std::process::{Child, Command};
+
+    fn vm_in(state: VmState) -> Arc<Vm> {
+        let definition = VmDefinition {
+            name: "t".into(),
+            uuid: uuid::Uuid::new_v4(),
+            kernel: "/boot/vmlinuz".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            autostart: false,
+            owner_uid: None,
+            owner_gid: None,
+            transient: false,
+        };
+        let vm = Vm::new(definition, Origin::Api).expect("console");
+        vm.state.send_replace(state);
+        vm
+    }
+
+    /// A child process and a pidfd for it, standing in for a helper.
+    fn helper_process(argv: &[&str]) -> (Child, Arc<OwnedFd>) {
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
+            .spawn()
+            .expect("spawn");
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; the child is
+        // not reaped before this, so the pid is still its own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: pidfd_open returned a new fd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        (child, Arc::new(pidfd))
+    }
+
+    #[test]
+    fn kill_without_a_helper_is_refused_and_records_nothing() {
+        // Starting, before the helper is launched (also between a guest reboot and the next
+        // helper).
+        let vm = vm_in(VmState::Starting);
+        assert!(matches!(
+            vm.kill(),
+            Err(LifecycleError::InvalidState { .. })
+        ));
+        assert_eq!(vm.runtime().stop_request, None);
+        let vm = vm_in(VmState::Stopped);
+        assert!(matches!(
+            vm.kill(),
+            Err(LifecycleError::InvalidState { .. })
+        ));
+        assert_eq!(vm.runtime().stop_request, None);
+    }
+
+    #[test]
+    fn a_kill_that_cannot_be_sent_takes_its_record_back() {
+        let vm = vm_in(VmState::Stopping);
+        let (mut child, pidfd) = helper_process(&["true"]);
+        child.wait().expect("wait");
+        {
+            let mut runtime = vm.runtime();
+            runtime.pidfd = Some(pidfd);
+            runtime.stop_request = Some(StopRequest::Shutdown);
+        }
+        // Reaped: the signal cannot be sent (ESRCH).
+        assert!(matches!(vm.kill(), Err(LifecycleError::Failed(_))));
+        assert_eq!(vm.runtime().stop_request, Some(StopRequest::Shutdown));
+    }
+
+    #[test]
+    fn a_kill_that_is_sent_is_recorded() {
+        let vm = vm_in(VmState::Running);
+        let (mut child, pidfd) = helper_process(&["sleep", "600"]);
+        vm.runtime().pidfd = Some(pidfd);
+        let killed = vm.kill();
+        let status = child.wait().expect("wait");
+        killed.expect("kill");
+        assert_eq!(vm.runtime().stop_request, Some(StopRequest::Kill));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
+
+    #[test]
+    fn a_refused_or_failed_shutdown_records_nothing() {
+        let vm = vm_in(VmState::Defined);
+        assert!(matches!(
+            vm.request_shutdown(),
+            Err(LifecycleError::InvalidState { .. })
+        ));
+        assert_eq!(vm.runtime().stop_request, None);
+
+        // The helper's end of the control socket is gone: sending fails.
+        let vm = vm_in(VmState::Running);
+        let (daemon_end, helper_end) = ControlChannel::pair().expect("socketpair");
+        drop(helper_end);
+        vm.runtime().control = Some(Arc::new(daemon_end));
+        assert!(matches!(
+            vm.request_shutdown(),
+            Err(LifecycleError::Failed(_))
+        ));
+        assert_eq!(vm.runtime().stop_request, None);
+    }
+
+    #[test]
+    fn a_sent_shutdown_is_recorded() {
+        let vm = vm_in(VmState::Paused);
+        let (daemon_end, helper_end) = ControlChannel::pair().expect("socketpair");
+        vm.runtime().control = Some(Arc::new(daemon_end));
+        vm.request_shutdown().expect("sent");
+        assert_eq!(vm.runtime().stop_request, Some(StopRequest::Shutdown));
+        assert!(matches!(
+            helper_end.recv_request(),
+            Ok(Some(Request::Shutdown { .. }))
+        ));
     }
 }
