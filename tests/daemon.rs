@@ -1323,6 +1323,91 @@ fn random_configs_and_names_never_create_anything_or_hurt_the_daemon() {
 }
 
 #[test]
+fn start_and_remove_at_once_never_both_succeed() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bus = runtime
+        .block_on(zbus::connection::Builder::address(vmd.systemd.bus_address().as_str()).build())
+        .expect("connect to the box's bus");
+    let call = |path: &str, method: &'static str| {
+        bus.call_method(
+            Some("org.vmd.vmd1"),
+            path.to_string(),
+            Some("org.vmd.vmd1.VM"),
+            method,
+            &(),
+        )
+    };
+    let error_name = |result: &zbus::Result<zbus::Message>| match result {
+        Ok(_) => "ok".to_string(),
+        Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        // zbus turns org.freedesktop.DBus.Error.* into its own variant: "name: message".
+        Err(other) => other
+            .to_string()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    // Both calls leave on one connection back to back, so the daemon handles them at the same
+    // time; whichever wins, the other must be refused and the outcome must be whole.
+    for round in 0..12 {
+        vmd.create("racer", "spin", &[]);
+        let path = Vmd::vm_path("racer");
+        let (start, remove) = if round % 2 == 0 {
+            runtime.block_on(async { tokio::join!(call(&path, "Start"), call(&path, "Remove")) })
+        } else {
+            let (remove, start) = runtime
+                .block_on(async { tokio::join!(call(&path, "Remove"), call(&path, "Start")) });
+            (start, remove)
+        };
+        let (start, remove) = (error_name(&start), error_name(&remove));
+        eprintln!("round {round}: Start {start}, Remove {remove}");
+        let listed = vmd.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs",
+        ]);
+        let scope = vmd.run(&["systemctl", "is-active", "vmd-racer.scope"]);
+        if remove == "ok" {
+            assert!(
+                start == "org.vmd.vmd1.Error.NoSuchVM"
+                    || start == "org.freedesktop.DBus.Error.UnknownObject"
+                    || start == "org.freedesktop.DBus.Error.UnknownMethod",
+                "round {round}: Remove succeeded and Start answered {start}"
+            );
+            assert_eq!(listed.trim(), "a(sso) 0", "round {round}");
+            assert!(!scope.status.success(), "round {round}: a helper runs");
+            assert_eq!(vmd.ok(&["ls", "-A", "/var/lib/vmd/vms"]).trim(), "");
+        } else {
+            assert_eq!(
+                (start.as_str(), remove.as_str()),
+                ("ok", "org.vmd.vmd1.Error.InvalidState"),
+                "round {round}"
+            );
+            assert_eq!(vmd.property("racer", "State"), "running");
+            vmd.call("racer", "Kill");
+            vmd.wait_state("racer", "stopped", LIMIT);
+            vmd.call("racer", "Remove");
+        }
+    }
+}
+
+#[test]
 fn an_owner_starts_a_vm_with_only_their_own_rights_over_its_paths() {
     let Some(vmd) = Vmd::boot() else { return };
     vmd.ok(&["useradd", "-m", "carol"]);

@@ -34,6 +34,8 @@ impl From<LifecycleError> for VmdError {
     fn from(error: LifecycleError) -> Self {
         match error {
             LifecycleError::InvalidState { .. } => VmdError::InvalidState(error.to_string()),
+            // Gone as far as callers can tell.
+            LifecycleError::Removed { .. } => VmdError::NoSuchVM(error.to_string()),
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }

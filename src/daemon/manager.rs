@@ -16,7 +16,7 @@ use super::errors::VmdError;
 use super::host_files::Rights;
 use super::notify;
 use super::store::{Origin, Store};
-use super::vm::{Change, Property, Vm, VmState};
+use super::vm::{Change, LifecycleError, Property, Vm, VmState};
 use crate::helper::error_chain;
 use crate::launch::Launcher;
 
@@ -172,34 +172,37 @@ impl Manager {
 
     /// Forgets a VM that is not running.
     pub async fn remove(&self, vm: &Arc<Vm>) -> Result<(), VmdError> {
-        if vm.state().is_active() {
-            return Err(VmdError::InvalidState(format!(
-                "VM {} is {}; stop it before removing it",
-                vm.name,
-                vm.state().as_str()
-            )));
-        }
         if vm.origin == Origin::Admin {
             return Err(VmdError::NotPermitted(format!(
                 "VM {} is defined by the administrator in /etc/vmd/vms; remove it there",
                 vm.name
             )));
         }
-        self.store.remove(&vm.name).map_err(|e| {
-            VmdError::Failed(format!(
+        // From here on no Start gets through: the helper could not run without a bus object,
+        // nor with its copied files deleted under it.
+        vm.claim_removal().map_err(|e| match e {
+            LifecycleError::InvalidState { .. } => VmdError::InvalidState(format!(
+                "VM {} is {}; stop it before removing it",
+                vm.name,
+                vm.state().as_str()
+            )),
+            other => other.into(),
+        })?;
+        if let Err(e) = self.store.remove(&vm.name) {
+            vm.release_removal();
+            return Err(VmdError::Failed(format!(
                 "cannot remove the stored definition: {}",
                 error_chain(&e)
-            ))
-        })?;
+            )));
+        }
         self.forget(vm).await;
         Ok(())
     }
 
+    /// Takes a VM claimed for removal off the bus, then out of the registry: until then its
+    /// name stays taken, so a new VM of the same name cannot be served at the path that is
+    /// being removed.
     async fn forget(&self, vm: &Arc<Vm>) {
-        self.vms().remove(&vm.name);
-        if vm.origin == Origin::Api {
-            self.store.remove_files(&vm.definition().uuid);
-        }
         let path = vm_object_path(&vm.name);
         for connection in self.servers() {
             let _ = connection
@@ -209,6 +212,10 @@ impl Manager {
             if let Ok(emitter) = SignalEmitter::new(&connection, MANAGER_PATH) {
                 let _ = ManagerObject::vm_removed(&emitter, &vm.name, path.as_ref()).await;
             }
+        }
+        self.vms().remove(&vm.name);
+        if vm.origin == Origin::Api {
+            self.store.remove_files(&vm.definition().uuid);
         }
         notify::status(self);
     }
@@ -229,9 +236,9 @@ impl Manager {
         })
     }
 
-    /// A VM's last helper has ended: transient VMs go away.
+    /// A VM's last helper has ended: transient VMs go away, unless a Start came first.
     pub async fn vm_ended(&self, vm: &Arc<Vm>) {
-        if vm.definition().transient {
+        if vm.definition().transient && vm.claim_removal().is_ok() {
             self.forget(vm).await;
         }
         notify::status(self);

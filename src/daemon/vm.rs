@@ -101,6 +101,8 @@ struct Runtime {
     /// With whose rights the host paths are opened, for this start and its reboots; `None`
     /// when nobody started it just now (an adopted helper's reboot): see `Rights::unattended`.
     file_rights: Option<Rights>,
+    /// Claimed by Remove (or by the end of a transient VM): no Start gets through any more.
+    removed: bool,
 }
 
 pub struct Vm {
@@ -122,6 +124,8 @@ pub enum LifecycleError {
         what: &'static str,
         needs: &'static str,
     },
+    #[error("VM {name} is being removed")]
+    Removed { name: String },
     #[error("{0}")]
     Failed(String),
 }
@@ -209,6 +213,48 @@ impl Vm {
         self.state()
     }
 
+    /// Claims the VM for a Start: refused while a helper exists or once it is being removed.
+    /// Check and claim happen under the runtime lock, the one claim_removal decides under, so
+    /// two Starts cannot both launch and a Remove cannot slip in between.
+    fn claim_start(&self, file_rights: Rights) -> Result<(), LifecycleError> {
+        let mut runtime = self.runtime();
+        if runtime.removed {
+            return Err(LifecycleError::Removed {
+                name: self.name.clone(),
+            });
+        }
+        if self.state().is_active() {
+            return Err(self.invalid("Start", "defined, stopped or failed"));
+        }
+        self.state.send_replace(VmState::Starting);
+        runtime.failure_reason.clear();
+        runtime.restarts = 0;
+        runtime.stop_request = None;
+        runtime.file_rights = Some(file_rights);
+        Ok(())
+    }
+
+    /// Claims the VM for removal: refused while a helper exists; once claimed, every Start is
+    /// refused (see claim_start), so no helper can run for a VM that is gone.
+    pub fn claim_removal(&self) -> Result<(), LifecycleError> {
+        let mut runtime = self.runtime();
+        if runtime.removed {
+            return Err(LifecycleError::Removed {
+                name: self.name.clone(),
+            });
+        }
+        if self.state().is_active() {
+            return Err(self.invalid("Remove", "defined, stopped or failed"));
+        }
+        runtime.removed = true;
+        Ok(())
+    }
+
+    /// Gives a removal claim back: the removal failed and the VM stays.
+    pub fn release_removal(&self) {
+        self.runtime().removed = false;
+    }
+
     /// Starts the VM and returns once it runs (or failed to start). Its host paths are opened
     /// with `file_rights`.
     pub async fn start(
@@ -216,21 +262,7 @@ impl Vm {
         manager: &Arc<Manager>,
         file_rights: Rights,
     ) -> Result<(), LifecycleError> {
-        {
-            // Check and claim under one lock, so two Start calls cannot both launch.
-            let _guard = self.runtime();
-            if self.state().is_active() {
-                return Err(self.invalid("Start", "defined, stopped or failed"));
-            }
-            self.state.send_replace(VmState::Starting);
-        }
-        {
-            let mut runtime = self.runtime();
-            runtime.failure_reason.clear();
-            runtime.restarts = 0;
-            runtime.stop_request = None;
-            runtime.file_rights = Some(file_rights);
-        }
+        self.claim_start(file_rights)?;
         manager.announce(
             self,
             vec![Property::State, Property::FailureReason, Property::Restarts],
@@ -829,6 +861,41 @@ mod tests {
         // SAFETY: pidfd_open returned a new fd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         (child, Arc::new(pidfd))
+    }
+
+    #[test]
+    fn a_vm_claimed_for_removal_cannot_start() {
+        let vm = vm_in(VmState::Stopped);
+        vm.claim_removal().expect("claim");
+        assert!(matches!(
+            vm.claim_start(Rights::Daemon),
+            Err(LifecycleError::Removed { .. })
+        ));
+        assert_eq!(vm.state(), VmState::Stopped);
+        // Only one removal.
+        assert!(matches!(
+            vm.claim_removal(),
+            Err(LifecycleError::Removed { .. })
+        ));
+        // A removal that failed gives the VM back.
+        vm.release_removal();
+        vm.claim_start(Rights::Daemon).expect("start");
+        assert_eq!(vm.state(), VmState::Starting);
+    }
+
+    #[test]
+    fn a_vm_claimed_for_start_cannot_be_removed() {
+        let vm = vm_in(VmState::Defined);
+        vm.claim_start(Rights::Daemon).expect("start");
+        assert!(matches!(
+            vm.claim_removal(),
+            Err(LifecycleError::InvalidState { .. })
+        ));
+        assert!(!vm.runtime().removed);
+        assert!(matches!(
+            vm.claim_start(Rights::Daemon),
+            Err(LifecycleError::InvalidState { .. })
+        ));
     }
 
     #[test]
