@@ -445,6 +445,7 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
         argv.extend(config);
         vmd.run(&argv)
     };
+    vmd.ok(&["mkfifo", "/var/lib/vmd-test/fifo"]);
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("-bad", vec!["1", "Kernel", "s", GUEST], "invalid VM name"),
         (
@@ -497,6 +498,12 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
             "cannot use \"/nonexistent\" as the kernel",
         ),
         ("ok", vec!["1", "Kernel", "s", "/etc"], "not a regular file"),
+        // Nobody writes to it: the daemon must not wait for a writer to open it.
+        (
+            "ok",
+            vec!["1", "Kernel", "s", "/var/lib/vmd-test/fifo"],
+            "it is a pipe or FIFO, not a regular file",
+        ),
         (
             "ok",
             vec!["1", "Kernel", "s", "relative"],

@@ -2,7 +2,7 @@
 //! thin: they check the caller, translate arguments and errors, and call the manager or VM.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use zbus::message::Header;
@@ -39,6 +39,18 @@ impl From<LifecycleError> for VmdError {
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }
+}
+
+/// Runs file work that can block (opening host paths, reading and copying passed fds) on
+/// tokio's blocking pool: a file that never answers (a stalled FUSE or network mount) then
+/// holds a thread of that pool, not one of the runtime's two workers, which the other calls
+/// and the watchdog need.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, VmdError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| VmdError::Failed(format!("a file operation did not complete: {e}")))
 }
 
 fn invalid(error: DefinitionError) -> VmdError {
@@ -89,7 +101,7 @@ impl ManagerObject {
     ) -> Result<OwnedObjectPath, VmdError> {
         let caller = authority::identify(&header, connection).await?;
         authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
-        let mut definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
+        let definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
         // The daemon opens host paths only for callers who could be trusted with its rights.
         authority::authorize(self.manager.bus(), &caller, Action::HostFiles, Some(&name))
             .await
@@ -103,7 +115,9 @@ impl ManagerObject {
         if definition.kernel.as_os_str().is_empty() {
             return Err(invalid(DefinitionError::NoKernel));
         }
-        definition.validate().map_err(invalid)?;
+        let mut definition = off_runtime(move || definition.validate().map(|()| definition))
+            .await?
+            .map_err(invalid)?;
         set_owner(&caller, &mut definition)?;
         let vm = self.manager.add(definition, Origin::Api).await?;
         Ok(self.manager.object_path(&vm))
@@ -117,7 +131,7 @@ impl ManagerObject {
         #[zbus(connection)] connection: &Connection,
         name: String,
         config: HashMap<String, OwnedVariant>,
-        files: HashMap<String, zbus::OwnedFd>,
+        mut files: HashMap<String, zbus::OwnedFd>,
     ) -> Result<OwnedObjectPath, VmdError> {
         let caller = authority::identify(&header, connection).await?;
         authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
@@ -133,16 +147,22 @@ impl ManagerObject {
         {
             return Err(invalid(DefinitionError::UnknownFile(unknown.clone())));
         }
-        let kernel = files
-            .get("kernel")
-            .ok_or_else(|| invalid(DefinitionError::NoKernel))?;
+        let kernel = OwnedFd::from(
+            files
+                .remove("kernel")
+                .ok_or_else(|| invalid(DefinitionError::NoKernel))?,
+        );
+        let initrd = files.remove("initrd").map(OwnedFd::from);
         // Check every fd before anything is written.
-        let kernel_size = check_passed_file("kernel", kernel.as_fd()).map_err(invalid)?;
-        let initrd = files
-            .get("initrd")
-            .map(|fd| check_passed_file("initrd", fd.as_fd()).map(|size| (fd, size)))
-            .transpose()
-            .map_err(invalid)?;
+        let (kernel, initrd) = off_runtime(move || {
+            let kernel_size = check_passed_file("kernel", kernel.as_fd())?;
+            let initrd = initrd
+                .map(|fd| check_passed_file("initrd", fd.as_fd()).map(|size| (fd, size)))
+                .transpose()?;
+            Ok(((kernel, kernel_size), initrd))
+        })
+        .await?
+        .map_err(invalid)?;
         // Fails early without copying; Manager::add decides for good, under its lock.
         if self.manager.get(&name).is_ok() {
             return Err(VmdError::VMExists(format!(
@@ -152,23 +172,24 @@ impl ManagerObject {
         set_owner(&caller, &mut definition)?;
         let uuid = definition.uuid;
         let dir = self.manager.store().files_dir(&uuid);
-        let copied = copy_passed_file("kernel", kernel.as_fd(), kernel_size, &dir.join("kernel"))
-            .and_then(|kernel| {
-                definition.kernel = kernel;
-                initrd
-                    .map(|(fd, size)| {
-                        copy_passed_file("initrd", fd.as_fd(), size, &dir.join("initrd"))
-                    })
-                    .transpose()
-            })
-            .and_then(|initrd| {
-                definition.initrd = initrd;
-                definition.validate()
-            });
-        if let Err(err) = copied {
-            self.manager.store().remove_files(&uuid);
-            return Err(invalid(err));
-        }
+        let copied = off_runtime(move || {
+            let (kernel, kernel_size) = kernel;
+            definition.kernel =
+                copy_passed_file("kernel", kernel.as_fd(), kernel_size, &dir.join("kernel"))?;
+            definition.initrd = initrd
+                .map(|(fd, size)| copy_passed_file("initrd", fd.as_fd(), size, &dir.join("initrd")))
+                .transpose()?;
+            definition.validate().map(|()| definition)
+        })
+        .await
+        .and_then(|copied| copied.map_err(invalid));
+        let definition = match copied {
+            Ok(definition) => definition,
+            Err(err) => {
+                self.manager.store().remove_files(&uuid);
+                return Err(err);
+            }
+        };
         match self.manager.add(definition, Origin::Api).await {
             Ok(vm) => Ok(self.manager.object_path(&vm)),
             Err(err) => {

@@ -2,6 +2,7 @@
 //! to `CreateVM` in an `a{sv}`. Everything is checked here, before anything is created.
 
 use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -279,7 +280,10 @@ where
     })
 }
 
-/// The file must be an absolute path to a readable regular file.
+/// The file must be an absolute path to a readable, non-empty regular file. It is opened with
+/// O_NONBLOCK, so that a FIFO without a writer cannot hang the open, and O_NOCTTY, so that a
+/// terminal never becomes the daemon's controlling terminal; fstat of what was opened decides
+/// what it is. A slow filesystem can still block: callers run this off the async runtime.
 fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
     if !path.is_absolute() {
         return Err(DefinitionError::RelativePath {
@@ -292,10 +296,14 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| unusable(e.to_string()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| unusable(e.to_string()))?;
     let metadata = file.metadata().map_err(|e| unusable(e.to_string()))?;
-    if !metadata.is_file() {
-        return Err(unusable("not a regular file".into()));
+    if let Some(kind) = super::files::non_regular_kind(metadata.mode()) {
+        return Err(unusable(format!("it is {kind}, not a regular file")));
     }
     if metadata.len() == 0 {
         return Err(unusable("the file is empty".into()));
@@ -404,6 +412,23 @@ mod tests {
             err("a", vec![("Kernel", Variant::from("/etc"))]),
             DefinitionError::UnusableFile { .. }
         ));
+    }
+
+    #[test]
+    fn special_files_are_refused_without_hanging() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A FIFO nobody writes to: a blocking open would wait for a writer forever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let error = check_file("kernel", &fifo).unwrap_err().to_string();
+        assert!(error.contains("FIFO, not a regular file"), "{error}");
+        let error = check_file("kernel", dir.path()).unwrap_err().to_string();
+        assert!(error.contains("a directory, not a regular file"), "{error}");
+        let error = check_file("kernel", Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("a device, not a regular file"), "{error}");
     }
 
     #[test]

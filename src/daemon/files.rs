@@ -16,22 +16,26 @@ use super::definition::DefinitionError;
 /// Kernels and initrds larger than this are refused (a guard against filling the disk).
 pub const MAX_PASSED_FILE_BYTES: u64 = 2 << 30;
 
+/// What a file of this `st_mode` is when it is not a regular file ("a directory"), for
+/// messages; `None` for a regular file.
+pub fn non_regular_kind(mode: libc::mode_t) -> Option<&'static str> {
+    match SFlag::from_bits_truncate(mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => None,
+        SFlag::S_IFDIR => Some("a directory"),
+        SFlag::S_IFSOCK => Some("a socket"),
+        SFlag::S_IFCHR | SFlag::S_IFBLK => Some("a device"),
+        SFlag::S_IFIFO => Some("a pipe or FIFO"),
+        _ => Some("of an unknown kind"),
+    }
+}
+
 /// Checks that `fd` is a readable regular file (no directory, socket, device, pipe or
 /// write-only fd) and returns its size.
 pub fn check_passed_file(what: &'static str, fd: BorrowedFd<'_>) -> Result<u64, DefinitionError> {
     let unusable = |reason: String| DefinitionError::PassedFile { what, reason };
     let stat = fstat(fd).map_err(|e| unusable(e.to_string()))?;
-    let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
-    let kind_name = match kind {
-        SFlag::S_IFREG => None,
-        SFlag::S_IFDIR => Some("a directory"),
-        SFlag::S_IFSOCK => Some("a socket"),
-        SFlag::S_IFCHR | SFlag::S_IFBLK => Some("a device"),
-        SFlag::S_IFIFO => Some("a pipe"),
-        _ => Some("not a regular file"),
-    };
-    if let Some(kind_name) = kind_name {
-        return Err(unusable(format!("it is {kind_name}, not a regular file")));
+    if let Some(kind) = non_regular_kind(stat.st_mode) {
+        return Err(unusable(format!("it is {kind}, not a regular file")));
     }
     let flags = OFlag::from_bits_truncate(
         fcntl(fd, FcntlArg::F_GETFL).map_err(|e| unusable(e.to_string()))?,
