@@ -1237,6 +1237,29 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
             .trim(),
         ""
     );
+
+    // The administrator's definitions name owners as users (and groups): alice, who holds no
+    // manage rule, runs hers herself. One naming an unknown user does not load, and says why.
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "mkdir -p /etc/vmd/vms && \
+             printf 'uuid = \"1d6c0a9e-8f3b-4e52-9a41-7c2f5b0d3e18\"\\nkernel = \"{GUEST}\"\\ncmdline = \"testguest=spin\"\\nmemory-bytes = 67108864\\nowner = \"alice\"\\n' > /etc/vmd/vms/alices.toml && \
+             printf 'uuid = \"6a1f0e2d-4b3c-4d5e-8f70-91a2b3c4d5e6\"\\nkernel = \"{GUEST}\"\\nowner = \"nosuchuser\"\\n' > /etc/vmd/vms/ghost.toml"
+        ),
+    ]);
+    vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    assert_eq!(vmd.property("alices", "Owner"), "alice");
+    let started = as_user(&vmd, "alice", &["vmctl", "start", "alices"]);
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    assert_eq!(vmd.property("alices", "State"), "running");
+    let stopped = as_user(&vmd, "alice", &["vmctl", "stop", "-w", "alices"]);
+    assert!(stopped.status.success(), "{}", stderr_of(&stopped));
+    assert_eq!(vmd.property("alices", "State"), "stopped");
+    assert!(!list().contains("ghost"), "{}", list());
+    vmd.wait_journal(&["-u", "vmd.service"], "ghost.toml: owner \"nosuchuser\"");
+    vmd.wait_journal(&["-u", "vmd.service"], "there is no user \"nosuchuser\"");
 }
 
 #[test]

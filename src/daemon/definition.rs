@@ -16,31 +16,48 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 
 /// One VM's definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmDefinition {
-    #[serde(skip)]
     pub name: String,
     pub uuid: uuid::Uuid,
     pub kernel: PathBuf,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
-    #[serde(default = "default_cmdline")]
     pub cmdline: String,
-    #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    #[serde(default = "default_memory")]
     pub memory_bytes: u64,
-    #[serde(default)]
     pub autostart: bool,
     /// The owner (and owner group), who may run the VM without polkit; root when unset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_uid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_gid: Option<u32>,
     /// Not stored; forgotten when it stops.
-    #[serde(skip)]
     pub transient: bool,
+}
+
+/// A definition as its TOML file spells it (the name is the file's).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DefinitionFile {
+    uuid: uuid::Uuid,
+    kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    cmdline: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default = "default_memory")]
+    memory_bytes: u64,
+    #[serde(default)]
+    autostart: bool,
+    /// `"user"` or `"user:group"`, names or numeric ids, resolved when the file is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    /// What earlier versions wrote instead of `owner`: still read, written only for an owner
+    /// group without an owner (which `owner` cannot express).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_gid: Option<u32>,
 }
 
 fn default_cmdline() -> String {
@@ -59,7 +76,7 @@ pub enum DefinitionError {
     #[error("invalid VM name: {0}")]
     Name(#[from] protocol::NameError),
     #[error(
-        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient)"
+        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient, Owner)"
     )]
     UnknownKey(String),
     #[error("configuration key {key} must be of D-Bus type {expected}, not {found}")]
@@ -82,8 +99,12 @@ pub enum DefinitionError {
     Config(#[from] protocol::ConfigError),
     #[error("cannot parse the definition: {0}")]
     Toml(String),
-    #[error("Owner {0:?} is not \"user\" or \"user:group\" with an existing user and group")]
-    Owner(String),
+    #[error(
+        "owner {owner:?} (\"user\" or \"user:group\", names or numeric ids) is unusable: {reason}"
+    )]
+    Owner { owner: String, reason: String },
+    #[error("the definition gives both owner and owner-uid/owner-gid; keep only owner")]
+    OwnerTwice,
     #[error(
         "CreateVMWithFiles takes the kernel and initrd as fds in its files argument, not as {0} paths"
     )]
@@ -195,12 +216,35 @@ impl VmDefinition {
         }
     }
 
-    /// Parses a stored definition; the name comes from the file name.
+    /// Parses a stored definition; the name comes from the file name. An `owner` is resolved
+    /// to ids here, so an unknown user or group is an error at load.
     pub fn from_toml(name: &str, text: &str) -> Result<VmDefinition, DefinitionError> {
         protocol::validate_vm_name(name)?;
-        let mut definition: VmDefinition =
+        let file: DefinitionFile =
             toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
-        definition.name = name.to_string();
+        let (owner_uid, owner_gid) = match file.owner {
+            Some(_) if file.owner_uid.is_some() || file.owner_gid.is_some() => {
+                return Err(DefinitionError::OwnerTwice);
+            }
+            Some(owner) => {
+                let (uid, gid) = resolve_owner(&owner)?;
+                (Some(uid), gid)
+            }
+            None => (file.owner_uid, file.owner_gid),
+        };
+        let definition = VmDefinition {
+            name: name.to_string(),
+            uuid: file.uuid,
+            kernel: file.kernel,
+            initrd: file.initrd,
+            cmdline: file.cmdline,
+            vcpus: file.vcpus,
+            memory_bytes: file.memory_bytes,
+            autostart: file.autostart,
+            owner_uid,
+            owner_gid,
+            transient: false,
+        };
         definition.vm_config().validate()?;
         for (what, path) in [
             ("kernel", Some(&definition.kernel)),
@@ -218,34 +262,63 @@ impl VmDefinition {
         Ok(definition)
     }
 
+    /// The TOML file of a definition. The owner is written as numeric ids (`owner = "uid"` or
+    /// `"uid:gid"`), so that renaming a user does not lose the VM at the next load.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string(self)
+        let (owner, owner_gid) = match (self.owner_uid, self.owner_gid) {
+            (Some(uid), Some(gid)) => (Some(format!("{uid}:{gid}")), None),
+            (Some(uid), None) => (Some(uid.to_string()), None),
+            (None, gid) => (None, gid),
+        };
+        toml::to_string(&DefinitionFile {
+            uuid: self.uuid,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory_bytes,
+            autostart: self.autostart,
+            owner,
+            owner_uid: None,
+            owner_gid,
+        })
     }
 }
 
-/// "user" or "user:group" to ids.
-fn resolve_owner(owner: &str) -> Result<(u32, Option<u32>), DefinitionError> {
-    let bad = || DefinitionError::Owner(owner.to_string());
+/// `"user"` or `"user:group"` to ids. Each part is a name or a numeric id; a name is looked
+/// up first, as chown(1) does, so that a user whose name is all digits is still found.
+pub fn resolve_owner(owner: &str) -> Result<(u32, Option<u32>), DefinitionError> {
+    let unusable = |reason: String| DefinitionError::Owner {
+        owner: owner.to_string(),
+        reason,
+    };
     let (user, group) = match owner.split_once(':') {
         Some((user, group)) => (user, Some(group)),
         None => (owner, None),
     };
-    let user = nix::unistd::User::from_name(user)
-        .ok()
-        .flatten()
-        .ok_or_else(bad)?;
-    let gid = match group {
-        Some(group) => Some(
-            nix::unistd::Group::from_name(group)
-                .ok()
-                .flatten()
-                .ok_or_else(bad)?
-                .gid
-                .as_raw(),
-        ),
-        None => None,
+    if user.is_empty() || group.is_some_and(str::is_empty) {
+        return Err(unusable(
+            "a user (and after ':' a group) must be named".into(),
+        ));
+    }
+    let uid = match nix::unistd::User::from_name(user) {
+        Ok(Some(found)) => found.uid.as_raw(),
+        Ok(None) => user
+            .parse::<u32>()
+            .map_err(|_| unusable(format!("there is no user {user:?}")))?,
+        Err(e) => return Err(unusable(format!("cannot look up the user {user:?}: {e}"))),
     };
-    Ok((user.uid.as_raw(), gid))
+    let gid = match group {
+        None => None,
+        Some(group) => Some(match nix::unistd::Group::from_name(group) {
+            Ok(Some(found)) => found.gid.as_raw(),
+            Ok(None) => group
+                .parse::<u32>()
+                .map_err(|_| unusable(format!("there is no group {group:?}")))?,
+            Err(e) => return Err(unusable(format!("cannot look up the group {group:?}: {e}"))),
+        }),
+    };
+    Ok((uid, gid))
 }
 
 fn string(value: &OwnedVariant, key: &'static str) -> Result<String, DefinitionError> {
@@ -429,6 +502,88 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("a device, not a regular file"), "{error}");
+    }
+
+    fn stored(extra: &str) -> Result<VmDefinition, DefinitionError> {
+        VmDefinition::from_toml(
+            "a",
+            &format!("uuid = \"00000000-0000-0000-0000-000000000000\"\nkernel = \"/k\"\n{extra}"),
+        )
+    }
+
+    fn owner_of(extra: &str) -> (Option<u32>, Option<u32>) {
+        let definition = stored(extra).expect("valid");
+        (definition.owner_uid, definition.owner_gid)
+    }
+
+    #[test]
+    fn owners_are_names_or_numeric_ids() {
+        assert_eq!(owner_of(""), (None, None));
+        assert_eq!(owner_of("owner = \"root\"\n"), (Some(0), None));
+        let daemon = nix::unistd::Group::from_name("daemon")
+            .expect("lookup")
+            .expect("the daemon group")
+            .gid
+            .as_raw();
+        assert_eq!(
+            owner_of("owner = \"nobody:daemon\"\n"),
+            (Some(65534), Some(daemon))
+        );
+        assert_eq!(
+            owner_of("owner = \"4321:8765\"\n"),
+            (Some(4321), Some(8765))
+        );
+        // What earlier versions wrote.
+        assert_eq!(
+            owner_of("owner-uid = 1000\nowner-gid = 100\n"),
+            (Some(1000), Some(100))
+        );
+        assert_eq!(owner_of("owner-gid = 100\n"), (None, Some(100)));
+    }
+
+    #[test]
+    fn unknown_owners_are_clear_errors() {
+        for (owner, expected) in [
+            (
+                "no-such-user-here",
+                "there is no user \"no-such-user-here\"",
+            ),
+            ("root:no-such-group", "there is no group \"no-such-group\""),
+            ("", "must be named"),
+            ("root:", "must be named"),
+        ] {
+            let error = stored(&format!("owner = \"{owner}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{owner:?}: {error}");
+        }
+        assert_eq!(
+            stored("owner = \"root\"\nowner-uid = 0\n"),
+            Err(DefinitionError::OwnerTwice)
+        );
+    }
+
+    #[test]
+    fn owners_are_stored_as_ids_and_load_back() {
+        let mut definition = stored("").expect("valid");
+        for (uid, gid, line) in [
+            (Some(1000), Some(100), Some("owner = \"1000:100\"")),
+            (Some(1000), None, Some("owner = \"1000\"")),
+            (None, Some(100), Some("owner-gid = 100")),
+            (None, None, None),
+        ] {
+            definition.owner_uid = uid;
+            definition.owner_gid = gid;
+            let text = definition.to_toml().expect("serializes");
+            match line {
+                Some(line) => assert!(text.contains(line), "{text}"),
+                None => assert!(!text.contains("owner"), "{text}"),
+            }
+            assert_eq!(
+                VmDefinition::from_toml("a", &text).as_ref(),
+                Ok(&definition)
+            );
+        }
     }
 
     #[test]
