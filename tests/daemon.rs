@@ -596,21 +596,27 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
         .contains("is defined")
     );
     vmd.ok(&["useradd", "-m", "tester"]);
-    let denied = vmd.systemd.exec_with(ExecOptions {
-        argv: &[
+    let listed = || {
+        vmd.ok(&[
             "busctl",
             "call",
             "org.vmd.vmd1",
-            "/org/vmd/vmd1/vm/one",
-            "org.vmd.vmd1.VM",
-            "Start",
-        ],
-        user: Some("tester"),
-        ..Default::default()
-    });
-    assert!(!denied.status.success());
-    assert!(String::from_utf8_lossy(&denied.stderr).contains("org.vmd.vmd1.manage"));
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs",
+        ])
+    };
+    let before = listed();
+    let denied = gdbus_as(
+        &vmd,
+        "tester",
+        "/org/vmd/vmd1/vm/one",
+        "org.vmd.vmd1.VM.Start",
+        &[],
+    );
+    assert_not_permitted(&denied, "org.vmd.vmd1.manage", "tester's Start");
     assert_eq!(vmd.property("one", "State"), "defined");
+    assert_eq!(listed(), before);
     // Reading is for everyone.
     let read = vmd.systemd.exec_with(ExecOptions {
         argv: &[
@@ -1001,6 +1007,35 @@ fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Calls `method` (with its interface) on `path` as `user` through gdbus, which prints the
+/// D-Bus error's name (busctl prints only its message).
+fn gdbus_as(vmd: &Vmd, user: &str, path: &str, method: &str, args: &[&str]) -> Output {
+    let mut argv = vec![
+        "gdbus",
+        "call",
+        "--system",
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        path,
+        "--method",
+        method,
+    ];
+    argv.extend(args);
+    as_user(vmd, user, &argv)
+}
+
+/// A refusal for want of authorization: the named error, with the polkit action it would take
+/// in its sentence (a refusal for another reason, InvalidState say, does not pass).
+fn assert_not_permitted(output: &Output, action: &str, what: &str) {
+    let stderr = stderr_of(output);
+    assert!(!output.status.success(), "{what} was allowed");
+    assert!(
+        stderr.contains("org.vmd.vmd1.Error.NotPermitted") && stderr.contains(action),
+        "{what}: {stderr}"
+    );
+}
+
 /// Writes a polkit rule and waits until polkitd has loaded it.
 fn grant(vmd: &Vmd, file: &str, rule: &str, user: &str, action: &str) {
     let written = vmd.systemd.exec_with(ExecOptions {
@@ -1152,16 +1187,12 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         let output = as_user(&vmd, "alice", argv);
         assert!(output.status.success(), "{argv:?}: {}", stderr_of(&output));
     }
-    // Removing is not part of ownership.
-    let stopped = as_user(&vmd, "alice", &["vmctl", "stop", "-w", "a1"]);
-    assert!(stopped.status.success(), "{}", stderr_of(&stopped));
-    let refused = as_user(&vmd, "alice", &["vmctl", "remove", "a1"]);
-    assert!(
-        stderr_of(&refused).contains("org.vmd.vmd1.manage"),
-        "{}",
-        stderr_of(&refused)
-    );
-    // Someone else's VM: bob may not touch it, until his group may manage VMs.
+    // Someone else's VM: bob may not touch it, until his group may manage VMs. It runs, so
+    // a call that got through would show (paused, stopped, restarted, gone); and each refusal
+    // must be the authorization's, by name, not the state's.
+    let a1 = "/org/vmd/vmd1/vm/a1";
+    let running = (list(), vmd.property("a1", "LeaderPID"));
+    assert!(running.0.contains("\"a1\" \"running\""), "{}", running.0);
     for method in [
         "Start",
         "Shutdown",
@@ -1171,42 +1202,44 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         "Remove",
         "OpenConsole",
     ] {
-        let refused = as_user(
-            &vmd,
-            "bob",
-            &[
-                "busctl",
-                "call",
-                "org.vmd.vmd1",
-                "/org/vmd/vmd1/vm/a1",
-                "org.vmd.vmd1.VM",
-                method,
-            ],
-        );
-        assert!(!refused.status.success(), "bob may {method} alice's VM");
-        assert!(
-            stderr_of(&refused).contains("org.vmd.vmd1.manage"),
-            "{method}: {}",
-            stderr_of(&refused)
+        let refused = gdbus_as(&vmd, "bob", a1, &format!("org.vmd.vmd1.VM.{method}"), &[]);
+        assert_not_permitted(&refused, "org.vmd.vmd1.manage", &format!("bob's {method}"));
+        assert_eq!(
+            (list(), vmd.property("a1", "LeaderPID")),
+            running,
+            "after bob's {method}"
         );
     }
-    let refused = as_user(
+    let refused = gdbus_as(
         &vmd,
         "bob",
-        &[
-            "busctl",
-            "set-property",
-            "org.vmd.vmd1",
-            "/org/vmd/vmd1/vm/a1",
-            "org.vmd.vmd1.VM",
-            "Autostart",
-            "b",
-            "true",
-        ],
+        a1,
+        "org.freedesktop.DBus.Properties.Set",
+        &["org.vmd.vmd1.VM", "Autostart", "<true>"],
     );
-    assert!(!refused.status.success());
+    assert_not_permitted(&refused, "org.vmd.vmd1.manage", "bob's Autostart");
     assert_eq!(vmd.property("a1", "Autostart"), "false");
-    assert_eq!(vmd.property("a1", "State"), "stopped");
+    assert!(
+        vmd.ok(&["cat", "/var/lib/vmd/vms/a1.toml"])
+            .contains("autostart = false")
+    );
+    // Removing is not part of ownership.
+    let stopped = as_user(&vmd, "alice", &["vmctl", "stop", "-w", "a1"]);
+    assert!(stopped.status.success(), "{}", stderr_of(&stopped));
+    let before = list();
+    let refused = as_user(&vmd, "alice", &["vmctl", "remove", "a1"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr_of(&refused).contains("org.vmd.vmd1.manage"),
+        "{}",
+        stderr_of(&refused)
+    );
+    let refused = gdbus_as(&vmd, "alice", a1, "org.vmd.vmd1.VM.Remove", &[]);
+    assert_not_permitted(&refused, "org.vmd.vmd1.manage", "alice's Remove");
+    assert_eq!(list(), before);
+    assert!(before.contains("\"a1\" \"stopped\""), "{before}");
+    vmd.ok(&["test", "-f", "/var/lib/vmd/vms/a1.toml"]);
+    vmd.ok(&["test", "-f", &format!("/var/lib/vmd/files/{uuid}/kernel")]);
     let refused = as_user(&vmd, "bob", &["vmctl", "start", "a1"]);
     assert!(!refused.status.success());
     assert!(
@@ -1214,6 +1247,7 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         "{}",
         stderr_of(&refused)
     );
+    assert_eq!(list(), before);
     grant(
         &vmd,
         "50-vmusers-manage.rules",
