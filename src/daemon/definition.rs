@@ -2,7 +2,6 @@
 //! to `CreateVM` in an `a{sv}`. Everything is checked here, before anything is created.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -353,10 +352,9 @@ where
     })
 }
 
-/// The file must be an absolute path to a readable, non-empty regular file. It is opened with
-/// O_NONBLOCK, so that a FIFO without a writer cannot hang the open, and O_NOCTTY, so that a
-/// terminal never becomes the daemon's controlling terminal; fstat of what was opened decides
-/// what it is. A slow filesystem can still block: callers run this off the async runtime.
+/// The file must be an absolute path to a readable, non-empty regular file (opened as
+/// `host_files::open_regular` does: never hanging on a FIFO). A slow filesystem can still
+/// block: callers run this off the async runtime.
 fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
     if !path.is_absolute() {
         return Err(DefinitionError::RelativePath {
@@ -369,15 +367,9 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
+    let file = super::host_files::open_regular(path, &super::host_files::Rights::Daemon)
         .map_err(|e| unusable(e.to_string()))?;
     let metadata = file.metadata().map_err(|e| unusable(e.to_string()))?;
-    if let Some(kind) = super::files::non_regular_kind(metadata.mode()) {
-        return Err(unusable(format!("it is {kind}, not a regular file")));
-    }
     if metadata.len() == 0 {
         return Err(unusable("the file is empty".into()));
     }

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::unistd::{Gid, Group, Uid, User};
@@ -138,22 +138,10 @@ pub fn open_regular(path: &Path, rights: &Rights) -> io::Result<File> {
             )
         })?,
     };
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
-        let what = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_block_device() || kind.is_char_device() {
-            "a device"
-        } else {
-            "not a regular file"
-        };
+    if let Some(kind) = super::files::non_regular_kind(file.metadata()?.mode()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("it is {what}, not a regular file"),
+            format!("it is {kind}, not a regular file"),
         ));
     }
     Ok(file)
@@ -250,7 +238,7 @@ mod tests {
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         let err = open_regular(&fifo, &Rights::Daemon).unwrap_err();
-        assert!(err.to_string().contains("a FIFO"), "{err}");
+        assert!(err.to_string().contains("FIFO"), "{err}");
         let err = open_regular(Path::new("/dev/null"), &Rights::Daemon).unwrap_err();
         assert!(err.to_string().contains("a device"), "{err}");
     }

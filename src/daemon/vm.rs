@@ -535,9 +535,15 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
 /// Launches one helper, puts it in its scope, configures it and follows it until it exits.
 async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     let definition = vm.definition();
-    let launched = match launch(manager, vm, &definition) {
-        Ok(launched) => launched,
-        Err(reason) => return HelperOutcome::Failed(reason),
+    // Opening host paths may block on a slow filesystem: off the async workers.
+    let launched = {
+        let (manager, vm, definition) = (manager.clone(), vm.clone(), definition.clone());
+        tokio::task::spawn_blocking(move || launch(&manager, &vm, &definition)).await
+    };
+    let launched = match launched {
+        Ok(Ok(launched)) => launched,
+        Ok(Err(reason)) => return HelperOutcome::Failed(reason),
+        Err(err) => return HelperOutcome::Failed(format!("the launch failed: {err}")),
     };
     let control = Arc::new(launched.control);
     let pidfd = Arc::new(launched.pidfd);
