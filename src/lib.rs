@@ -8,7 +8,8 @@
 //! - [`sandbox`] is how the helper locks itself down;
 //! - [`vmm`] builds and runs the VM on KVM, with the [`devices`] it emulates;
 //! - [`daemon`] is the D-Bus service that runs VMs in systemd scopes;
-//! - [`cli`] holds the user-facing commands.
+//! - [`cli`] holds the user-facing commands;
+//! - [`poll_set`] is the poll(2) loop shape the helper and `vmd run` share.
 
 pub mod cli;
 pub mod daemon;
@@ -16,6 +17,7 @@ pub mod devices;
 pub mod helper;
 pub mod launch;
 pub mod logging;
+pub mod poll_set;
 pub mod protocol;
 pub mod sandbox;
 pub mod vmm;

@@ -134,6 +134,29 @@ impl Vmd {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// A connection from this test process to the box's bus (as root), once the daemon runs
+    /// there, with the runtime that drives it.
+    fn connect(&self) -> (tokio::runtime::Runtime, zbus::Connection) {
+        self.ok(&[
+            "busctl",
+            "call",
+            "org.vmd.vmd1",
+            MANAGER,
+            "org.vmd.vmd1.Manager",
+            "ListVMs",
+        ]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let bus = runtime
+            .block_on(
+                zbus::connection::Builder::address(self.systemd.bus_address().as_str()).build(),
+            )
+            .expect("connect to the box's bus");
+        (runtime, bus)
+    }
+
     fn vm_path(name: &str) -> String {
         format!("{MANAGER}/vm/{}", bus_label_escape(name))
     }
@@ -1301,22 +1324,7 @@ fn random_configs_and_names_never_create_anything_or_hurt_the_daemon() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
     let Some(vmd) = Vmd::boot() else { return };
-    // Start the daemon, then talk to it from here over the box's bus (as root).
-    vmd.ok(&[
-        "busctl",
-        "call",
-        "org.vmd.vmd1",
-        MANAGER,
-        "org.vmd.vmd1.Manager",
-        "ListVMs",
-    ]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let bus = runtime
-        .block_on(zbus::connection::Builder::address(vmd.systemd.bus_address().as_str()).build())
-        .expect("connect to the box's bus");
+    let (runtime, bus) = vmd.connect();
 
     let value = prop_oneof![
         any::<u32>().prop_map(zbus::OwnedVariant::from),
@@ -1389,21 +1397,7 @@ fn random_configs_and_names_never_create_anything_or_hurt_the_daemon() {
 #[test]
 fn start_and_remove_at_once_never_both_succeed() {
     let Some(vmd) = Vmd::boot() else { return };
-    vmd.ok(&[
-        "busctl",
-        "call",
-        "org.vmd.vmd1",
-        MANAGER,
-        "org.vmd.vmd1.Manager",
-        "ListVMs",
-    ]);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let bus = runtime
-        .block_on(zbus::connection::Builder::address(vmd.systemd.bus_address().as_str()).build())
-        .expect("connect to the box's bus");
+    let (runtime, bus) = vmd.connect();
     let call = |path: &str, method: &'static str| {
         bus.call_method(
             Some("org.vmd.vmd1"),

@@ -62,24 +62,30 @@ fn next_event(helper: &HelperProcess) -> Event {
         .expect("control socket open")
 }
 
-/// Starts a guest with `scenario` and returns it once `first_line` is on its console.
-fn running_guest(scenario: &str, first_line: &str) -> (HelperProcess, Lines) {
-    let (fds, console) = standard_fds();
-    let helper = launch(fds);
+/// Sends Start with `scenario` to a launched helper, checks it answers Created and Running, and
+/// collects its console from then on.
+fn start_guest(helper: &HelperProcess, console: UnixStream, scenario: &str) -> Lines {
     helper
         .control
         .send_request(&Request::Start {
             config: config(scenario),
         })
         .expect("send start");
-    assert_eq!(next_event(&helper), Event::Created);
+    assert_eq!(next_event(helper), Event::Created);
     assert_eq!(
-        next_event(&helper),
+        next_event(helper),
         Event::State {
             state: RunState::Running
         }
     );
-    let lines = Lines::collect(console);
+    Lines::collect(console)
+}
+
+/// Starts a guest with `scenario` and returns it once `first_line` is on its console.
+fn running_guest(scenario: &str, first_line: &str) -> (HelperProcess, Lines) {
+    let (fds, console) = standard_fds();
+    let helper = launch(fds);
+    let lines = start_guest(&helper, console, scenario);
     lines.wait_for(first_line, EVENT_TIMEOUT);
     (helper, lines)
 }
@@ -144,20 +150,7 @@ fn a_sigterm_during_start_up_becomes_the_power_button() {
     // The helper has just exec'd and has not even read its fds: it starts with SIGTERM blocked,
     // so the signal waits for its signalfd instead of killing it.
     nix::sys::signal::kill(helper.pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    helper
-        .control
-        .send_request(&Request::Start {
-            config: config("spin"),
-        })
-        .expect("send start");
-    assert_eq!(next_event(&helper), Event::Created);
-    assert_eq!(
-        next_event(&helper),
-        Event::State {
-            state: RunState::Running
-        }
-    );
-    let lines = Lines::collect(console);
+    let lines = start_guest(&helper, console, "spin");
     assert_eq!(next_event(&helper), Event::GuestPowerOff);
     lines.wait_for("testguest: power button pressed", EVENT_TIMEOUT);
     assert_eq!(helper.wait().expect("wait"), HelperExit::Exited(0));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{self, MsgFlags};
@@ -20,6 +20,7 @@ use nix::sys::stat::SFlag;
 
 use crate::helper::{EXIT_FAILURE, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
+use crate::poll_set::PollSet;
 use crate::protocol::{Event, Request, VmConfig};
 
 /// How long the helper may take to build the VM before `vmd run` gives up on it.
@@ -213,49 +214,32 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
     let mut stdout = StdoutSink::new();
     let mut buf = [0u8; 4096];
     loop {
-        if exited && !console_open && stdout.is_idle() {
-            while control_open {
-                control_open = report_events(helper);
-            }
+        if exited && !console_open && !stdout.has_pending() {
+            report_remaining_events(helper, control_open);
             return Ok(());
         }
-        let mut sources = Vec::new();
-        let mut fds = Vec::new();
+        let mut fds = PollSet::new();
         // A full stdout buffer stops console reads: the console socket fills, and the helper's
         // COM1 drops output as it does when nobody reads.
         if console_open && stdout.has_room() {
-            sources.push(Source::Console);
-            fds.push(PollFd::new(console.as_fd(), PollFlags::POLLIN));
+            fds.watch(Source::Console, console.as_fd(), PollFlags::POLLIN);
         }
         if stdout.has_pending() {
-            sources.push(Source::Stdout);
-            fds.push(PollFd::new(stdout.as_fd(), PollFlags::POLLOUT));
+            fds.watch(Source::Stdout, stdout.as_fd(), PollFlags::POLLOUT);
         }
         if !exited {
-            sources.push(Source::Exit);
-            fds.push(PollFd::new(helper.pidfd.as_fd(), PollFlags::POLLIN));
+            fds.watch(Source::Exit, helper.pidfd.as_fd(), PollFlags::POLLIN);
         }
-        sources.push(Source::Signals);
-        fds.push(PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN));
+        fds.watch(Source::Signals, signal_fd.as_fd(), PollFlags::POLLIN);
         if control_open {
-            sources.push(Source::Control);
-            fds.push(PollFd::new(helper.control.as_fd(), PollFlags::POLLIN));
+            fds.watch(Source::Control, helper.control.as_fd(), PollFlags::POLLIN);
         }
         if stdin_open && !exited {
-            sources.push(Source::Stdin);
-            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            fds.watch(Source::Stdin, stdin.as_fd(), PollFlags::POLLIN);
         }
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(err) => return Err(format!("poll failed: {err}")),
-        }
-        let ready: Vec<Source> = sources
-            .iter()
-            .zip(&fds)
-            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(source, _)| *source)
-            .collect();
-        drop(fds);
+        let ready = fds
+            .wait(PollTimeout::NONE)
+            .map_err(|err| format!("poll failed: {err}"))?;
 
         for source in ready {
             match source {
@@ -287,9 +271,7 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
                     }
                     if exited {
                         // Only stdout is left, and it has stalled: stop waiting for it.
-                        while control_open {
-                            control_open = report_events(helper);
-                        }
+                        report_remaining_events(helper, control_open);
                         return Ok(());
                     }
                     if interrupts == 1 {
@@ -302,6 +284,13 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
                 }
             }
         }
+    }
+}
+
+/// Reports the events the helper sent before it ended.
+fn report_remaining_events(helper: &HelperProcess, mut control_open: bool) {
+    while control_open {
+        control_open = report_events(helper);
     }
 }
 
@@ -388,10 +377,6 @@ impl StdoutSink {
 
     fn has_pending(&self) -> bool {
         !self.pending.is_empty()
-    }
-
-    fn is_idle(&self) -> bool {
-        self.pending.is_empty()
     }
 
     fn push(&mut self, bytes: &[u8]) {

@@ -300,24 +300,36 @@ pub fn resolve_owner(owner: &str) -> Result<(u32, Option<u32>), DefinitionError>
             "a user (and after ':' a group) must be named".into(),
         ));
     }
-    let uid = match nix::unistd::User::from_name(user) {
-        Ok(Some(found)) => found.uid.as_raw(),
-        Ok(None) => user
-            .parse::<u32>()
-            .map_err(|_| unusable(format!("there is no user {user:?}")))?,
-        Err(e) => return Err(unusable(format!("cannot look up the user {user:?}: {e}"))),
-    };
-    let gid = match group {
-        None => None,
-        Some(group) => Some(match nix::unistd::Group::from_name(group) {
-            Ok(Some(found)) => found.gid.as_raw(),
-            Ok(None) => group
-                .parse::<u32>()
-                .map_err(|_| unusable(format!("there is no group {group:?}")))?,
-            Err(e) => return Err(unusable(format!("cannot look up the group {group:?}: {e}"))),
-        }),
-    };
+    let uid = numeric_or_named("user", user, |name| {
+        nix::unistd::User::from_name(name).map(|found| found.map(|user| user.uid.as_raw()))
+    })
+    .map_err(unusable)?;
+    let gid = group
+        .map(|group| {
+            numeric_or_named("group", group, |name| {
+                nix::unistd::Group::from_name(name)
+                    .map(|found| found.map(|group| group.gid.as_raw()))
+            })
+        })
+        .transpose()
+        .map_err(unusable)?;
     Ok((uid, gid))
+}
+
+/// The id of the user or group `name` (`kind` says which), or `name` read as a numeric id when
+/// no such name exists.
+fn numeric_or_named(
+    kind: &str,
+    name: &str,
+    lookup: impl Fn(&str) -> nix::Result<Option<u32>>,
+) -> Result<u32, String> {
+    match lookup(name) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => name
+            .parse::<u32>()
+            .map_err(|_| format!("there is no {kind} {name:?}")),
+        Err(e) => Err(format!("cannot look up the {kind} {name:?}: {e}")),
+    }
 }
 
 fn string(value: &OwnedVariant, key: &'static str) -> Result<String, DefinitionError> {

@@ -35,6 +35,7 @@ use zbus::Connection;
 
 use crate::launch::Launcher;
 use manager::Manager;
+use notify::StoredFd;
 use store::Store;
 
 pub const BUS_NAME: &str = "org.vmd.vmd1";
@@ -114,24 +115,14 @@ fn take_activation_fds() -> Activation {
             activation
                 .listeners
                 .push(std::os::unix::net::UnixListener::from(owned));
-        } else if let Some(vm) = name.strip_prefix("vmctl-") {
-            activation
-                .stored_vms
-                .entry(vm.to_string())
-                .or_default()
-                .control = Some(owned);
-        } else if let Some(vm) = name.strip_prefix("vmpid-") {
-            activation
-                .stored_vms
-                .entry(vm.to_string())
-                .or_default()
-                .pidfd = Some(owned);
-        } else if let Some(vm) = name.strip_prefix("vmdef-") {
-            activation
-                .stored_vms
-                .entry(vm.to_string())
-                .or_default()
-                .definition = Some(owned);
+        } else if let Some((kind, vm)) = notify::parse_stored_fd_name(&name) {
+            let stored = activation.stored_vms.entry(vm.to_string()).or_default();
+            let slot = match kind {
+                StoredFd::Control => &mut stored.control,
+                StoredFd::Pidfd => &mut stored.pidfd,
+                StoredFd::Definition => &mut stored.definition,
+            };
+            *slot = Some(owned);
         } else {
             tracing::warn!("ignoring passed fd {fd} named {name:?}");
         }
@@ -144,11 +135,9 @@ fn take_activation_fds() -> Activation {
 async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, StoredVm>) {
     for (name, fds) in stored {
         let adopted = match (fds.control, fds.pidfd) {
-            (Some(control), Some(pidfd)) => match vm_to_adopt(manager, &name, fds.definition).await
-            {
-                Ok(vm) => vm.adopt(manager, control, pidfd),
-                Err(reason) => Err(reason),
-            },
+            (Some(control), Some(pidfd)) => vm_to_adopt(manager, &name, fds.definition)
+                .await
+                .and_then(|vm| vm.adopt(manager, control, pidfd)),
             _ => Err("the fd store holds only part of it".to_string()),
         };
         match adopted {

@@ -41,14 +41,34 @@ pub fn spawn_watchdog() {
     });
 }
 
-/// fd store names of a VM's control socket, helper pidfd and (transient VMs only, which have no
-/// file of their own) definition.
+/// What a running VM keeps in the fd store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredFd {
+    /// The helper's control socket.
+    Control,
+    /// The helper's pidfd.
+    Pidfd,
+    /// A transient VM's definition (no file holds it).
+    Definition,
+}
+
+/// The fd store name of each kind of fd, before the VM's name.
+const STORED_FD_PREFIXES: [(StoredFd, &str); 3] = [
+    (StoredFd::Control, "vmctl-"),
+    (StoredFd::Pidfd, "vmpid-"),
+    (StoredFd::Definition, "vmdef-"),
+];
+
+/// The fd store names of a VM's fds, in the order of [`StoredFd`].
 pub fn stored_fd_names(vm_name: &str) -> [String; 3] {
-    [
-        format!("vmctl-{vm_name}"),
-        format!("vmpid-{vm_name}"),
-        format!("vmdef-{vm_name}"),
-    ]
+    STORED_FD_PREFIXES.map(|(_, prefix)| format!("{prefix}{vm_name}"))
+}
+
+/// Which fd of which VM an fd store name is.
+pub fn parse_stored_fd_name(name: &str) -> Option<(StoredFd, &str)> {
+    STORED_FD_PREFIXES
+        .iter()
+        .find_map(|(kind, prefix)| Some((*kind, name.strip_prefix(prefix)?)))
 }
 
 /// Keeps a running VM's control socket and helper pidfd in systemd's fd store, so a restarted
@@ -126,5 +146,42 @@ pub fn read_stored_definition(memfd: OwnedFd) -> std::io::Result<String> {
 pub fn forget_vm_fds(vm_name: &str) {
     for name in stored_fd_names(vm_name) {
         let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_fd_names_read_back_as_what_they_name() {
+        let [control, pidfd, definition] = stored_fd_names("web-1");
+        assert_eq!(
+            parse_stored_fd_name(&control),
+            Some((StoredFd::Control, "web-1"))
+        );
+        assert_eq!(
+            parse_stored_fd_name(&pidfd),
+            Some((StoredFd::Pidfd, "web-1"))
+        );
+        assert_eq!(
+            parse_stored_fd_name(&definition),
+            Some((StoredFd::Definition, "web-1"))
+        );
+        assert_eq!(parse_stored_fd_name("vmd"), None);
+    }
+
+    #[test]
+    fn a_stored_definition_reads_back_and_cannot_be_changed() {
+        let memfd = definition_memfd("t", "kernel = \"/k\"\n").expect("memfd");
+        let copy = memfd.try_clone().expect("dup");
+        assert!(
+            nix::unistd::write(&copy, b"x").is_err(),
+            "the memfd is sealed"
+        );
+        assert_eq!(
+            read_stored_definition(memfd).expect("read"),
+            "kernel = \"/k\"\n"
+        );
     }
 }

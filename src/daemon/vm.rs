@@ -836,19 +836,7 @@ mod tests {
     use std::process::{Child, Command};
 
     fn vm_in(state: VmState) -> Arc<Vm> {
-        let definition = VmDefinition {
-            name: "t".into(),
-            uuid: uuid::Uuid::new_v4(),
-            kernel: "/boot/vmlinuz".into(),
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-            vcpus: 1,
-            memory_bytes: 64 << 20,
-            autostart: false,
-            owner_uid: None,
-            owner_gid: None,
-            transient: false,
-        };
+        let definition = VmDefinition::parse_dbus("t", &Default::default()).expect("defaults");
         let vm = Vm::new(definition, Origin::Api).expect("console");
         vm.state.send_replace(state);
         vm

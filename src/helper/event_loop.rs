@@ -5,13 +5,14 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::{PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::{EXIT_FAILURE, EXIT_POWER_OFF, EXIT_REBOOT, error_chain, panic_reason};
 use crate::devices::GuestStop;
 use crate::devices::bus::lock_device;
+use crate::poll_set::PollSet;
 use crate::protocol::{ControlChannel, Event, RecvError, Request, RunState};
 use crate::vmm::vcpu::VcpuThreads;
 use crate::vmm::vm::Vm;
@@ -161,39 +162,27 @@ impl<'a> EventLoop<'a> {
             timeout = Some(timeout.map_or(left, |t| t.min(left)));
         }
 
-        let mut sources = vec![Source::Stop, Source::Signals];
+        let mut fds = PollSet::new();
         let stop_fd = self.vm.stop.event_fd();
         // SAFETY: the eventfd is owned by the VM's StopSignal, which outlives this call.
         let stop_fd = unsafe { BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(stop_fd)) };
-        let mut fds = vec![
-            PollFd::new(stop_fd, PollFlags::POLLIN),
-            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-        ];
+        fds.watch(Source::Stop, stop_fd, PollFlags::POLLIN);
+        fds.watch(Source::Signals, self.signals.as_fd(), PollFlags::POLLIN);
         if self.control_open {
-            sources.push(Source::Control);
-            fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+            fds.watch(Source::Control, self.control.as_fd(), PollFlags::POLLIN);
         }
         let console = self.vm.devices.console_input.as_ref().map(OwnedFd::as_fd);
         if let (Some(console), true) = (console, console_has_room) {
-            sources.push(Source::Console);
-            fds.push(PollFd::new(console, PollFlags::POLLIN));
+            fds.watch(Source::Console, console, PollFlags::POLLIN);
         }
 
         let poll_timeout = match timeout {
             Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
-        match poll(&mut fds, poll_timeout) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(err) => return Err(format!("poll failed: {err}")),
-        }
-        let ready: Vec<Source> = sources
-            .iter()
-            .zip(&fds)
-            .filter(|(_, fd)| fd.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(source, _)| *source)
-            .collect();
-        drop(fds);
+        let ready = fds
+            .wait(poll_timeout)
+            .map_err(|err| format!("poll failed: {err}"))?;
         for source in ready {
             match source {
                 Source::Stop => {
