@@ -55,6 +55,8 @@ fn run_once(launcher: &Launcher, scenario: &str) -> Sample {
         vcpus: 1,
         memory_bytes: 64 << 20,
         cmdline: format!("testguest={scenario}"),
+        disks: Vec::new(),
+        entropy: false,
     };
     helper
         .control

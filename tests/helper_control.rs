@@ -23,6 +23,8 @@ fn config(scenario: &str) -> VmConfig {
         vcpus: 1,
         memory_bytes: 64 << 20,
         cmdline: format!("testguest={scenario}"),
+        disks: Vec::new(),
+        entropy: false,
     }
 }
 

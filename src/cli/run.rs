@@ -21,7 +21,7 @@ use nix::sys::stat::SFlag;
 use crate::helper::{EXIT_FAILURE, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
 use crate::poll_set::PollSet;
-use crate::protocol::{Event, Request, VmConfig};
+use crate::protocol::{Event, HelperFds, Request, VmConfig};
 
 /// How long the helper may take to build the VM before `vmd run` gives up on it.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -97,6 +97,8 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         vcpus: args.cpus,
         memory_bytes: args.memory,
         cmdline: args.cmdline.clone(),
+        disks: Vec::new(),
+        entropy: false,
     };
     config.validate().map_err(|e| e.to_string())?;
 
@@ -105,16 +107,20 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         .write(true)
         .open("/dev/kvm")
         .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let mut fds = vec![
-        ("kvm".to_string(), OwnedFd::from(kvm)),
-        ("kernel".to_string(), open_readable("kernel", &args.kernel)?),
-    ];
-    if let Some(initrd) = &args.initrd {
-        fds.push(("initrd".to_string(), open_readable("initrd", initrd)?));
-    }
+    let initrd = args
+        .initrd
+        .as_deref()
+        .map(|initrd| open_readable("initrd", initrd))
+        .transpose()?;
     let (console, helper_console) =
         UnixStream::pair().map_err(|e| format!("cannot create the console socket: {e}"))?;
-    fds.push(("console".to_string(), OwnedFd::from(helper_console)));
+    let fds = HelperFds {
+        kvm: OwnedFd::from(kvm),
+        kernel: open_readable("kernel", &args.kernel)?,
+        initrd,
+        disks: Vec::new(),
+        console: Some(OwnedFd::from(helper_console)),
+    };
     console
         .set_nonblocking(true)
         .map_err(|e| format!("cannot make the console socket non-blocking: {e}"))?;
@@ -139,7 +145,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
     let launcher = Launcher::current_executable().map_err(|e| error_chain(&e))?;
     let helper = launcher
         .spawn(HelperSpawn {
-            fds,
+            fds: fds.into_spawn_list(),
             args: helper_args,
         })
         .map_err(|e| error_chain(&e))?;

@@ -122,6 +122,8 @@ impl VmDefinition {
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
             cmdline: self.cmdline.clone(),
+            disks: Vec::new(),
+            entropy: false,
         }
     }
 

@@ -19,7 +19,7 @@ use super::store::Origin;
 use super::{machined, notify};
 use crate::helper::{EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperProcess, HelperSpawn};
-use crate::protocol::{ControlChannel, Event, Request, RunState};
+use crate::protocol::{ControlChannel, Event, HelperFds, Request, RunState};
 
 /// How long a guest gets to power off after `Shutdown` before the helper stops it.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -759,19 +759,22 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
         host_files::open_regular(path, rights)
             .map_err(|e| format!("cannot open the {what} {}: {e}", path.display()))
     };
-    let mut fds: Vec<(String, OwnedFd)> = vec![
-        ("kvm".into(), kvm.into()),
-        ("kernel".into(), open("kernel", &definition.kernel)?.into()),
-    ];
-    if let Some(initrd) = &definition.initrd {
-        fds.push(("initrd".into(), open("initrd", initrd)?.into()));
-    }
-    let console = vm.console.helper_end().map_err(|e| error_chain(&e))?;
-    fds.push(("console".into(), console));
+    let initrd = definition
+        .initrd
+        .as_deref()
+        .map(|initrd| open("initrd", initrd).map(OwnedFd::from))
+        .transpose()?;
+    let fds = HelperFds {
+        kvm: kvm.into(),
+        kernel: open("kernel", &definition.kernel)?.into(),
+        initrd,
+        disks: Vec::new(),
+        console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
+    };
     manager
         .launcher()
         .spawn(HelperSpawn {
-            fds,
+            fds: fds.into_spawn_list(),
             args: vec!["vm".into(), "--name".into(), vm.name.clone()],
         })
         .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))

@@ -10,52 +10,15 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
+pub use crate::protocol::FdName;
+use crate::protocol::fds::REQUIRED_FDS;
+
 /// The first passed fd (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
-/// More fds than a helper could ever be given (control, kvm, kernel, initrd, console, disks,
-/// nets): a larger count is a malformed environment, not something to walk through.
-const MAX_LISTEN_FDS: usize = 64;
-
-/// The fds a helper understands, by their `LISTEN_FDNAMES` name (DESIGN.md, "Launch protocol").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FdName {
-    /// The control socket (SOCK_SEQPACKET) to the launcher.
-    Control,
-    /// An open /dev/kvm.
-    Kvm,
-    /// The kernel image, readable.
-    Kernel,
-    /// The initrd, readable.
-    Initrd,
-    /// The console: guest output is written to it, guest input read from it.
-    Console,
-}
-
-impl FdName {
-    pub const ALL: [FdName; 5] = [
-        FdName::Control,
-        FdName::Kvm,
-        FdName::Kernel,
-        FdName::Initrd,
-        FdName::Console,
-    ];
-    /// Names every helper needs.
-    pub const REQUIRED: [FdName; 3] = [FdName::Control, FdName::Kvm, FdName::Kernel];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FdName::Control => "control",
-            FdName::Kvm => "kvm",
-            FdName::Kernel => "kernel",
-            FdName::Initrd => "initrd",
-            FdName::Console => "console",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<FdName> {
-        FdName::ALL.into_iter().find(|known| known.as_str() == name)
-    }
-}
+/// More fds than a helper could ever be given (control, kvm, kernel, initrd, console, 8 disks
+/// with 16 backing files each, 4 nets): a larger count is a malformed environment, not
+/// something to walk through.
+const MAX_LISTEN_FDS: usize = 160;
 
 /// Why the passed fds were refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,15 +36,15 @@ pub enum FdIntakeError {
     #[error("LISTEN_FDS={fds} but LISTEN_FDNAMES has {names} names")]
     CountMismatch { fds: usize, names: usize },
     #[error(
-        "unexpected fd name {0:?} in LISTEN_FDNAMES (known: control, kvm, kernel, initrd, console)"
+        "unexpected fd name {0:?} in LISTEN_FDNAMES (known: control, kvm, kernel, initrd, console, disk<i>, disk<i>.base<j>, net<i>)"
     )]
     UnknownName(String),
     #[error("fd name {0:?} appears more than once in LISTEN_FDNAMES")]
     DuplicateName(String),
     #[error("no {0:?} fd was passed")]
-    MissingName(&'static str),
+    MissingName(String),
     #[error("fd {fd} ({name:?}) is not open")]
-    NotOpen { fd: RawFd, name: &'static str },
+    NotOpen { fd: RawFd, name: String },
 }
 
 /// Checks the three variables and returns the fd number of each name. Pure: the fds are not
@@ -130,9 +93,9 @@ pub fn parse_listen_env(
         }
         fds.push((known, fd));
     }
-    for required in FdName::REQUIRED {
+    for required in REQUIRED_FDS {
         if !fds.iter().any(|(name, _)| *name == required) {
-            return Err(FdIntakeError::MissingName(required.as_str()));
+            return Err(FdIntakeError::MissingName(required.to_string()));
         }
     }
     Ok(fds)
@@ -197,7 +160,7 @@ pub unsafe fn take_listen_fds() -> Result<ReceivedFds, FdIntakeFailure> {
             return Err(FdIntakeFailure {
                 error: FdIntakeError::NotOpen {
                     fd,
-                    name: name.as_str(),
+                    name: name.to_string(),
                 },
                 control,
             });
@@ -269,6 +232,20 @@ mod tests {
     }
 
     #[test]
+    fn accepts_disks_and_their_backing_chains() {
+        assert_eq!(
+            parse("42", "5", "control:kvm:kernel:disk0:disk0.base1"),
+            Ok(vec![
+                (FdName::Control, 3),
+                (FdName::Kvm, 4),
+                (FdName::Kernel, 5),
+                (FdName::Disk(0), 6),
+                (FdName::DiskBase { disk: 0, layer: 1 }, 7),
+            ])
+        );
+    }
+
+    #[test]
     fn refuses_everything_else() {
         assert_eq!(
             parse("41", "3", "control:kvm:kernel"),
@@ -287,8 +264,8 @@ mod tests {
         );
         assert_eq!(parse("42", "0", ""), Err(FdIntakeError::BadCount(0)));
         assert_eq!(
-            parse("42", "65", "control"),
-            Err(FdIntakeError::BadCount(65))
+            parse("42", "161", "control"),
+            Err(FdIntakeError::BadCount(161))
         );
         assert!(matches!(
             parse("42", "-1", "control"),
@@ -299,8 +276,8 @@ mod tests {
             Err(FdIntakeError::CountMismatch { fds: 3, names: 2 })
         );
         assert_eq!(
-            parse("42", "3", "control:kvm:disk9"),
-            Err(FdIntakeError::UnknownName("disk9".into()))
+            parse("42", "3", "control:kvm:disk8"),
+            Err(FdIntakeError::UnknownName("disk8".into()))
         );
         assert_eq!(
             parse("42", "3", "control:kvm:kvm"),
@@ -308,7 +285,7 @@ mod tests {
         );
         assert_eq!(
             parse("42", "2", "control:kvm"),
-            Err(FdIntakeError::MissingName("kernel"))
+            Err(FdIntakeError::MissingName("kernel".into()))
         );
         assert_eq!(
             parse("42", "3", "control:kvm:"),

@@ -254,6 +254,13 @@ mod tests {
             vcpus: 4,
             memory_bytes: 1 << 30,
             cmdline: "console=ttyS0 root=/dev/vda \"quoted\" \u{263a}".into(),
+            disks: vec![crate::protocol::DiskConfig {
+                format: crate::protocol::ImageFormat::Qcow2,
+                read_only: true,
+                serial: "root".into(),
+                backing: vec![crate::protocol::ImageFormat::Raw],
+            }],
+            entropy: true,
         }
     }
 
@@ -514,6 +521,8 @@ mod tests {
                 vcpus,
                 memory_bytes: chunks * crate::protocol::MEMORY_ALIGN_BYTES,
                 cmdline,
+                disks: Vec::new(),
+                entropy: false,
             })
     }
 

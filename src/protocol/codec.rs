@@ -234,6 +234,8 @@ mod tests {
                 vcpus: 1,
                 memory_bytes: 16 << 20,
                 cmdline: "quiet \"x\" \u{e9}".into(),
+                disks: Vec::new(),
+                entropy: false,
             },
         };
         assert_eq!(

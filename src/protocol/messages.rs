@@ -24,6 +24,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::fds::{MAX_BACKING_DEPTH, MAX_DISKS};
 use super::name::{NameError, validate_vm_name};
 
 /// The most vCPUs a VM may have: their APIC IDs 0 to 253 stay clear of 255, the xAPIC broadcast ID.
@@ -34,9 +35,15 @@ pub const MEMORY_ALIGN_BYTES: u64 = 2 << 20;
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
 /// The most guest memory allowed (1 TiB).
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
-/// The longest kernel command line allowed, in bytes, not counting the NUL that the VMM appends
-/// (Linux's x86 `COMMAND_LINE_SIZE` is 2048 including it).
-pub const MAX_CMDLINE_BYTES: usize = 2047;
+/// The longest kernel command line a user may give, in bytes. Linux's x86 `COMMAND_LINE_SIZE`
+/// is 2048 including the NUL; the rest is kept for the `virtio_mmio.device=` entries the VMM
+/// appends for its devices (at most [`MAX_DEVICE_CMDLINE_BYTES`]).
+pub const MAX_CMDLINE_BYTES: usize = 1536;
+/// Room for the devices' command-line entries: up to 13 devices (8 disks, 4 interfaces, an
+/// entropy source) of at most 36 bytes each (" virtio_mmio.device=4K@0xd000c000:17").
+pub const MAX_DEVICE_CMDLINE_BYTES: usize = 2047 - MAX_CMDLINE_BYTES;
+/// The longest disk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_DISK_SERIAL_BYTES: usize = 20;
 
 /// What the helper needs to build a VM besides its fds (kernel, initrd, console arrive as fds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +58,50 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     /// The kernel command line: at most [`MAX_CMDLINE_BYTES`] bytes, no NUL.
     pub cmdline: String,
+    /// The disks, in guest order; disk `i`'s files arrive as the fds `disk<i>` and
+    /// `disk<i>.base<j>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// Whether the guest gets a virtio-rng entropy source.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub entropy: bool,
+}
+
+/// The format of a disk image (or of one layer of its backing chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    /// The guest's bytes as they are.
+    Raw,
+    /// QEMU's copy-on-write format, possibly over a backing chain.
+    Qcow2,
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// One disk as the helper sees it (the daemon has resolved paths and `auto` formats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The format of the image (`disk<i>`).
+    pub format: ImageFormat,
+    /// The guest may not write: the device offers `VIRTIO_BLK_F_RO`.
+    #[serde(default)]
+    pub read_only: bool,
+    /// What `VIRTIO_BLK_T_GET_ID` answers: printable ASCII, at most [`MAX_DISK_SERIAL_BYTES`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub serial: String,
+    /// The formats of the backing chain, nearest first: layer `j` arrives as `disk<i>.base<j>`.
+    /// Only a qcow2 image has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing: Vec<ImageFormat>,
 }
 
 /// Why a [`VmConfig`] is invalid. Each message names the field and says what is allowed.
@@ -93,6 +144,32 @@ pub enum ConfigError {
         /// The byte offset of the first NUL.
         offset: usize,
     },
+    /// More disks than [`MAX_DISKS`].
+    #[error("{count} disks given; at most {MAX_DISKS} are allowed")]
+    TooManyDisks {
+        /// The number of disks given.
+        count: usize,
+    },
+    /// A disk's serial is too long or not printable ASCII.
+    #[error(
+        "disk {disk}'s serial {serial:?} is not at most {MAX_DISK_SERIAL_BYTES} printable ASCII characters"
+    )]
+    DiskSerial {
+        /// The disk's index.
+        disk: usize,
+        /// The rejected serial.
+        serial: String,
+    },
+    /// A disk's backing chain is too deep, or a raw image claims one.
+    #[error(
+        "disk {disk} has a backing chain of {depth} images; only a qcow2 image has one, at most {MAX_BACKING_DEPTH} deep"
+    )]
+    DiskBacking {
+        /// The disk's index.
+        disk: usize,
+        /// The length of the rejected chain.
+        depth: usize,
+    },
 }
 
 impl VmConfig {
@@ -120,6 +197,32 @@ impl VmConfig {
         }
         if let Some(offset) = self.cmdline.bytes().position(|b| b == 0) {
             return Err(ConfigError::CmdlineNul { offset });
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks {
+                count: self.disks.len(),
+            });
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            disk.validate(index)?;
+        }
+        Ok(())
+    }
+}
+
+impl DiskConfig {
+    /// Checks the serial and the backing chain of disk `index`.
+    pub fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let printable = self.serial.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if self.serial.len() > MAX_DISK_SERIAL_BYTES || !printable {
+            return Err(ConfigError::DiskSerial {
+                disk: index,
+                serial: self.serial.clone(),
+            });
+        }
+        let depth = self.backing.len();
+        if depth > MAX_BACKING_DEPTH || (depth > 0 && self.format != ImageFormat::Qcow2) {
+            return Err(ConfigError::DiskBacking { disk: index, depth });
         }
         Ok(())
     }
@@ -194,6 +297,8 @@ mod tests {
             vcpus: 2,
             memory_bytes: 512 << 20,
             cmdline: "console=ttyS0".into(),
+            disks: Vec::new(),
+            entropy: false,
         }
     }
 
@@ -270,16 +375,16 @@ mod tests {
         };
         assert_eq!(
             config.validate(),
-            Err(ConfigError::CmdlineTooLong { len: 2048 })
+            Err(ConfigError::CmdlineTooLong { len: 1537 })
         );
         // The limit is in bytes, not characters.
         let config = VmConfig {
-            cmdline: "é".repeat(1024),
+            cmdline: "é".repeat(769),
             ..base()
         };
         assert_eq!(
             config.validate(),
-            Err(ConfigError::CmdlineTooLong { len: 2048 })
+            Err(ConfigError::CmdlineTooLong { len: 1538 })
         );
         let config = VmConfig {
             cmdline: "quiet\0init=/bin/sh".into(),
@@ -288,6 +393,55 @@ mod tests {
         assert_eq!(
             config.validate(),
             Err(ConfigError::CmdlineNul { offset: 5 })
+        );
+    }
+
+    #[test]
+    fn checks_disks() {
+        let disk = DiskConfig {
+            format: ImageFormat::Qcow2,
+            read_only: false,
+            serial: "vmd-disk-0".into(),
+            backing: vec![ImageFormat::Qcow2, ImageFormat::Raw],
+        };
+        let config = VmConfig {
+            disks: vec![disk.clone(); MAX_DISKS],
+            ..base()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        let config = VmConfig {
+            disks: vec![disk.clone(); MAX_DISKS + 1],
+            ..base()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::TooManyDisks { count: 9 })
+        );
+        for serial in ["x".repeat(21), "tab\t".into(), "é".into()] {
+            let bad = DiskConfig {
+                serial: serial.clone(),
+                ..disk.clone()
+            };
+            assert_eq!(
+                bad.validate(3),
+                Err(ConfigError::DiskSerial { disk: 3, serial })
+            );
+        }
+        let raw_with_backing = DiskConfig {
+            format: ImageFormat::Raw,
+            ..disk.clone()
+        };
+        assert_eq!(
+            raw_with_backing.validate(0),
+            Err(ConfigError::DiskBacking { disk: 0, depth: 2 })
+        );
+        let too_deep = DiskConfig {
+            backing: vec![ImageFormat::Qcow2; MAX_BACKING_DEPTH + 1],
+            ..disk
+        };
+        assert_eq!(
+            too_deep.validate(1),
+            Err(ConfigError::DiskBacking { disk: 1, depth: 17 })
         );
     }
 

@@ -7,6 +7,7 @@
 
 pub mod channel;
 pub mod codec;
+pub mod fds;
 pub mod messages;
 pub mod name;
 
@@ -15,8 +16,10 @@ pub use codec::{
     DecodeError, EncodeError, HEADER_LEN, MAGIC, MAX_DATAGRAM, MAX_PAYLOAD, PROTOCOL_VERSION,
     decode_event, decode_request, encode_event, encode_request,
 };
+pub use fds::{DiskFds, FdName, HelperFds, MAX_BACKING_DEPTH, MAX_DISKS, MAX_NETS};
 pub use messages::{
-    ConfigError, Event, MAX_CMDLINE_BYTES, MAX_MEMORY_BYTES, MAX_VCPUS, MEMORY_ALIGN_BYTES,
-    MIN_MEMORY_BYTES, Request, RunState, VmConfig,
+    ConfigError, DiskConfig, Event, ImageFormat, MAX_CMDLINE_BYTES, MAX_DEVICE_CMDLINE_BYTES,
+    MAX_DISK_SERIAL_BYTES, MAX_MEMORY_BYTES, MAX_VCPUS, MEMORY_ALIGN_BYTES, MIN_MEMORY_BYTES,
+    Request, RunState, VmConfig,
 };
 pub use name::{MAX_VM_NAME_LEN, NameError, validate_vm_name};
