@@ -6,6 +6,7 @@
 //! - [`helper`] is the helper process itself;
 //! - [`protocol`] is what the two say over their control socket;
 //! - [`sandbox`] is how the helper locks itself down;
+//! - [`images`] inspects disk images, follows their backing chains and locks them;
 //! - [`vmm`] builds and runs the VM on KVM, with the [`devices`] it emulates;
 //! - [`daemon`] is the D-Bus service that runs VMs in systemd scopes;
 //! - [`cli`] holds the user-facing commands;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod daemon;
 pub mod devices;
 pub mod helper;
+pub mod images;
 pub mod launch;
 pub mod logging;
 pub mod poll_set;
