@@ -11,12 +11,15 @@ use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, interface};
 
 use super::authority::{self, Action, Caller};
 use super::definition::{DefinitionError, VmDefinition};
+use super::disks::{self, DiskSource, DiskSpec, PassedDisk};
 use super::errors::VmdError;
 use super::files::{check_passed_file, copy_passed_file};
 use super::host_files::{Rights, UserRights};
 use super::manager::Manager;
 use super::store::Origin;
 use super::vm::{LifecycleError, Property, Vm};
+use crate::images::DiskFormat;
+use crate::protocol::FdName;
 
 pub const MANAGER_PATH: &str = "/org/vmd/vmd1";
 const VM_PATH_PREFIX: &str = "/org/vmd/vmd1/vm";
@@ -36,6 +39,7 @@ impl From<LifecycleError> for VmdError {
             LifecycleError::InvalidState { .. } => VmdError::InvalidState(error.to_string()),
             // Gone as far as callers can tell.
             LifecycleError::Removed { .. } => VmdError::NoSuchVM(error.to_string()),
+            LifecycleError::DiskBusy(reason) => VmdError::DiskBusy(reason),
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }
@@ -77,6 +81,50 @@ fn set_owner(caller: &Caller, definition: &mut VmDefinition) -> Result<(), VmdEr
     }
     definition.owner_uid = Some(caller.uid);
     Ok(())
+}
+
+/// Pairs CreateVMWithFiles' `disk<i>` files with the `Disks` entries: disk `i` is entry `i`
+/// (defaults when there are fewer entries) with file `disk<i>`. Every disk needs its file, and
+/// no entry may name a path. Returns each disk's fd and whether it is read-only.
+fn take_passed_disks(
+    definition: &mut VmDefinition,
+    files: &mut HashMap<String, zbus::OwnedFd>,
+) -> Result<Vec<(OwnedFd, bool)>, DefinitionError> {
+    if let Some(disk) = definition
+        .disks
+        .iter()
+        .position(|d| !d.shown_path().as_os_str().is_empty())
+    {
+        return Err(DefinitionError::DiskPathWithFiles { disk });
+    }
+    let highest_file = files
+        .keys()
+        .filter_map(|name| match FdName::parse(name) {
+            Some(FdName::Disk(index)) => Some(usize::from(index) + 1),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    while definition.disks.len() < highest_file {
+        definition.disks.push(DiskSpec {
+            source: DiskSource::Path(Default::default()),
+            format: DiskFormat::Auto,
+            read_only: false,
+            serial: String::new(),
+        });
+    }
+    definition.vm_config().validate()?;
+    definition
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(disk, spec)| {
+            let fd = files
+                .remove(&FdName::Disk(disk as u8).to_string())
+                .ok_or(DefinitionError::DiskNoFile { disk })?;
+            Ok((OwnedFd::from(fd), spec.read_only))
+        })
+        .collect()
 }
 
 pub struct ManagerObject {
@@ -141,12 +189,15 @@ impl ManagerObject {
                 return Err(invalid(DefinitionError::PathWithFiles(what)));
             }
         }
-        if let Some(unknown) = files
-            .keys()
-            .find(|k| !["kernel", "initrd"].contains(&k.as_str()))
-        {
+        if let Some(unknown) = files.keys().find(|k| {
+            !matches!(
+                FdName::parse(k),
+                Some(FdName::Kernel | FdName::Initrd | FdName::Disk(_))
+            )
+        }) {
             return Err(invalid(DefinitionError::UnknownFile(unknown.clone())));
         }
+        let passed_disks = take_passed_disks(&mut definition, &mut files).map_err(invalid)?;
         let kernel = OwnedFd::from(
             files
                 .remove("kernel")
@@ -154,15 +205,28 @@ impl ManagerObject {
         );
         let initrd = files.remove("initrd").map(OwnedFd::from);
         // Check every fd before anything is written.
-        let (kernel, initrd) = off_runtime(move || {
+        let (kernel, initrd, passed_disks) = off_runtime(move || {
+            let passed_disks = passed_disks
+                .into_iter()
+                .enumerate()
+                .map(|(index, (fd, read_only))| {
+                    disks::check_passed(index, &fd, read_only).map(|location| PassedDisk {
+                        fd: Some(Arc::new(fd)),
+                        location,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let kernel_size = check_passed_file("kernel", kernel.as_fd())?;
             let initrd = initrd
                 .map(|fd| check_passed_file("initrd", fd.as_fd()).map(|size| (fd, size)))
                 .transpose()?;
-            Ok(((kernel, kernel_size), initrd))
+            Ok(((kernel, kernel_size), initrd, passed_disks))
         })
         .await?
         .map_err(invalid)?;
+        for (spec, passed) in definition.disks.iter_mut().zip(passed_disks) {
+            spec.source = DiskSource::Passed(passed);
+        }
         // Fails early without copying; Manager::add decides for good, under its lock.
         if self.manager.get(&name).is_ok() {
             return Err(VmdError::VMExists(format!(
@@ -406,6 +470,17 @@ impl VmObject {
     #[zbus(property, name = "Cmdline")]
     async fn cmdline(&self) -> String {
         self.vm.definition().cmdline
+    }
+
+    /// One `a{sv}` per disk: Path s, Format s, ReadOnly b, Serial s, Passed b.
+    #[zbus(property, name = "Disks")]
+    async fn disks(&self) -> Vec<HashMap<String, OwnedVariant>> {
+        disks::to_dbus(&self.vm.definition().disks)
+    }
+
+    #[zbus(property, name = "Entropy")]
+    async fn entropy(&self) -> bool {
+        self.vm.definition().entropy
     }
 
     #[zbus(property, name = "Autostart")]

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zbus::OwnedVariant;
 
+use super::disks::{self, DiskSource, DiskSpec, DiskTable};
+use crate::images::UnknownFormat;
 use crate::protocol::{self, VmConfig};
 
 /// Defaults for keys a definition leaves out.
@@ -30,6 +32,10 @@ pub struct VmDefinition {
     pub owner_gid: Option<u32>,
     /// Not stored; forgotten when it stops.
     pub transient: bool,
+    /// In guest order.
+    pub disks: Vec<DiskSpec>,
+    /// A virtio-rng entropy source.
+    pub entropy: bool,
 }
 
 /// A definition as its TOML file spells it (the name is the file's).
@@ -57,6 +63,11 @@ struct DefinitionFile {
     owner_uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner_gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    entropy: bool,
+    /// `[[disk]]` tables; last, as TOML wants tables after plain keys.
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    disks: Vec<DiskTable>,
 }
 
 fn default_cmdline() -> String {
@@ -75,7 +86,7 @@ pub enum DefinitionError {
     #[error("invalid VM name: {0}")]
     Name(#[from] protocol::NameError),
     #[error(
-        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient, Owner)"
+        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient, Owner, Disks, Entropy)"
     )]
     UnknownKey(String),
     #[error("configuration key {key} must be of D-Bus type {expected}, not {found}")]
@@ -108,10 +119,41 @@ pub enum DefinitionError {
         "CreateVMWithFiles takes the kernel and initrd as fds in its files argument, not as {0} paths"
     )]
     PathWithFiles(&'static str),
-    #[error("unknown file {0:?} (known: kernel, initrd)")]
+    #[error("unknown file {0:?} (known: kernel, initrd, disk0 to disk7)")]
     UnknownFile(String),
     #[error("the {what} fd is unusable: {reason}")]
     PassedFile { what: &'static str, reason: String },
+    #[error("unknown key {key:?} in disk {disk} (known: {known})")]
+    UnknownDiskKey {
+        disk: usize,
+        key: String,
+        known: &'static str,
+    },
+    #[error("key {key} of disk {disk} must be of D-Bus type {expected}, not {found}")]
+    DiskWrongType {
+        disk: usize,
+        key: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("disk {disk}: {source}")]
+    DiskFormat {
+        disk: usize,
+        #[source]
+        source: UnknownFormat,
+    },
+    #[error("disk {disk} has no Path")]
+    DiskNoPath { disk: usize },
+    #[error("disk {disk} has no file disk{disk}: CreateVMWithFiles takes every disk as an fd")]
+    DiskNoFile { disk: usize },
+    #[error(
+        "CreateVMWithFiles takes disks as fds (files disk0, disk1...), not as paths (disk {disk} has a Path)"
+    )]
+    DiskPathWithFiles { disk: usize },
+    #[error("the disk{disk} fd is unusable: {reason}")]
+    PassedDisk { disk: usize, reason: String },
+    #[error("cannot use disk {disk}: {reason}")]
+    UnusableDisk { disk: usize, reason: String },
 }
 
 impl VmDefinition {
@@ -122,8 +164,8 @@ impl VmDefinition {
             vcpus: self.vcpus,
             memory_bytes: self.memory_bytes,
             cmdline: self.cmdline.clone(),
-            disks: Vec::new(),
-            entropy: false,
+            disks: self.disks.iter().map(DiskSpec::unresolved_config).collect(),
+            entropy: self.entropy,
         }
     }
 
@@ -133,6 +175,15 @@ impl VmDefinition {
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
+        }
+        for (disk, spec) in self.disks.iter().enumerate() {
+            match &spec.source {
+                DiskSource::Path(path) if path.as_os_str().is_empty() => {
+                    return Err(DefinitionError::DiskNoPath { disk });
+                }
+                DiskSource::Path(path) => check_disk(disk, path, spec)?,
+                DiskSource::Passed(_) => {}
+            }
         }
         Ok(())
     }
@@ -168,6 +219,8 @@ impl VmDefinition {
             owner_uid: None,
             owner_gid: None,
             transient: false,
+            disks: Vec::new(),
+            entropy: false,
         };
         for (key, value) in config {
             match key.as_str() {
@@ -178,6 +231,8 @@ impl VmDefinition {
                 "MemoryBytes" => definition.memory_bytes = typed::<u64>(value, "MemoryBytes", "t")?,
                 "Autostart" => definition.autostart = typed::<bool>(value, "Autostart", "b")?,
                 "Transient" => definition.transient = typed::<bool>(value, "Transient", "b")?,
+                "Disks" => definition.disks = disks::parse_dbus(value)?,
+                "Entropy" => definition.entropy = typed::<bool>(value, "Entropy", "b")?,
                 "Owner" => {
                     let owner = string(value, "Owner")?;
                     let (uid, gid) = resolve_owner(&owner)?;
@@ -245,6 +300,13 @@ impl VmDefinition {
             owner_uid,
             owner_gid,
             transient: false,
+            disks: file
+                .disks
+                .into_iter()
+                .enumerate()
+                .map(|(index, table)| table.into_spec(index))
+                .collect::<Result<_, _>>()?,
+            entropy: file.entropy,
         };
         definition.vm_config().validate()?;
         for (what, path) in [
@@ -282,6 +344,8 @@ impl VmDefinition {
             owner,
             owner_uid: None,
             owner_gid,
+            entropy: self.entropy,
+            disks: self.disks.iter().map(DiskTable::from_spec).collect(),
         })
     }
 }
@@ -388,6 +452,31 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), DefinitionError> {
         return Err(unusable("the file is empty".into()));
     }
     Ok(())
+}
+
+/// A disk path must be absolute, and its chain must open (read-only, with the daemon's
+/// rights: only callers trusted with those may name host paths).
+fn check_disk(disk: usize, path: &Path, spec: &DiskSpec) -> Result<(), DefinitionError> {
+    if !path.is_absolute() {
+        return Err(DefinitionError::RelativePath {
+            what: "disk",
+            path: path.to_path_buf(),
+        });
+    }
+    let mut open = |path: &Path, _writable: bool| {
+        super::host_files::open_regular(path, &super::host_files::Rights::Daemon)
+    };
+    crate::images::resolve(
+        crate::images::DiskImage::Path(path.to_path_buf()),
+        spec.format,
+        true,
+        &mut open,
+    )
+    .map(drop)
+    .map_err(|e| DefinitionError::UnusableDisk {
+        disk,
+        reason: crate::helper::error_chain(&e),
+    })
 }
 
 #[cfg(test)]
@@ -590,6 +679,74 @@ mod tests {
                 Ok(&definition)
             );
         }
+    }
+
+    #[test]
+    fn disk_tables_and_entropy_load_and_store() {
+        let definition = stored(
+            "entropy = true\n[[disk]]\npath = \"/srv/a.qcow2\"\nformat = \"qcow2\"\nread-only = true\nserial = \"a-1\"\n[[disk]]\npath = \"/srv/b.img\"\n",
+        )
+        .expect("valid");
+        assert!(definition.entropy);
+        assert_eq!(definition.disks.len(), 2);
+        assert_eq!(definition.disks[0].format, crate::images::DiskFormat::Qcow2);
+        assert!(definition.disks[0].read_only && !definition.disks[1].read_only);
+        assert_eq!(definition.disks[1].format, crate::images::DiskFormat::Auto);
+        let text = definition.to_toml().expect("serializes");
+        assert!(text.contains("[[disk]]"), "{text}");
+        assert_eq!(VmDefinition::from_toml("a", &text), Ok(definition));
+
+        for (bad, expected) in [
+            ("[[disk]]\npath = \"rel.img\"\n", "must be absolute"),
+            (
+                "[[disk]]\npath = \"/a\"\nformat = \"vmdk\"\n",
+                "unknown disk format",
+            ),
+            ("[[disk]]\npath = \"/a\"\nsize = 3\n", "unknown field"),
+            (
+                "[[disk]]\npath = \"/a\"\nserial = \"a serial much too long\"\n",
+                "serial",
+            ),
+        ] {
+            let error = stored(bad).unwrap_err().to_string();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn disk_paths_are_checked_when_defined() {
+        let kernel = kernel_file();
+        let path = kernel.path().to_str().unwrap();
+        let disks = |entries: Vec<HashMap<String, OwnedVariant>>| {
+            OwnedVariant::try_from(Variant::from(entries)).expect("owned")
+        };
+        let entry = |key: &str, value: &str| {
+            HashMap::from([(
+                key.to_string(),
+                OwnedVariant::try_from(Variant::from(value.to_string())).expect("owned"),
+            )])
+        };
+        let create = |value: OwnedVariant| {
+            let mut config = config(vec![("Kernel", Variant::from(path))]);
+            config.insert("Disks".into(), value);
+            VmDefinition::from_dbus("d", &config)
+        };
+        assert_eq!(
+            create(disks(vec![entry("Format", "raw")])),
+            Err(DefinitionError::DiskNoPath { disk: 0 })
+        );
+        assert!(matches!(
+            create(disks(vec![entry("Path", "/nonexistent/disk.img")])),
+            Err(DefinitionError::UnusableDisk { disk: 0, .. })
+        ));
+        assert!(matches!(
+            create(disks(vec![entry("Path", "disk.img")])),
+            Err(DefinitionError::RelativePath { .. })
+        ));
+        let defined = create(disks(vec![entry("Path", path)])).expect("a raw disk");
+        assert_eq!(defined.disks.len(), 1);
+        let nine = disks((0..9).map(|_| entry("Path", path)).collect());
+        assert!(matches!(create(nine), Err(DefinitionError::Config(_))));
     }
 
     #[test]

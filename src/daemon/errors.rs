@@ -17,6 +17,9 @@ pub enum VmdError {
     NotPermitted(String),
     /// The VM is not in a state that allows this.
     InvalidState(String),
+    /// A disk image is in use: another VM (named in the sentence) or program writes it, or
+    /// reads it while this VM would write it.
+    DiskBusy(String),
     /// The operation was valid but the host could not carry it out.
     Failed(String),
 }

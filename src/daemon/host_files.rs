@@ -120,13 +120,18 @@ impl Rights {
 /// Opens `path` read-only with `rights`, and only if it is a regular file. Never blocks on a
 /// FIFO and never makes a terminal the daemon's.
 pub fn open_regular(path: &Path, rights: &Rights) -> io::Result<File> {
+    open_image(path, rights, false)
+}
+
+/// [`open_regular`], read-write when `writable` (a disk image the guest may write).
+pub fn open_image(path: &Path, rights: &Rights, writable: bool) -> io::Result<File> {
     let file = match rights {
-        Rights::Daemon => open_nonblocking(path)?,
+        Rights::Daemon => open_nonblocking(path, writable)?,
         Rights::User(user) => std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     become_for_files(user)?;
-                    open_nonblocking(path)
+                    open_nonblocking(path, writable)
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the opening thread panicked")))
@@ -147,9 +152,10 @@ pub fn open_regular(path: &Path, rights: &Rights) -> io::Result<File> {
     Ok(file)
 }
 
-fn open_nonblocking(path: &Path) -> io::Result<File> {
+fn open_nonblocking(path: &Path, writable: bool) -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
+        .write(writable)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
 }

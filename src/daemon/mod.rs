@@ -4,7 +4,8 @@
 //!
 //! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor;
 //! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
-//! - [`definition`] and [`store`] are VM definitions and their TOML files;
+//! - [`definition`] and [`store`] are VM definitions and their TOML files, [`disks`] their
+//!   disks (parsed, shown, and opened with their backing chains and locked at start);
 //! - [`authority`] decides who may do what; [`files`] checks and copies callers' fds, and
 //!   [`host_files`] opens definitions' paths with the rights of whoever starts the VM;
 //! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
@@ -13,6 +14,7 @@ pub mod authority;
 pub mod console;
 pub mod dbus;
 pub mod definition;
+pub mod disks;
 pub mod errors;
 pub mod files;
 pub mod host_files;

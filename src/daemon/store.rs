@@ -184,6 +184,8 @@ mod tests {
             owner_uid: None,
             owner_gid: None,
             transient: false,
+            disks: Vec::new(),
+            entropy: false,
         }
     }
 

@@ -12,14 +12,16 @@ use tokio::sync::{mpsc, watch};
 
 use super::console::Console;
 use super::definition::VmDefinition;
+use super::disks::{self, DiskOpenError};
 use super::host_files::{self, Rights};
 use super::manager::Manager;
 use super::scope::{self, ScopeRequest};
 use super::store::Origin;
 use super::{machined, notify};
 use crate::helper::{EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
+use crate::images::FileId;
 use crate::launch::{HelperProcess, HelperSpawn};
-use crate::protocol::{ControlChannel, Event, HelperFds, Request, RunState};
+use crate::protocol::{ControlChannel, Event, HelperFds, Request, RunState, VmConfig};
 
 /// How long a guest gets to power off after `Shutdown` before the helper stops it.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -103,6 +105,11 @@ struct Runtime {
     file_rights: Option<Rights>,
     /// Claimed by Remove (or by the end of a transient VM): no Start gets through any more.
     removed: bool,
+    /// Every file of every disk chain the current helper holds (or is about to), so that a
+    /// start refused for a busy image can name the VM that holds it.
+    disk_ids: Vec<FileId>,
+    /// The last start failed because a disk image was busy.
+    disk_busy: bool,
 }
 
 pub struct Vm {
@@ -126,6 +133,8 @@ pub enum LifecycleError {
     },
     #[error("VM {name} is being removed")]
     Removed { name: String },
+    #[error("{0}")]
+    DiskBusy(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -231,6 +240,7 @@ impl Vm {
         runtime.restarts = 0;
         runtime.stop_request = None;
         runtime.file_rights = Some(file_rights);
+        runtime.disk_busy = false;
         Ok(())
     }
 
@@ -272,6 +282,11 @@ impl Vm {
             .wait_for_state(CREATE_TIMEOUT * 2, |s| s != VmState::Starting)
             .await;
         match state {
+            VmState::Failed if self.runtime().disk_busy => Err(LifecycleError::DiskBusy(format!(
+                "VM {} cannot start: {}",
+                self.name,
+                self.failure_reason()
+            ))),
             VmState::Failed => Err(LifecycleError::Failed(format!(
                 "VM {} failed to start: {}",
                 self.name,
@@ -408,6 +423,8 @@ impl Vm {
             runtime.leader_pid = pid as u32;
             runtime.unit = scope::unit_name(&self.name);
         }
+        let disk_ids = self.adopted_disk_ids();
+        self.runtime().disk_ids = disk_ids;
         self.state.send_replace(VmState::Running);
         manager.announce(
             self,
@@ -415,6 +432,29 @@ impl Vm {
         );
         tokio::spawn(supervise(manager.clone(), self.clone(), Some(helper)));
         Ok(())
+    }
+
+    /// Whether this VM's helper holds (or is about to hold) the file `id` in a disk chain.
+    pub fn holds_disk_file(&self, id: FileId) -> bool {
+        self.runtime().disk_ids.contains(&id)
+    }
+
+    /// The identities of an adopted helper's disk files, from its definition's paths (a passed
+    /// disk's fd did not survive the daemon's restart: such a disk is not known).
+    fn adopted_disk_ids(&self) -> Vec<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        self.definition()
+            .disks
+            .iter()
+            .filter_map(|disk| match &disk.source {
+                disks::DiskSource::Path(path) => std::fs::metadata(path).ok(),
+                disks::DiskSource::Passed(_) => None,
+            })
+            .map(|metadata| FileId {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+            })
+            .collect()
     }
 
     pub fn kill(&self) -> Result<(), LifecycleError> {
@@ -466,6 +506,8 @@ enum HelperOutcome {
     Reboot,
     Stopped,
     Failed(String),
+    /// A disk image was busy, so no helper was started.
+    DiskBusy(String),
 }
 
 /// Runs helpers for `vm` until it stops or fails: a reboot means a fresh helper, unless the
@@ -491,6 +533,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
             runtime.pidfd = None;
             runtime.leader_pid = 0;
             runtime.unit.clear();
+            runtime.disk_ids.clear();
         }
         manager.announce(&vm, vec![Property::LeaderPid, Property::Unit]);
         let stop_request = vm.runtime().stop_request;
@@ -520,6 +563,10 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
                 (VmState::Stopped, String::new())
             }
             HelperOutcome::Failed(reason) => (VmState::Failed, reason),
+            HelperOutcome::DiskBusy(reason) => {
+                vm.runtime().disk_busy = true;
+                (VmState::Failed, reason)
+            }
         };
         if !reason.is_empty() {
             tracing::warn!("VM {}: {reason}", vm.name);
@@ -540,9 +587,10 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
         let (manager, vm, definition) = (manager.clone(), vm.clone(), definition.clone());
         tokio::task::spawn_blocking(move || launch(&manager, &vm, &definition)).await
     };
-    let launched = match launched {
+    let (launched, config) = match launched {
         Ok(Ok(launched)) => launched,
-        Ok(Err(reason)) => return HelperOutcome::Failed(reason),
+        Ok(Err(LaunchFailure::DiskBusy(reason))) => return HelperOutcome::DiskBusy(reason),
+        Ok(Err(LaunchFailure::Other(reason))) => return HelperOutcome::Failed(reason),
         Err(err) => return HelperOutcome::Failed(format!("the launch failed: {err}")),
     };
     let control = Arc::new(launched.control);
@@ -591,9 +639,7 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
         pid,
         child: true,
     };
-    if let Err(err) = helper.control.send_request(&Request::Start {
-        config: definition.vm_config(),
-    }) {
+    if let Err(err) = helper.control.send_request(&Request::Start { config }) {
         let _ = send_signal(&helper.pidfd, libc::SIGKILL);
         let _ = wait_for_exit(&helper).await;
         return HelperOutcome::Failed(format!(
@@ -735,8 +781,25 @@ async fn handle_event(
     }
 }
 
-/// Opens what the helper needs and starts it.
-fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<HelperProcess, String> {
+/// Why no helper was launched.
+enum LaunchFailure {
+    DiskBusy(String),
+    Other(String),
+}
+
+impl From<String> for LaunchFailure {
+    fn from(reason: String) -> Self {
+        LaunchFailure::Other(reason)
+    }
+}
+
+/// Opens what the helper needs (disks locked) and starts it; returns it with the config to
+/// send it.
+fn launch(
+    manager: &Manager,
+    vm: &Vm,
+    definition: &VmDefinition,
+) -> Result<(HelperProcess, VmConfig), LaunchFailure> {
     let kvm = OpenOptions::new()
         .read(true)
         .write(true)
@@ -764,20 +827,72 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
         .as_deref()
         .map(|initrd| open("initrd", initrd).map(OwnedFd::from))
         .transpose()?;
+    let kernel = open("kernel", &definition.kernel)?;
+    let disks = open_disks(manager, vm, definition, &file_rights)?;
+    let mut config = definition.vm_config();
+    config.disks = disks.configs;
     let fds = HelperFds {
         kvm: kvm.into(),
-        kernel: open("kernel", &definition.kernel)?.into(),
+        kernel: kernel.into(),
         initrd,
-        disks: Vec::new(),
+        disks: disks.fds,
         console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
     };
-    manager
+    // The helper inherits the locked open file descriptions: the locks last as long as it.
+    let helper = manager
         .launcher()
         .spawn(HelperSpawn {
             fds: fds.into_spawn_list(),
             args: vec!["vm".into(), "--name".into(), vm.name.clone()],
         })
-        .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))
+        .map_err(|e| format!("cannot start the VM helper: {}", error_chain(&e)))?;
+    Ok((helper, config))
+}
+
+/// Opens and locks the VM's disks with `rights`. A busy image is named with the VM that holds
+/// it, when it is one of the daemon's.
+fn open_disks(
+    manager: &Manager,
+    vm: &Vm,
+    definition: &VmDefinition,
+    rights: &Rights,
+) -> Result<disks::OpenedDisks, LaunchFailure> {
+    let claim = &mut |ids: &[FileId]| vm.runtime().disk_ids = ids.to_vec();
+    let opened = disks::open_all(&definition.disks, rights, claim);
+    opened.map_err(|error| {
+        vm.runtime().disk_ids.clear();
+        match error.busy() {
+            Some((disk, path, id)) => {
+                let holder = manager
+                    .all()
+                    .into_iter()
+                    .find(|other| other.name != vm.name && other.holds_disk_file(id));
+                let by = match holder {
+                    Some(other) => format!("VM {}", other.name),
+                    None => "another program, or a VM vmd does not manage".to_string(),
+                };
+                LaunchFailure::DiskBusy(format!(
+                    "disk {disk}: {} is in use by {by}",
+                    path.display()
+                ))
+            }
+            None => LaunchFailure::Other(open_error_text(&error, rights)),
+        }
+    })
+}
+
+/// The error's chain, saying with whose rights files were opened when they were a user's.
+fn open_error_text(error: &DiskOpenError, rights: &Rights) -> String {
+    let text = error_chain(error);
+    match rights {
+        Rights::User(user) if !text.contains("as uid") => {
+            format!(
+                "{text} (opened as uid {}, the one who started the VM)",
+                user.uid
+            )
+        }
+        _ => text,
+    }
 }
 
 /// `path` is inside `dir`, with no `..` to climb out again.

@@ -1,0 +1,552 @@
+//! A VM's disks as the daemon keeps them: from the `Disks` config key (`aa{sv}`), from
+//! `[[disk]]` tables in definitions, and from `disk<i>` fds passed to CreateVMWithFiles; shown
+//! in the `Disks` property; and opened, with their backing chains, and locked when the VM
+//! starts.
+//!
+//! A disk given by path is opened, with its backing files, with the rights of whoever answers
+//! for the start (`host_files::Rights`), like kernels. A disk passed as an fd was opened by its
+//! caller: the daemon keeps the fd and, at each start, opens the same file again through
+//! `/proc/self/fd` with the access the caller had (a fresh open file description, so that the
+//! lock the helper inherits is the helper's alone). Its qcow2 backing files are still host
+//! paths, resolved relative to the directory the passed file lies in and opened with the rights
+//! of whoever answers for the start: passing an image never lends the daemon's rights to the
+//! files it names. Passed fds live in the daemon's memory only: after a daemon restart such a
+//! disk is gone, and starting the VM says so.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use serde::{Deserialize, Serialize};
+use zbus::{OwnedVariant, Variant};
+
+use super::definition::DefinitionError;
+use super::host_files::{self, Rights};
+use crate::images::{self, ChainError, DiskFormat, DiskImage, FileId};
+use crate::protocol::{DiskConfig, DiskFds, ImageFormat};
+
+/// The keys of one `Disks` entry.
+const DISK_KEYS: &str = "Path, Format, ReadOnly, Serial";
+
+/// One disk of a definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub source: DiskSource,
+    pub format: DiskFormat,
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial; empty for none.
+    pub serial: String,
+}
+
+/// Where a disk's image is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A host path, absolute.
+    Path(PathBuf),
+    /// An fd a caller passed.
+    Passed(PassedDisk),
+}
+
+/// A disk image a caller passed as an fd.
+#[derive(Debug, Clone)]
+pub struct PassedDisk {
+    /// `None` once the daemon has restarted since it was passed.
+    pub fd: Option<Arc<OwnedFd>>,
+    /// Where the file was when it was passed (for people, and stored).
+    pub location: PathBuf,
+}
+
+/// Passed disks are the same when they were passed from the same place: an fd cannot be
+/// compared with what a stored definition remembers.
+impl PartialEq for PassedDisk {
+    fn eq(&self, other: &Self) -> bool {
+        self.location == other.location
+    }
+}
+impl Eq for PassedDisk {}
+
+impl DiskSpec {
+    /// The path shown for the disk: its path, or where its passed file was.
+    pub fn shown_path(&self) -> &Path {
+        match &self.source {
+            DiskSource::Path(path) => path,
+            DiskSource::Passed(passed) => &passed.location,
+        }
+    }
+
+    /// The helper's view, before the image is inspected: the format is a placeholder for
+    /// `auto` and there is no backing chain yet. Used to check the serial and the count.
+    pub fn unresolved_config(&self) -> DiskConfig {
+        DiskConfig {
+            format: self.format.fixed().unwrap_or(ImageFormat::Raw),
+            read_only: self.read_only,
+            serial: self.serial.clone(),
+            backing: Vec::new(),
+        }
+    }
+}
+
+/// One `[[disk]]` table of a definition file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskTable {
+    path: PathBuf,
+    #[serde(default = "auto", skip_serializing_if = "is_auto")]
+    format: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    read_only: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    serial: String,
+    /// The image was passed as an fd (from `path`); written by the daemon only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    passed: bool,
+}
+
+fn auto() -> String {
+    DiskFormat::Auto.as_str().to_string()
+}
+fn is_auto(format: &str) -> bool {
+    format == DiskFormat::Auto.as_str()
+}
+
+impl DiskTable {
+    pub fn from_spec(spec: &DiskSpec) -> DiskTable {
+        DiskTable {
+            path: spec.shown_path().to_path_buf(),
+            format: spec.format.as_str().to_string(),
+            read_only: spec.read_only,
+            serial: spec.serial.clone(),
+            passed: matches!(spec.source, DiskSource::Passed(_)),
+        }
+    }
+
+    pub fn into_spec(self, index: usize) -> Result<DiskSpec, DefinitionError> {
+        let format = self
+            .format
+            .parse()
+            .map_err(|source| DefinitionError::DiskFormat {
+                disk: index,
+                source,
+            })?;
+        let source = if self.passed {
+            DiskSource::Passed(PassedDisk {
+                fd: None,
+                location: self.path,
+            })
+        } else {
+            if !self.path.is_absolute() {
+                return Err(DefinitionError::RelativePath {
+                    what: "disk",
+                    path: self.path,
+                });
+            }
+            DiskSource::Path(self.path)
+        };
+        Ok(DiskSpec {
+            source,
+            format,
+            read_only: self.read_only,
+            serial: self.serial,
+        })
+    }
+}
+
+/// Reads the `Disks` config key (`aa{sv}`). Entries without `Path` are kept with an empty path:
+/// CreateVMWithFiles fills them from its `disk<i>` files, CreateVM refuses them.
+pub fn parse_dbus(value: &OwnedVariant) -> Result<Vec<DiskSpec>, DefinitionError> {
+    let wrong_type = |found: String| DefinitionError::WrongType {
+        key: "Disks",
+        expected: "aa{sv}",
+        found,
+    };
+    let signature = value.value_signature().to_string();
+    if signature != "aa{sv}" {
+        return Err(wrong_type(signature));
+    }
+    let cloned = value
+        .try_clone()
+        .map_err(|_| wrong_type(signature.clone()))?;
+    let entries = Vec::<HashMap<String, OwnedVariant>>::try_from(cloned)
+        .map_err(|_| wrong_type(signature))?;
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| parse_entry(index, entry))
+        .collect()
+}
+
+fn parse_entry(
+    index: usize,
+    entry: &HashMap<String, OwnedVariant>,
+) -> Result<DiskSpec, DefinitionError> {
+    let mut spec = DiskSpec {
+        source: DiskSource::Path(PathBuf::new()),
+        format: DiskFormat::Auto,
+        read_only: false,
+        serial: String::new(),
+    };
+    for (key, value) in entry {
+        let Some(value) = unwrap_variant(value) else {
+            return Err(DefinitionError::DiskWrongType {
+                disk: index,
+                key: "(value)",
+                expected: "a plain value",
+                found: value.value_signature().to_string(),
+            });
+        };
+        match key.as_str() {
+            "Path" => {
+                spec.source =
+                    DiskSource::Path(entry_value::<String>(index, "Path", "s", &value)?.into())
+            }
+            "Format" => {
+                spec.format = entry_value::<String>(index, "Format", "s", &value)?
+                    .parse()
+                    .map_err(|source| DefinitionError::DiskFormat {
+                        disk: index,
+                        source,
+                    })?;
+            }
+            "ReadOnly" => spec.read_only = entry_value::<bool>(index, "ReadOnly", "b", &value)?,
+            "Serial" => spec.serial = entry_value::<String>(index, "Serial", "s", &value)?,
+            other => {
+                return Err(DefinitionError::UnknownDiskKey {
+                    disk: index,
+                    key: other.to_string(),
+                    known: DISK_KEYS,
+                });
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// A dict entry's value as sent: `a{sv}` values may arrive wrapped in one more variant.
+fn unwrap_variant(value: &OwnedVariant) -> Option<OwnedVariant> {
+    match Variant::try_from(value) {
+        Ok(Variant::Variant(inner)) => OwnedVariant::try_from(*inner).ok(),
+        _ => value.try_clone().ok(),
+    }
+}
+
+fn entry_value<T>(
+    index: usize,
+    key: &'static str,
+    expected: &'static str,
+    value: &OwnedVariant,
+) -> Result<T, DefinitionError>
+where
+    T: TryFrom<OwnedVariant>,
+{
+    let found = value.value_signature().to_string();
+    let wrong = || DefinitionError::DiskWrongType {
+        disk: index,
+        key,
+        expected,
+        found: found.clone(),
+    };
+    if found != expected {
+        return Err(wrong());
+    }
+    let cloned = value.try_clone().map_err(|_| wrong())?;
+    T::try_from(cloned).map_err(|_| wrong())
+}
+
+/// The `Disks` property: one `a{sv}` per disk with the config's keys (Path is where a passed
+/// file was), and `Passed` b.
+pub fn to_dbus(disks: &[DiskSpec]) -> Vec<HashMap<String, OwnedVariant>> {
+    disks
+        .iter()
+        .map(|disk| {
+            let path = disk.shown_path().display().to_string();
+            HashMap::from([
+                (
+                    "Path".to_string(),
+                    OwnedVariant::from(zbus::Str::from(path)),
+                ),
+                (
+                    "Format".to_string(),
+                    OwnedVariant::from(zbus::Str::from(disk.format.as_str())),
+                ),
+                ("ReadOnly".to_string(), OwnedVariant::from(disk.read_only)),
+                (
+                    "Serial".to_string(),
+                    OwnedVariant::from(zbus::Str::from(disk.serial.clone())),
+                ),
+                (
+                    "Passed".to_string(),
+                    OwnedVariant::from(matches!(disk.source, DiskSource::Passed(_))),
+                ),
+            ])
+        })
+        .collect()
+}
+
+/// Checks a `disk<i>` fd a caller passed: a readable regular file, open for writing too unless
+/// the disk is read-only. Returns where it lies.
+pub fn check_passed(
+    index: usize,
+    fd: &OwnedFd,
+    read_only: bool,
+) -> Result<PathBuf, DefinitionError> {
+    let unusable = |reason: String| DefinitionError::PassedDisk {
+        disk: index,
+        reason,
+    };
+    let stat = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| unusable(e.to_string()))?;
+    if let Some(kind) = super::files::non_regular_kind(stat.st_mode) {
+        return Err(unusable(format!("it is {kind}, not a regular file")));
+    }
+    let flags = OFlag::from_bits_truncate(
+        fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(|e| unusable(e.to_string()))?,
+    );
+    if flags.contains(OFlag::O_PATH) {
+        return Err(unusable("it was opened with O_PATH".into()));
+    }
+    match flags & OFlag::O_ACCMODE {
+        OFlag::O_WRONLY => return Err(unusable("it is open for writing only".into())),
+        OFlag::O_RDONLY if !read_only => {
+            return Err(unusable(
+                "it is open read-only, and the disk is not ReadOnly".into(),
+            ));
+        }
+        _ => {}
+    }
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| unusable(format!("cannot tell where it lies: {e}")))
+}
+
+/// A VM's disks, open, locked and ready to pass.
+#[derive(Debug, Default)]
+pub struct OpenedDisks {
+    pub fds: Vec<DiskFds>,
+    pub configs: Vec<DiskConfig>,
+    /// Every file of every chain.
+    pub ids: Vec<FileId>,
+}
+
+/// Why a VM's disks cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskOpenError {
+    #[error("disk {disk}")]
+    Chain {
+        disk: usize,
+        #[source]
+        source: ChainError,
+    },
+    #[error(
+        "disk {disk} was passed as an fd, which the daemon no longer holds since it restarted; remove the VM and define it again"
+    )]
+    PassedGone { disk: usize },
+    #[error("disk {disk}: cannot open the passed file again")]
+    Reopen {
+        disk: usize,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DiskOpenError {
+    /// The busy file's identity, when another open file description holds a lock on it.
+    pub fn busy(&self) -> Option<(usize, &Path, FileId)> {
+        match self {
+            DiskOpenError::Chain {
+                disk,
+                source: ChainError::Busy { path, id },
+            } => Some((*disk, path, *id)),
+            _ => None,
+        }
+    }
+}
+
+/// Opens every disk and its backing chain with `rights`, then locks them all. `claim` is told
+/// every file's identity before the locks are taken, so that a concurrent start that loses
+/// the race can name this VM.
+pub fn open_all(
+    disks: &[DiskSpec],
+    rights: &Rights,
+    claim: &mut dyn FnMut(&[FileId]),
+) -> Result<OpenedDisks, DiskOpenError> {
+    let mut open = |path: &Path, writable: bool| host_files::open_image(path, rights, writable);
+    let mut resolved = Vec::with_capacity(disks.len());
+    for (disk, spec) in disks.iter().enumerate() {
+        let image = match &spec.source {
+            DiskSource::Path(path) => DiskImage::Path(path.clone()),
+            DiskSource::Passed(passed) => {
+                let fd = passed
+                    .fd
+                    .as_ref()
+                    .ok_or(DiskOpenError::PassedGone { disk })?;
+                let (file, location) = reopen(fd, spec.read_only)
+                    .map_err(|source| DiskOpenError::Reopen { disk, source })?;
+                let dir = location
+                    .parent()
+                    .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+                DiskImage::Opened {
+                    file,
+                    name: location,
+                    dir,
+                }
+            }
+        };
+        let chain = images::resolve(image, spec.format, spec.read_only, &mut open)
+            .map_err(|source| DiskOpenError::Chain { disk, source })?;
+        resolved.push(chain);
+    }
+    let ids: Vec<FileId> = resolved.iter().flat_map(|chain| chain.ids()).collect();
+    claim(&ids);
+    for (disk, (chain, spec)) in resolved.iter().zip(disks).enumerate() {
+        chain
+            .lock(spec.read_only)
+            .map_err(|source| DiskOpenError::Chain { disk, source })?;
+    }
+    let mut opened = OpenedDisks {
+        ids,
+        ..Default::default()
+    };
+    for (chain, spec) in resolved.into_iter().zip(disks) {
+        opened.configs.push(DiskConfig {
+            format: chain.image.format,
+            read_only: spec.read_only,
+            serial: spec.serial.clone(),
+            backing: chain.backing_formats(),
+        });
+        opened.fds.push(chain.into_fds());
+    }
+    Ok(opened)
+}
+
+/// Opens a passed file again through `/proc/self/fd`, read-write only if the disk may be
+/// written (the caller's fd was checked to allow that when it was passed); also says where
+/// the file lies now.
+fn reopen(fd: &OwnedFd, read_only: bool) -> io::Result<(File, PathBuf)> {
+    let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let location = std::fs::read_link(&link)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&link)?;
+    Ok((file, location))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pairs: Vec<(&str, Variant<'static>)>) -> HashMap<String, Variant<'static>> {
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
+    fn disks_value(entries: Vec<HashMap<String, Variant<'static>>>) -> OwnedVariant {
+        let entries: Vec<HashMap<String, OwnedVariant>> = entries
+            .into_iter()
+            .map(|e| {
+                e.into_iter()
+                    .map(|(k, v)| (k, OwnedVariant::try_from(v).expect("owned")))
+                    .collect()
+            })
+            .collect();
+        OwnedVariant::try_from(Variant::from(entries)).expect("owned")
+    }
+
+    #[test]
+    fn disks_are_read_from_dbus_with_defaults() {
+        let value = disks_value(vec![
+            entry(vec![
+                ("Path", Variant::from("/srv/a.qcow2")),
+                ("Format", Variant::from("qcow2")),
+                ("ReadOnly", Variant::from(true)),
+                ("Serial", Variant::from("vd-1")),
+            ]),
+            entry(vec![("Path", Variant::from("/srv/b.img"))]),
+        ]);
+        let disks = parse_dbus(&value).expect("valid");
+        assert_eq!(
+            disks,
+            [
+                DiskSpec {
+                    source: DiskSource::Path("/srv/a.qcow2".into()),
+                    format: DiskFormat::Qcow2,
+                    read_only: true,
+                    serial: "vd-1".into(),
+                },
+                DiskSpec {
+                    source: DiskSource::Path("/srv/b.img".into()),
+                    format: DiskFormat::Auto,
+                    read_only: false,
+                    serial: String::new(),
+                },
+            ]
+        );
+        let shown = to_dbus(&disks);
+        assert_eq!(shown.len(), 2);
+        assert_eq!(
+            String::try_from(shown[0]["Format"].try_clone().expect("clone")).expect("s"),
+            "qcow2"
+        );
+    }
+
+    #[test]
+    fn bad_disk_entries_are_named_errors() {
+        let err = |entries| parse_dbus(&disks_value(entries)).unwrap_err();
+        assert!(matches!(
+            err(vec![entry(vec![("Size", Variant::from(1u64))])]),
+            DefinitionError::UnknownDiskKey { disk: 0, .. }
+        ));
+        assert!(matches!(
+            err(vec![
+                entry(vec![("Path", Variant::from("/a"))]),
+                entry(vec![("ReadOnly", Variant::from("yes"))])
+            ]),
+            DefinitionError::DiskWrongType {
+                disk: 1,
+                key: "ReadOnly",
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(vec![entry(vec![("Format", Variant::from("vmdk"))])]),
+            DefinitionError::DiskFormat { disk: 0, .. }
+        ));
+        let not_an_array = OwnedVariant::try_from(Variant::from("disk.img")).expect("owned");
+        assert!(matches!(
+            parse_dbus(&not_an_array),
+            Err(DefinitionError::WrongType { key: "Disks", .. })
+        ));
+    }
+
+    #[test]
+    fn passed_fds_must_allow_what_the_disk_needs() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        let read_only: OwnedFd = File::open(file.path()).expect("open").into();
+        let read_write: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file.path())
+            .expect("open")
+            .into();
+        assert_eq!(
+            check_passed(0, &read_write, false).expect("rw"),
+            file.path()
+        );
+        assert!(check_passed(0, &read_only, true).is_ok());
+        let error = check_passed(1, &read_only, false).unwrap_err().to_string();
+        assert!(
+            error.contains("disk1 fd") && error.contains("read-only"),
+            "{error}"
+        );
+        let dir: OwnedFd = File::open("/").expect("open").into();
+        assert!(check_passed(0, &dir, true).is_err());
+
+        // Reopened read-only, a read-only passed file stays read-only.
+        let (reopened, location) = reopen(&read_only, true).expect("reopen");
+        assert_eq!(location, file.path());
+        assert!(std::io::Write::write(&mut &reopened, b"x").is_err());
+    }
+}
