@@ -1,3 +1,4 @@
 //! The user-facing commands of the `vmd` binary.
 
+pub mod disk_option;
 pub mod run;

@@ -18,6 +18,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{self, MsgFlags};
 use nix::sys::stat::SFlag;
 
+use super::disk_option::{DiskOption, open_disks, parse_disk_option};
 use crate::helper::{EXIT_FAILURE, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
 use crate::poll_set::PollSet;
@@ -45,6 +46,14 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, short = 'p', default_value_t = 1)]
     pub cpus: u32,
+    /// A disk, in guest order (repeatable): an image file (raw, or qcow2 with its backing chain),
+    /// read-write unless `ro`. Opened and locked with your own rights.
+    #[arg(long = "disk", short = 'd', value_name = "PATH[,ro][,format=raw|qcow2|auto][,serial=S]",
+          value_parser = parse_disk_option)]
+    pub disks: Vec<DiskOption>,
+    /// Give the guest a virtio-rng entropy source.
+    #[arg(long)]
+    pub entropy: bool,
     /// VM name (used in logs).
     #[arg(long, default_value = "run")]
     pub name: String,
@@ -92,14 +101,25 @@ fn open_readable(what: &str, path: &Path) -> Result<OwnedFd, String> {
 }
 
 fn run_vm(args: &RunArgs) -> Result<i32, String> {
-    let config = VmConfig {
+    let mut config = VmConfig {
         name: args.name.clone(),
         vcpus: args.cpus,
         memory_bytes: args.memory,
         cmdline: args.cmdline.clone(),
         disks: Vec::new(),
-        entropy: false,
+        entropy: args.entropy,
     };
+    config.validate().map_err(|e| e.to_string())?;
+    if args.disks.len() > crate::protocol::MAX_DISKS {
+        return Err(format!(
+            "{} disks given; at most {} are allowed",
+            args.disks.len(),
+            crate::protocol::MAX_DISKS
+        ));
+    }
+    // Locked until the helper, which inherits the open files, exits.
+    let (disks, disk_configs) = open_disks(&args.disks)?;
+    config.disks = disk_configs;
     config.validate().map_err(|e| e.to_string())?;
 
     let kvm = OpenOptions::new()
@@ -118,7 +138,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         kvm: OwnedFd::from(kvm),
         kernel: open_readable("kernel", &args.kernel)?,
         initrd,
-        disks: Vec::new(),
+        disks,
         console: Some(OwnedFd::from(helper_console)),
     };
     console
