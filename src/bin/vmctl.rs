@@ -16,6 +16,8 @@ mod commands;
 mod connect;
 #[path = "vmctl/console.rs"]
 mod console;
+#[path = "vmctl/create.rs"]
+mod create;
 #[path = "vmctl/error.rs"]
 mod error;
 #[path = "vmctl/escape.rs"]

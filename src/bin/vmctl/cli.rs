@@ -46,6 +46,31 @@ pub enum Command {
     Wait(WaitArgs),
     /// Forget a VM that is not running, and its stored definition.
     Remove(NameArg),
+    /// Create a disk image (raw or qcow2); needs no daemon.
+    Create(CreateArgs),
+}
+
+/// `vmctl create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The new image, `[raw:|qcow2:]PATH`: without a prefix, qcow2 if PATH ends in .qcow2,
+    /// else raw. An existing file is not overwritten.
+    #[arg(value_name = "DISK")]
+    pub disk: String,
+
+    /// Make a qcow2 image over this base image (recorded as given, relative to DISK's
+    /// directory); only the changes go to DISK, and its size is the base's.
+    #[arg(short = 'b', value_name = "BASE", conflicts_with = "input")]
+    pub base: Option<PathBuf>,
+
+    /// Copy INPUT (raw or qcow2) into the new image, converting as needed.
+    #[arg(short = 'i', value_name = "INPUT")]
+    pub input: Option<PathBuf>,
+
+    /// The size: a number with K, M, G or T (fractions allowed, as 1.5G); a bare number is
+    /// megabytes. Rounded up to whole megabytes.
+    #[arg(short = 's', value_name = "SIZE", value_parser = crate::create::parse_disk_size)]
+    pub size: Option<u64>,
 }
 
 /// A command that takes one VM name.
@@ -87,6 +112,11 @@ pub struct StartArgs {
     /// Attach to the console once the VM has started.
     #[arg(short, long)]
     pub console: bool,
+
+    /// A disk image, `[raw:|qcow2:]PATH` (repeatable, in guest order); without a prefix its
+    /// format is detected (qcow2 if it has the qcow2 magic, else raw).
+    #[arg(short = 'd', long = "disk", value_name = "DISK")]
+    pub disks: Vec<String>,
 }
 
 impl StartArgs {
@@ -97,6 +127,7 @@ impl StartArgs {
             || self.cmdline.is_some()
             || self.memory.is_some()
             || self.cpus.is_some()
+            || !self.disks.is_empty()
     }
 }
 

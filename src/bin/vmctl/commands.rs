@@ -14,7 +14,8 @@ use std::{
 };
 
 use tokio::time::Instant;
-use zbus::{Connection, Fd, OwnedObjectPath, Variant};
+use vmd::protocol::ImageFormat;
+use zbus::{Connection, Fd, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::{
     cli::{Cli, Command, StartArgs, StatusArgs, StopArgs, WaitArgs},
@@ -33,6 +34,14 @@ const FAILURE: u8 = 1;
 
 /// Connects to the daemon and runs the command.
 pub async fn run(cli: Cli) -> Result<u8, VmctlError> {
+    // Disk images are vmctl's own work: no daemon needed.
+    if let Command::Create(args) = cli.command {
+        let done = crate::create::create(args).await?;
+        if !cli.quiet {
+            eprintln!("{done}");
+        }
+        return Ok(SUCCESS);
+    }
     let ctx = Ctx::connect(cli.socket.as_deref(), cli.quiet).await?;
     match cli.command {
         Command::Start(args) => start(&ctx, args).await,
@@ -43,6 +52,7 @@ pub async fn run(cli: Cli) -> Result<u8, VmctlError> {
         Command::Console(args) => attach_console(&ctx, &args.name).await,
         Command::Wait(args) => wait(&ctx, args).await,
         Command::Remove(args) => remove(&ctx, &args.name).await,
+        Command::Create(_) => Ok(SUCCESS),
     }
 }
 
@@ -103,9 +113,9 @@ async fn start(ctx: &Ctx, args: StartArgs) -> Result<u8, VmctlError> {
             if by_path {
                 ctx.manager.create_vm(&args.name, config.to_dbus()?).await?
             } else {
-                let files = PassedFiles::open(kernel, config.initrd.as_deref())?;
+                let files = PassedFiles::open(kernel, config.initrd.as_deref(), &config.disks)?;
                 ctx.manager
-                    .create_vm_with_files(&args.name, config.settings(), files.to_dbus())
+                    .create_vm_with_files(&args.name, config.settings()?, files.to_dbus())
                     .await?
             }
         }
@@ -132,6 +142,8 @@ struct NewVm {
     cmdline: Option<String>,
     vcpus: Option<u32>,
     memory: Option<u64>,
+    /// `-d`: the format when a prefix gave one, and the path, absolute.
+    disks: Vec<(Option<ImageFormat>, PathBuf)>,
 }
 
 impl NewVm {
@@ -150,13 +162,48 @@ impl NewVm {
             cmdline: args.cmdline.clone(),
             vcpus: args.cpus,
             memory: args.memory,
+            disks: args
+                .disks
+                .iter()
+                .map(|disk| {
+                    let (format, path) = disk_name(disk);
+                    Ok((format, absolute_path("disk", &path)?))
+                })
+                .collect::<Result<_, VmctlError>>()?,
         })
+    }
+
+    /// The `Disks` entries: each disk's format, and its path when `with_paths` (else it goes
+    /// as the fd `disk<i>`).
+    fn disk_entries(
+        &self,
+        with_paths: bool,
+    ) -> Result<Vec<HashMap<String, OwnedVariant>>, VmctlError> {
+        self.disks
+            .iter()
+            .map(|(format, path)| {
+                let mut entry = HashMap::new();
+                let format = format.map_or("auto".to_owned(), |f| f.to_string());
+                entry.insert(
+                    "Format".to_owned(),
+                    OwnedVariant::from(zbus::Str::from(format)),
+                );
+                if with_paths {
+                    let path = utf8("disk", path)?.to_owned();
+                    entry.insert("Path".to_owned(), OwnedVariant::from(zbus::Str::from(path)));
+                }
+                Ok(entry)
+            })
+            .collect()
     }
 
     /// The `a{sv}` of `CreateVMWithFiles`: everything but the kernel and initrd, which go as
     /// fds ([`PassedFiles`]).
-    fn settings(&self) -> HashMap<&'static str, Variant<'_>> {
+    fn settings(&self) -> Result<HashMap<&'static str, Variant<'_>>, VmctlError> {
         let mut config = HashMap::new();
+        if !self.disks.is_empty() {
+            config.insert("Disks", Variant::from(self.disk_entries(false)?));
+        }
         if let Some(cmdline) = &self.cmdline {
             config.insert("Cmdline", Variant::from(cmdline.as_str()));
         }
@@ -166,13 +213,16 @@ impl NewVm {
         if let Some(memory) = self.memory {
             config.insert("MemoryBytes", Variant::from(memory));
         }
-        config
+        Ok(config)
     }
 
     /// The `a{sv}` of `CreateVM`: the settings, and the kernel and initrd as paths for the
     /// daemon to open.
     fn to_dbus(&self) -> Result<HashMap<&'static str, Variant<'_>>, VmctlError> {
-        let mut config = self.settings();
+        let mut config = self.settings()?;
+        if !self.disks.is_empty() {
+            config.insert("Disks", Variant::from(self.disk_entries(true)?));
+        }
         if let Some(kernel) = &self.kernel {
             config.insert("Kernel", Variant::from(utf8("kernel", kernel)?));
         }
@@ -209,6 +259,21 @@ impl NewVm {
             };
             compare("kernel", path(&self.kernel), text(current.str("Kernel")));
             compare("initrd", path(&self.initrd), text(current.str("Initrd")));
+            let wanted: Vec<String> = self
+                .disks
+                .iter()
+                .map(|(_, path)| path.to_string_lossy().into_owned())
+                .collect();
+            let actual = current.disks().map(|disks| {
+                let paths: Vec<String> = disks
+                    .iter()
+                    .map(|disk| disk_str(disk, "Path").unwrap_or_default())
+                    .collect();
+                paths.join(" ")
+            });
+            if !wanted.is_empty() {
+                compare("disks", Some(wanted.join(" ")), actual);
+            }
         }
         compare(
             "cmdline",
@@ -255,32 +320,81 @@ fn utf8<'a>(what: &str, path: &'a Path) -> Result<&'a str, VmctlError> {
         .ok_or_else(|| VmctlError::Message(format!("{what} path {path:?} is not valid UTF-8")))
 }
 
-/// The kernel and initrd as vmctl opened them, with its user's rights, for `CreateVMWithFiles`.
+/// The format a `-d` prefix gives (`raw:`, `qcow2:`), and the path.
+fn disk_name(disk: &str) -> (Option<ImageFormat>, PathBuf) {
+    match disk.split_once(':') {
+        Some(("raw", path)) => (Some(ImageFormat::Raw), path.into()),
+        Some(("qcow2", path)) => (Some(ImageFormat::Qcow2), path.into()),
+        _ => (None, disk.into()),
+    }
+}
+
+/// A string entry of one disk of the `Disks` property.
+fn disk_str(disk: &HashMap<String, OwnedVariant>, key: &str) -> Option<String> {
+    disk.get(key)
+        .and_then(|value| <&str>::try_from(value).ok())
+        .map(str::to_owned)
+}
+
+/// The kernel, initrd and disks as vmctl opened them, with its user's rights, for
+/// `CreateVMWithFiles`.
 #[derive(Debug)]
 struct PassedFiles {
     kernel: File,
     initrd: Option<File>,
+    disks: Vec<File>,
 }
 
 impl PassedFiles {
-    fn open(kernel: &Path, initrd: Option<&Path>) -> Result<Self, VmctlError> {
+    fn open(
+        kernel: &Path,
+        initrd: Option<&Path>,
+        disks: &[(Option<ImageFormat>, PathBuf)],
+    ) -> Result<Self, VmctlError> {
         Ok(Self {
             kernel: open_passed_file("kernel", kernel)?,
             initrd: initrd
                 .map(|path| open_passed_file("initrd", path))
                 .transpose()?,
+            disks: disks
+                .iter()
+                .map(|(_, path)| open_passed_disk(path))
+                .collect::<Result<_, _>>()?,
         })
     }
 
     /// The `a{sh}` of `CreateVMWithFiles`. The fds are borrowed: the call sends copies, and
     /// vmctl's own close when `self` is dropped.
-    fn to_dbus(&self) -> HashMap<&'static str, Fd<'_>> {
-        let mut files = HashMap::from([("kernel", Fd::from(&self.kernel))]);
+    fn to_dbus(&self) -> HashMap<String, Fd<'_>> {
+        let mut files = HashMap::from([("kernel".to_owned(), Fd::from(&self.kernel))]);
         if let Some(initrd) = &self.initrd {
-            files.insert("initrd", Fd::from(initrd));
+            files.insert("initrd".to_owned(), Fd::from(initrd));
+        }
+        for (index, disk) in self.disks.iter().enumerate() {
+            files.insert(format!("disk{index}"), Fd::from(disk));
         }
         files
     }
+}
+
+/// Opens a disk image to pass: read-write, only a regular file.
+fn open_passed_disk(path: &Path) -> Result<File, VmctlError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|error| cannot_open("disk", path, error))?;
+    let metadata = file
+        .metadata()
+        .map_err(|error| cannot_open("disk", path, error))?;
+    if !metadata.is_file() {
+        return Err(VmctlError::Message(format!(
+            "cannot open the disk {}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Opens a file to pass to the daemon: read-only, and only a regular file. `O_NONBLOCK` keeps a
@@ -491,6 +605,7 @@ async fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, VmctlError> {
         ctx.manager.get_vm(name).await?;
     }
     let mut rows = Vec::new();
+    let mut details = String::new();
     for (index, (name, state, path)) in vms.into_iter().enumerate() {
         if args.name.as_ref().is_some_and(|wanted| *wanted != name) {
             continue;
@@ -501,9 +616,13 @@ async fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, VmctlError> {
             Err(error) if is_gone(&error) => continue,
             Err(error) => return Err(error.into()),
         };
+        if args.name.is_some() {
+            details = disk_lines(&properties);
+        }
         rows.push(status_row(index + 1, name, state, &properties));
     }
     print_out(&table::render(&rows))?;
+    print_out(&details)?;
     Ok(SUCCESS)
 }
 
@@ -519,6 +638,31 @@ fn status_row(id: usize, name: String, state: String, properties: &VmProperties)
         state,
         name,
     }
+}
+
+/// One line per disk, for `vmctl status NAME`: `disk0: PATH (FORMAT[, read-only][, serial
+/// S][, passed])`.
+fn disk_lines(properties: &VmProperties) -> String {
+    let Some(disks) = properties.disks() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for (index, disk) in disks.iter().enumerate() {
+        let mut notes = vec![disk_str(disk, "Format").unwrap_or_else(|| "auto".to_owned())];
+        let flag = |key: &str| disk.get(key).and_then(|v| bool::try_from(v).ok()) == Some(true);
+        if flag("ReadOnly") {
+            notes.push("read-only".to_owned());
+        }
+        if let Some(serial) = disk_str(disk, "Serial").filter(|s| !s.is_empty()) {
+            notes.push(format!("serial {serial}"));
+        }
+        if flag("Passed") {
+            notes.push("passed".to_owned());
+        }
+        let path = disk_str(disk, "Path").unwrap_or_default();
+        out.push_str(&format!("disk{index}: {path} ({})\n", notes.join(", ")));
+    }
+    out
 }
 
 /// The `Owner` property (`user` or `user:group`); `root` when it is empty (a root-owned VM) or
@@ -608,6 +752,7 @@ mod tests {
             cmdline: Some("console=ttyS0".into()),
             vcpus: Some(2),
             memory: Some(1 << 30),
+            disks: Vec::new(),
         }
     }
 
@@ -643,10 +788,44 @@ mod tests {
             initrd: Some("/boot/initrd".into()),
             ..new_vm()
         };
-        let settings = vm.settings();
+        let settings = vm.settings().expect("settings");
         assert_eq!(sorted_keys(&settings), ["Cmdline", "MemoryBytes", "VCPUs"]);
         assert_eq!(settings["Cmdline"], Variant::from("console=ttyS0"));
-        assert!(NewVm::default().settings().is_empty());
+        assert!(NewVm::default().settings().expect("settings").is_empty());
+    }
+
+    #[test]
+    fn disks_go_as_paths_or_as_formats_beside_fds() {
+        let vm = NewVm {
+            disks: vec![
+                (Some(ImageFormat::Qcow2), "/srv/a.qcow2".into()),
+                (None, "/srv/b.img".into()),
+            ],
+            ..new_vm()
+        };
+        let by_path = vm.disk_entries(true).expect("entries");
+        assert_eq!(
+            disk_str(&by_path[0], "Path").as_deref(),
+            Some("/srv/a.qcow2")
+        );
+        assert_eq!(disk_str(&by_path[0], "Format").as_deref(), Some("qcow2"));
+        assert_eq!(disk_str(&by_path[1], "Format").as_deref(), Some("auto"));
+        let passed = vm.disk_entries(false).expect("entries");
+        assert!(passed.iter().all(|entry| !entry.contains_key("Path")));
+        assert!(sorted_keys(&vm.to_dbus().expect("config")).contains(&"Disks"));
+        assert_eq!(
+            disk_name("raw:x.qcow2"),
+            (Some(ImageFormat::Raw), "x.qcow2".into())
+        );
+        assert_eq!(disk_name("x.qcow2"), (None, "x.qcow2".into()));
+        let properties = VmProperties(HashMap::from([(
+            "Disks".to_owned(),
+            OwnedVariant::try_from(Variant::from(by_path)).expect("owned"),
+        )]));
+        assert_eq!(
+            disk_lines(&properties),
+            "disk0: /srv/a.qcow2 (qcow2)\ndisk1: /srv/b.img (auto)\n"
+        );
     }
 
     #[test]
@@ -664,7 +843,7 @@ mod tests {
         );
         // Passed as an fd, the path need not be a string.
         assert_eq!(
-            sorted_keys(&vm.settings()),
+            sorted_keys(&vm.settings().expect("settings")),
             ["Cmdline", "MemoryBytes", "VCPUs"]
         );
     }
@@ -752,18 +931,29 @@ mod tests {
         std::fs::write(&kernel, b"kernel").expect("write");
         std::fs::write(&initrd, b"initrd").expect("write");
 
-        let files = PassedFiles::open(&kernel, Some(&initrd)).expect("open");
+        let disk = dir.path().join("disk.qcow2");
+        std::fs::write(&disk, b"disk").expect("write");
+        let files =
+            PassedFiles::open(&kernel, Some(&initrd), &[(None, disk.clone())]).expect("open");
         let map = files.to_dbus();
-        assert_eq!(HashMap::<&str, Fd<'_>>::SIGNATURE.to_string(), "a{sh}");
-        assert_eq!(sorted_keys(&map), ["initrd", "kernel"]);
+        assert_eq!(HashMap::<String, Fd<'_>>::SIGNATURE.to_string(), "a{sh}");
+        let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["disk0", "initrd", "kernel"]);
         assert_eq!(map["kernel"], Fd::from(&files.kernel));
-        for fd in map.values() {
+        for (name, fd) in &map {
             let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("flags"));
-            assert_eq!(flags & OFlag::O_ACCMODE, OFlag::O_RDONLY);
+            // Disks are written by the guest; the kernel and initrd only read.
+            let expected = if name == "disk0" {
+                OFlag::O_RDWR
+            } else {
+                OFlag::O_RDONLY
+            };
+            assert_eq!(flags & OFlag::O_ACCMODE, expected, "{name}");
         }
 
-        let files = PassedFiles::open(&kernel, None).expect("open");
-        assert_eq!(sorted_keys(&files.to_dbus()), ["kernel"]);
+        let files = PassedFiles::open(&kernel, None, &[]).expect("open");
+        assert_eq!(files.to_dbus().keys().collect::<Vec<_>>(), ["kernel"]);
     }
 
     #[test]
@@ -772,7 +962,7 @@ mod tests {
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, b"kernel").expect("write");
         let open = |kernel: &Path, initrd: Option<&Path>| {
-            PassedFiles::open(kernel, initrd)
+            PassedFiles::open(kernel, initrd, &[])
                 .expect_err("unusable")
                 .to_string()
         };

@@ -39,7 +39,7 @@ pub trait Manager {
         &self,
         name: &str,
         config: HashMap<&str, Variant<'_>>,
-        files: HashMap<&str, Fd<'_>>,
+        files: HashMap<String, Fd<'_>>,
     ) -> zbus::Result<OwnedObjectPath>;
 
     /// The object path of the VM called `name`.
@@ -139,6 +139,13 @@ impl VmProperties {
     /// A `u` property; `None` if missing or of another type.
     pub fn u32(&self, name: &str) -> Option<u32> {
         self.0.get(name).and_then(|value| u32::try_from(value).ok())
+    }
+
+    /// The `Disks` property (`aa{sv}`), one map per disk; `None` if missing or of another
+    /// type.
+    pub fn disks(&self) -> Option<Vec<HashMap<String, OwnedVariant>>> {
+        let value = self.0.get("Disks")?.try_clone().ok()?;
+        Vec::<HashMap<String, OwnedVariant>>::try_from(value).ok()
     }
 
     /// A `t` property; `None` if missing or of another type.
