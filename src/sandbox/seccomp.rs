@@ -35,6 +35,10 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread: `KVM_RUN` loop and the device emulation it calls.
     Vcpu,
+    /// A virtio-blk worker: disk image I/O.
+    Block,
+    /// The virtio-rng worker: getrandom.
+    Entropy,
 }
 
 impl fmt::Display for ThreadKind {
@@ -42,6 +46,8 @@ impl fmt::Display for ThreadKind {
         f.write_str(match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Block => "block device",
+            ThreadKind::Entropy => "entropy device",
         })
     }
 }
@@ -80,6 +86,8 @@ fn build_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     let list = match kind {
         ThreadKind::Vmm => vmm_allow_list(&context),
         ThreadKind::Vcpu => vcpu_allow_list(&context),
+        ThreadKind::Block => block_allow_list(&context),
+        ThreadKind::Entropy => worker_allow_list(&context),
     };
     compile(list)
 }
@@ -290,6 +298,71 @@ fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
     list
 }
 
+/// What every device worker does: wait on its queue eventfds and its exit eventfd, interrupt
+/// the guest through its irqfd, share the queues' mutex with vCPU threads, log, and end.
+/// The entropy worker needs nothing more (getrandom is here for std's HashMap seeds anyway).
+fn worker_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = vec![
+        // Waiting for notifications (nix::poll::poll is glibc poll(), which may use ppoll).
+        allow(libc::SYS_ppoll),
+        allow(libc::SYS_poll),
+        // Eventfds: reading notifications, writing the irqfd; tracing to stderr or the journal.
+        allow(libc::SYS_read),
+        allow(libc::SYS_write),
+        allow(libc::SYS_writev),
+        // The entropy device's source; std's HashMap seeds.
+        allow(libc::SYS_getrandom),
+        // The queues' mutex shared with vCPU threads; joins.
+        allow(libc::SYS_futex),
+        // Dropping fds at exit; in debug builds std checks an OwnedFd is open first.
+        allow(libc::SYS_close),
+        allow_if(
+            libc::SYS_fcntl,
+            When::ArgIn {
+                arg: 1,
+                values: vec![libc::F_GETFD as u64],
+            },
+        ),
+        // Signal masks at thread exit; an interrupted wait resumes.
+        allow(libc::SYS_rt_sigprocmask),
+        allow(libc::SYS_rt_sigreturn),
+        allow(libc::SYS_restart_syscall),
+        allow(libc::SYS_sigaltstack),
+        allow(libc::SYS_clock_gettime),
+        allow(libc::SYS_sched_yield),
+        allow(libc::SYS_getpid),
+        allow(libc::SYS_gettid),
+        // glibc abort() raises SIGABRT on itself; only that signal, only to this process.
+        allow_if(
+            libc::SYS_tgkill,
+            When::ArgsEqual(vec![(0, context.pid as u64), (2, libc::SIGABRT as u64)]),
+        ),
+        allow(libc::SYS_exit),
+        allow(libc::SYS_exit_group),
+        // Not allowed, on purpose: open/openat (every image is an fd it was given), clone
+        // (workers spawn nothing), ioctl (no KVM calls: interrupts go through the irqfd).
+    ];
+    list.extend(memory_allow_list());
+    list
+}
+
+/// A block worker: [`worker_allow_list`] plus vectored positional I/O on its image files
+/// (imago: preadv, pwritev, pread64, pwrite64), flushes (fsync, fdatasync) and qcow2's
+/// cluster allocation and zeroing (fallocate).
+fn block_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = worker_allow_list(context);
+    list.extend([
+        allow(libc::SYS_preadv),
+        allow(libc::SYS_pwritev),
+        allow(libc::SYS_pread64),
+        allow(libc::SYS_pwrite64),
+        allow(libc::SYS_fsync),
+        allow(libc::SYS_fdatasync),
+        allow(libc::SYS_fallocate),
+    ]);
+    list
+}
+
 /// Compiles an allow-list into a filter that allows what is listed and kills the process for
 /// anything else. Several lines for one system call are OR-ed.
 fn compile(list: Vec<Allow>) -> Result<BpfProgram, BackendError> {
@@ -363,7 +436,12 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Block,
+            ThreadKind::Entropy,
+        ] {
             let program = build_filter(kind).expect("filter compiles");
             assert!(
                 program.len() < 4096,
@@ -379,6 +457,8 @@ mod tests {
         for (kind, list) in [
             (ThreadKind::Vmm, vmm_allow_list(&context)),
             (ThreadKind::Vcpu, vcpu_allow_list(&context)),
+            (ThreadKind::Block, block_allow_list(&context)),
+            (ThreadKind::Entropy, worker_allow_list(&context)),
         ] {
             let mut seen = BTreeSet::new();
             for line in &list {
