@@ -95,6 +95,11 @@ pub fn drain_queue(
             break;
         };
         let head = descriptors.head_index();
+        if head >= queue.size() {
+            // No used element can name it: the request is dropped, the queue goes on.
+            tracing::debug!("queue {index}: dropping a request with head {head} past the table");
+            continue;
+        }
         let used_len = serve(head, chain::Request::parse(descriptors));
         queue
             .add_used(memory, head, used_len)

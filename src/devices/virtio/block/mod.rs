@@ -249,3 +249,399 @@ impl QueueHandler for BlockDevice {
         self.image.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    use virtio_queue::QueueT;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::protocol::ImageFormat;
+
+    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const QUEUE: u16 = 16;
+    const DESC_TABLE: u64 = 0x0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const HEADERS: u64 = 0x3000;
+    const DATA: u64 = 0x10000;
+    const MEMORY: u64 = 1 << 20;
+
+    /// A guest's side of one queue, written straight into guest memory.
+    struct Driver {
+        memory: GuestMemoryMmap,
+        queue: Queue,
+        avail_idx: u16,
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let memory =
+                GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap();
+            let mut queue = Queue::new(QUEUE).unwrap();
+            queue.set_size(QUEUE);
+            queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            queue.set_used_ring_address(Some(USED as u32), Some(0));
+            queue.set_ready(true);
+            assert!(queue.is_valid(&memory));
+            Driver {
+                memory,
+                queue,
+                avail_idx: 0,
+            }
+        }
+
+        fn set_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(DESC_TABLE + u64::from(index) * 16);
+            self.memory.write_obj(addr, at).unwrap();
+            self.memory.write_obj(len, at.unchecked_add(8)).unwrap();
+            self.memory.write_obj(flags, at.unchecked_add(12)).unwrap();
+            self.memory.write_obj(next, at.unchecked_add(14)).unwrap();
+        }
+
+        /// Offers the chain starting at `head`.
+        fn offer(&mut self, head: u16) {
+            let slot = u64::from(self.avail_idx % QUEUE);
+            self.memory
+                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.memory
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        /// The used element for the `n`-th request: (id, len).
+        fn used(&self, n: u16) -> (u32, u32) {
+            let at = GuestAddress(USED + 4 + u64::from(n % QUEUE) * 8);
+            (
+                self.memory.read_obj(at).unwrap(),
+                self.memory.read_obj(at.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.memory.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        /// A standard three-part request at descriptors 0..3: header, data, status.
+        fn request(&mut self, kind: u32, sector: u64, data: (u64, u32), data_flags: u16) -> u16 {
+            self.memory.write_obj(kind, GuestAddress(HEADERS)).unwrap();
+            self.memory
+                .write_obj(sector, GuestAddress(HEADERS + 8))
+                .unwrap();
+            self.memory
+                .write_obj(0xffu8, GuestAddress(HEADERS + 16))
+                .unwrap();
+            self.set_descriptor(0, HEADERS, 16, NEXT, 1);
+            self.set_descriptor(1, data.0, data.1, data_flags | NEXT, 2);
+            self.set_descriptor(2, HEADERS + 16, 1, WRITE, 0);
+            self.offer(0);
+            self.avail_idx - 1
+        }
+
+        fn status(&self) -> u8 {
+            self.memory.read_obj(GuestAddress(HEADERS + 16)).unwrap()
+        }
+
+        fn run(&mut self, device: &mut BlockDevice) -> bool {
+            device
+                .process_queue(0, &mut self.queue, &self.memory)
+                .unwrap()
+        }
+    }
+
+    fn raw_disk(sectors: u64) -> (tempfile::NamedTempFile, DiskImage) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(sectors * SECTOR_SIZE).unwrap();
+        let handle = file.reopen().unwrap();
+        let image = DiskImage::open(handle, ImageFormat::Raw, Vec::new(), false).unwrap();
+        (file, image)
+    }
+
+    fn device(image: DiskImage, read_only: bool) -> BlockDevice {
+        BlockDevice::new("disk0".into(), image, read_only, "serial-0")
+    }
+
+    #[test]
+    fn writes_then_reads_back_and_the_file_has_the_data() {
+        let (file, image) = raw_disk(64);
+        let mut disk = device(image, false);
+        let mut driver = Driver::new();
+        driver
+            .memory
+            .write_slice(&[0xa5; 1024], GuestAddress(DATA))
+            .unwrap();
+        let n = driver.request(VIRTIO_BLK_T_OUT, 3, (DATA, 1024), 0);
+        assert!(driver.run(&mut disk));
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used(n), (0, 1));
+        let n = driver.request(VIRTIO_BLK_T_FLUSH, 0, (DATA, 0), 0);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used(n).1, 1);
+
+        let n = driver.request(VIRTIO_BLK_T_IN, 2, (DATA + 0x1000, 2048), WRITE);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used(n).1, 2049);
+        let mut back = [0u8; 2048];
+        driver
+            .memory
+            .read_slice(&mut back, GuestAddress(DATA + 0x1000))
+            .unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0));
+        assert!(back[512..1536].iter().all(|&b| b == 0xa5));
+        assert!(back[1536..].iter().all(|&b| b == 0));
+
+        let mut on_disk = vec![0u8; 1024];
+        let mut f = file.reopen().unwrap();
+        f.seek(SeekFrom::Start(3 * SECTOR_SIZE)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0xa5));
+    }
+
+    #[test]
+    fn answers_get_id_and_describes_itself() {
+        let (_file, image) = raw_disk(8);
+        let mut disk = device(image, true);
+        let description = disk.description();
+        assert_ne!(description.features & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_eq!(&description.config[..8], &8u64.to_le_bytes());
+        let mut driver = Driver::new();
+        let n = driver.request(VIRTIO_BLK_T_GET_ID, 0, (DATA, 20), WRITE);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used(n).1, 21);
+        let mut id = [0u8; 20];
+        driver
+            .memory
+            .read_slice(&mut id, GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(&id[..9], b"serial-0\0");
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_ioerr_and_goes_on() {
+        let (file, image) = raw_disk(8);
+        let mut disk = device(image, false);
+        let mut driver = Driver::new();
+        let cases: [(u32, u64, (u64, u32), u16, u8); 8] = [
+            // Past the end of the disk.
+            (
+                VIRTIO_BLK_T_IN,
+                7,
+                (DATA, 1024),
+                WRITE,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            (
+                VIRTIO_BLK_T_OUT,
+                u64::MAX,
+                (DATA, 512),
+                0,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            // Not whole sectors; nothing at all.
+            (
+                VIRTIO_BLK_T_IN,
+                0,
+                (DATA, 100),
+                WRITE,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                0,
+                (DATA, 0),
+                WRITE,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            // Outside guest memory; a length no memory has.
+            (
+                VIRTIO_BLK_T_IN,
+                0,
+                (MEMORY - 512, 1024),
+                WRITE,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            (
+                VIRTIO_BLK_T_OUT,
+                0,
+                (DATA, u32::MAX & !511),
+                0,
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            // A read whose buffer the device may not write.
+            (VIRTIO_BLK_T_IN, 0, (DATA, 512), 0, VIRTIO_BLK_S_IOERR as u8),
+            (99, 0, (DATA, 512), WRITE, VIRTIO_BLK_S_UNSUPP as u8),
+        ];
+        for (kind, sector, data, flags, expected) in cases {
+            let n = driver.request(kind, sector, data, flags);
+            driver.run(&mut disk);
+            assert_eq!(driver.status(), expected, "type {kind} sector {sector}");
+            assert_eq!(driver.used(n), (0, 1), "type {kind} sector {sector}");
+        }
+        let mut on_disk = Vec::new();
+        file.reopen().unwrap().read_to_end(&mut on_disk).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0), "a refused request wrote");
+    }
+
+    #[test]
+    fn unservable_chains_are_returned_unused() {
+        let (_file, image) = raw_disk(8);
+        let mut disk = device(image, false);
+        let mut driver = Driver::new();
+        // A loop: 0 -> 1 -> 0.
+        driver.set_descriptor(0, HEADERS, 16, NEXT, 1);
+        driver.set_descriptor(1, DATA, 512, WRITE | NEXT, 0);
+        driver.offer(0);
+        // No device-writable byte at all.
+        driver.set_descriptor(2, HEADERS, 16, 0, 0);
+        driver.offer(2);
+        // A next index past the table.
+        driver.set_descriptor(3, HEADERS, 16, NEXT, 200);
+        driver.offer(3);
+        // A readable descriptor after a writable one.
+        driver.set_descriptor(4, DATA, 512, WRITE | NEXT, 5);
+        driver.set_descriptor(5, HEADERS, 16, 0, 0);
+        driver.offer(4);
+        // A head index past the table: dropped, no used element can name it.
+        driver.offer(QUEUE + 7);
+        assert!(driver.run(&mut disk));
+        assert_eq!(driver.used_idx(), 4);
+        for n in 0..4 {
+            assert_eq!(driver.used(n).1, 0, "request {n}");
+        }
+        // And a good request still works.
+        driver.request(VIRTIO_BLK_T_IN, 0, (DATA, 512), WRITE);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used_idx(), 5);
+        assert_eq!(driver.used(4), (0, 513));
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes() {
+        let (file, image) = raw_disk(8);
+        let mut disk = device(image, true);
+        let mut driver = Driver::new();
+        driver
+            .memory
+            .write_slice(&[0x5a; 512], GuestAddress(DATA))
+            .unwrap();
+        driver.request(VIRTIO_BLK_T_OUT, 0, (DATA, 512), 0);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_IOERR as u8);
+        let mut on_disk = Vec::new();
+        file.reopen().unwrap().read_to_end(&mut on_disk).unwrap();
+        assert!(on_disk.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_avail_index_running_ahead_is_a_queue_error() {
+        let (_file, image) = raw_disk(8);
+        let mut disk = device(image, false);
+        let mut driver = Driver::new();
+        driver
+            .memory
+            .write_obj(QUEUE + 1, GuestAddress(AVAIL + 2))
+            .unwrap();
+        assert!(matches!(
+            disk.process_queue(0, &mut driver.queue, &driver.memory),
+            Err(DeviceError::Queue { queue: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn raw_tail_shorter_than_a_sector_is_not_visible() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[1u8; 1000]).unwrap();
+        let image =
+            DiskImage::open(file.reopen().unwrap(), ImageFormat::Raw, Vec::new(), false).unwrap();
+        assert_eq!(device(image, false).capacity_sectors(), 1);
+    }
+
+    fn run_tool(program: &str, args: &[&str]) -> String {
+        let output = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"));
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{program} {args:?}: {text}");
+        text
+    }
+
+    #[test]
+    fn a_qcow2_over_a_raw_base_takes_writes_and_leaves_the_base_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        let top = dir.path().join("top.qcow2");
+        let (base_s, top_s) = (base.to_str().unwrap(), top.to_str().unwrap());
+        run_tool("qemu-img", &["create", "-q", "-f", "raw", base_s, "1M"]);
+        run_tool(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x11 0 1M", base_s],
+        );
+        run_tool(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", base_s, "-F", "raw", top_s,
+            ],
+        );
+
+        let open = |path: &std::path::Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .unwrap()
+        };
+        let image = DiskImage::open(
+            open(&top, true),
+            ImageFormat::Qcow2,
+            vec![(open(&base, false), ImageFormat::Raw)],
+            false,
+        )
+        .unwrap();
+        let mut disk = device(image, false);
+        assert_eq!(disk.capacity_sectors(), 2048);
+        let mut driver = Driver::new();
+        driver
+            .memory
+            .write_slice(&[0x22; 4096], GuestAddress(DATA))
+            .unwrap();
+        driver.request(VIRTIO_BLK_T_OUT, 8, (DATA, 4096), 0);
+        driver.run(&mut disk);
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        // Reads see the write over the base's data.
+        driver.request(VIRTIO_BLK_T_IN, 7, (DATA + 0x2000, 1024), WRITE);
+        driver.run(&mut disk);
+        let mut back = [0u8; 1024];
+        driver
+            .memory
+            .read_slice(&mut back, GuestAddress(DATA + 0x2000))
+            .unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0x11));
+        assert!(back[512..].iter().all(|&b| b == 0x22));
+        // The worker flushes when the VM ends.
+        disk.flush().unwrap();
+        drop(disk);
+
+        run_tool("qemu-img", &["check", top_s]);
+        run_tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x22 4096 4096", top_s],
+        );
+        run_tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x11 0 4096", top_s],
+        );
+        run_tool("qemu-io", &["-f", "raw", "-c", "read -P 0x11 0 1M", base_s]);
+    }
+}
