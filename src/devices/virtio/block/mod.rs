@@ -430,7 +430,9 @@ mod tests {
         let (file, image) = raw_disk(8);
         let mut disk = device(image, false);
         let mut driver = Driver::new();
-        let cases: [(u32, u64, (u64, u32), u16, u8); 8] = [
+        // (type, sector, data buffer, its flags, the status expected)
+        type Case = (u32, u64, (u64, u32), u16, u8);
+        let cases: [Case; 8] = [
             // Past the end of the disk.
             (
                 VIRTIO_BLK_T_IN,
@@ -472,7 +474,7 @@ mod tests {
             (
                 VIRTIO_BLK_T_OUT,
                 0,
-                (DATA, u32::MAX & !511),
+                (DATA, 0xffff_fe00),
                 0,
                 VIRTIO_BLK_S_IOERR as u8,
             ),
