@@ -65,6 +65,18 @@
 #define MEMTEST_MAX_MIB     4080                /* 16 MiB + 4080 MiB = 4 GiB, the mapped range */
 #define MEMTEST_PATTERN     0x5aa5c33c96690ff0
 
+/* PVH entry (QEMU microvm): struct hvm_start_info, see README.md */
+#define HVM_START_MAGIC     0x336ec578
+#define SI_MAGIC            0
+#define SI_VERSION          4
+#define SI_CMDLINE_PADDR    24
+#define SI_RSDP_PADDR       32
+#define SI_MEMMAP_PADDR     40              /* version >= 1 */
+#define SI_MEMMAP_ENTRIES   48
+#define MEMMAP_ENTRY_SIZE   24              /* {addr u64, size u64, type u32, reserved u32} */
+#define PVH_CS              0x10            /* selectors of pvh_gdt, the same as vmd's */
+#define PVH_DS              0x18
+
 /* ======================================================================================= */
     .section .text.entry, "ax"
     .code64
@@ -124,6 +136,57 @@ _start:
     call    str_prefix
     je      sc_memtest
     jmp     sc_unknown
+
+/* PVH entry, continued in 64-bit mode from pvh_start32 (.pvh32) on pvh_gdt and pvh_pml4.
+ * Builds a Linux boot_params from the hvm_start_info and joins vmd's path at _start. */
+pvh_start64:
+    mov     $PVH_DS, %eax
+    mov     %eax, %ds
+    mov     %eax, %es
+    mov     %eax, %ss
+    mov     %eax, %fs
+    mov     %eax, %gs
+    lea     bsp_stack_top(%rip), %rsp
+    lea     pvh_boot_params(%rip), %rbx
+    mov     %rbx, %rdi
+    mov     $(4096 / 8), %ecx
+    xor     %eax, %eax
+    rep stosq
+    mov     pvh_start_info(%rip), %esi
+    test    %esi, %esi
+    jz      9f
+    cmpl    $HVM_START_MAGIC, SI_MAGIC(%rsi)
+    jne     9f
+    mov     SI_CMDLINE_PADDR(%rsi), %rax
+    mov     %rax, %rdx
+    shr     $32, %rdx
+    jnz     1f                          /* cmd_line_ptr is 32 bits */
+    mov     %eax, BP_CMD_LINE_PTR(%rbx)
+1:  mov     SI_RSDP_PADDR(%rsi), %rax
+    mov     %rax, BP_ACPI_RSDP_ADDR(%rbx)
+    cmpl    $1, SI_VERSION(%rsi)
+    jb      9f                          /* version 0: no memory map */
+    mov     SI_MEMMAP_ENTRIES(%rsi), %ecx
+    cmp     $E820_MAX_ENTRIES, %ecx
+    jbe     2f
+    mov     $E820_MAX_ENTRIES, %ecx
+2:  mov     %cl, BP_E820_ENTRIES(%rbx)
+    mov     SI_MEMMAP_PADDR(%rsi), %rsi
+    lea     BP_E820_TABLE(%rbx), %rdi
+    test    %ecx, %ecx
+    jz      9f
+3:  mov     (%rsi), %rax                /* addr */
+    mov     %rax, (%rdi)
+    mov     8(%rsi), %rax               /* size */
+    mov     %rax, 8(%rdi)
+    mov     16(%rsi), %eax              /* type */
+    mov     %eax, 16(%rdi)
+    add     $MEMMAP_ENTRY_SIZE, %rsi
+    add     $E820_ENTRY_SIZE, %rdi
+    dec     %ecx
+    jnz     3b
+9:  mov     %rbx, %rsi
+    jmp     _start
 
 /* ---- scenarios (entered with rsi/rcx = scenario token, rdx = length of the matched prefix) */
 
@@ -1047,7 +1110,78 @@ tr_efer:
 ap_trampoline_end:
 
 /* ======================================================================================= */
+/* PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), used by QEMU's -kernel (microvm: qboot): 32-bit
+ * protected mode, paging off, flat CS/DS/ES/SS, interrupts off, EBX = struct hvm_start_info,
+ * no stack. Its own section (.pvh32, allocated but not marked executable: it lies in the R+X
+ * text segment) so that tests/guest_disassembly.rs disassembles it as 32-bit code. It maps
+ * the first 4 GiB with 2 MiB pages in its own tables, enters long mode and continues at
+ * pvh_start64. Absolute addresses: the image is linked and loaded at 1 MiB. */
+    .section .pvh32, "a"
+    .code32
+pvh_start32:
+    cli
+    cld
+    mov     %ebx, pvh_start_info
+    mov     $pvh_pml4, %edi             /* zero the PML4 and the PDPT */
+    mov     $(2 * 4096 / 4), %ecx
+    xor     %eax, %eax
+    rep stosl
+    movl    $(pvh_pdpt + 3), pvh_pml4   /* present, writable */
+    mov     $pvh_pdpt, %edi             /* PDPT[0..3] -> the four page directories */
+    mov     $(pvh_pd + 3), %eax
+    mov     $4, %ecx
+1:  mov     %eax, (%edi)
+    add     $4096, %eax
+    add     $8, %edi
+    sub     $1, %ecx
+    jnz     1b
+    mov     $pvh_pd, %edi               /* 2048 entries of 2 MiB up to 4 GiB */
+    mov     $0x83, %eax                 /* present, writable, 2 MiB page */
+2:  mov     %eax, (%edi)
+    movl    $0, 4(%edi)
+    add     $8, %edi
+    add     $0x200000, %eax
+    jnc     2b                          /* carry: the last entry (4 GiB - 2 MiB) is done */
+    lgdtl   pvh_gdtr
+    mov     %cr4, %eax
+    or      $0x20, %eax                 /* PAE */
+    mov     %eax, %cr4
+    mov     $pvh_pml4, %eax
+    mov     %eax, %cr3
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_LME, %eax
+    wrmsr
+    mov     %cr0, %eax
+    or      $0x80000001, %eax           /* PG, PE */
+    mov     %eax, %cr0
+    ljmp    $PVH_CS, $pvh_start64
+    .code64
+
+/* The PVH entry point, for QEMU's loader: a PT_NOTE segment (see testguest.ld). QEMU reads
+ * the description as a pointer-sized value after a name padded to the segment's alignment
+ * (4), so it is a .quad here. */
+    .section .note.Xen, "a", @note
+    .p2align 2
+    .long   4                           /* n_namesz: "Xen\0" */
+    .long   8                           /* n_descsz */
+    .long   18                          /* n_type: XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz  "Xen"
+    .quad   pvh_start32
+
+/* ======================================================================================= */
     .section .rodata, "a"
+    .p2align 3
+pvh_gdt:
+    .quad   0                           /* null */
+    .quad   0x00cf9b000000ffff          /* 0x08: 32-bit code, flat (accessed bit preset) */
+    .quad   0x00af9b000000ffff          /* 0x10: 64-bit code */
+    .quad   0x00cf93000000ffff          /* 0x18: data, flat */
+pvh_gdt_end:
+pvh_gdtr:
+    .word   pvh_gdt_end - pvh_gdt - 1
+    .long   pvh_gdt
+
 s_prefix:           .asciz "testguest: "
 s_scenario:         .asciz "scenario "
 s_none:             .asciz "(none)"
@@ -1105,6 +1239,7 @@ con_lock:           .long 0
 ap_next_index:      .long 0
 ap_arrived:         .long 0
 stringio_buf:       .long 0
+pvh_start_info:     .long 0             /* EBX at the PVH entry */
 
     .bss
     .p2align 4
@@ -1113,5 +1248,10 @@ cpu_ids:            .skip MAX_CPUS
 bsp_stack:          .skip BSP_STACK_SIZE
 bsp_stack_top:
 ap_stacks:          .skip AP_STACK_SIZE * MAX_APS
+    .p2align 12
+pvh_pml4:           .skip 4096          /* PVH entry: its own page tables, ... */
+pvh_pdpt:           .skip 4096
+pvh_pd:             .skip 4 * 4096
+pvh_boot_params:    .skip 4096          /* ... and the boot_params it builds */
 
     .section .note.GNU-stack, "", @progbits
