@@ -77,6 +77,11 @@
 #define PVH_CS              0x10            /* selectors of pvh_gdt, the same as vmd's */
 #define PVH_DS              0x18
 
+/* QEMU microvm power off: ACPI GED sleep control register (byte), SLP_EN | SLP_TYP 5 */
+#define GED_SLEEP_CTL       0xfea00200
+#define GED_SLEEP_S5        0x34            /* SLP_EN (1 << 5) | SLP_TYP 5 (5 << 2) */
+#define DEBUG_EXIT_PORT     0xf4            /* -device isa-debug-exit,iobase=0xf4,iosize=4 */
+
 /* ======================================================================================= */
     .section .text.entry, "ax"
     .code64
@@ -630,10 +635,16 @@ ap_main:
 
 /* ---- power control ------------------------------------------------------------------ */
 
+/* vmd ends the VM at the PM1a_CNT write; QEMU microvm (no port 0x604) at the GED write, or
+ * without ACPI at the isa-debug-exit write */
 poweroff:
     mov     $PM1_CNT_S5, %eax
     mov     $PM1_CNT_PORT, %edx
     outw    %ax, %dx
+    mov     $GED_SLEEP_CTL, %edx
+    movb    $GED_SLEEP_S5, (%rdx)
+    xor     %eax, %eax                  /* QEMU with acpi=off: isa-debug-exit, status 1 */
+    out     %al, $DEBUG_EXIT_PORT
 halt_forever:
     cli
     hlt
