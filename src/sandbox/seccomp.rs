@@ -70,11 +70,35 @@ pub fn apply_seccomp(kind: ThreadKind, mode: SandboxMode) -> Result<(), SeccompE
         return Ok(());
     }
     let program = build_filter(kind).map_err(|err| SeccompError::Build(kind, err))?;
+    let refusals = refusal_filter().map_err(|err| SeccompError::Build(kind, err))?;
     tracing::debug!(
         "installing the seccomp filter of {kind} threads ({} instructions)",
         program.len()
     );
+    // Of two filters the kernel takes the stricter answer: the refusal filter's EACCES wins
+    // over the allow-list's Allow for exactly the refused calls.
+    seccompiler::apply_filter(&refusals).map_err(|err| SeccompError::Install(kind, err))?;
     seccompiler::apply_filter(&program).map_err(|err| SeccompError::Install(kind, err))
+}
+
+/// System calls every thread may make and always gets EACCES for, instead of being killed:
+/// glibc's malloc opens `/proc/sys/vm/overcommit_memory` the first time a thread's arena
+/// shrinks (a block worker freeing qcow2 cache buffers does), and copes with the refusal.
+/// Landlock refuses every path anyway; this only keeps the attempt from killing the VM.
+const REFUSED_WITH_EACCES: [libc::c_long; 2] = [libc::SYS_open, libc::SYS_openat];
+
+fn refusal_filter() -> Result<BpfProgram, BackendError> {
+    let rules = REFUSED_WITH_EACCES
+        .iter()
+        .map(|&syscall| (syscall, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(filter)
 }
 
 /// Compiles the allow-list of `kind` to BPF.
@@ -368,7 +392,9 @@ fn block_allow_list(context: &Context) -> Vec<Allow> {
 fn compile(list: Vec<Allow>) -> Result<BpfProgram, BackendError> {
     // An empty rule vector means "with any arguments" to seccompiler.
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for line in list {
+    // Let the refused calls through to the refusal filter, which answers them with EACCES.
+    let refused = REFUSED_WITH_EACCES.iter().map(|&syscall| allow(syscall));
+    for line in list.into_iter().chain(refused) {
         let new = line.when.into_rules()?;
         match rules.entry(line.syscall) {
             Entry::Vacant(entry) => {
@@ -492,7 +518,12 @@ mod tests {
             libc::SYS_setuid,
             libc::SYS_wait4,
         ];
-        for list in [vmm_allow_list(&context), vcpu_allow_list(&context)] {
+        for list in [
+            vmm_allow_list(&context),
+            vcpu_allow_list(&context),
+            block_allow_list(&context),
+            worker_allow_list(&context),
+        ] {
             for line in &list {
                 assert!(
                     !forbidden.contains(&line.syscall),
@@ -501,6 +532,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_open_gets_eacces_instead_of_killing_the_process() {
+        // In a thread of its own: the filter stays with that thread.
+        let outcome = std::thread::spawn(|| {
+            apply_seccomp(ThreadKind::Entropy, SandboxMode::Enforce).expect("filter");
+            std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                .map(drop)
+                .map_err(|e| e.raw_os_error())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(outcome, Err(Some(libc::EACCES)));
     }
 
     #[test]
