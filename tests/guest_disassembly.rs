@@ -7,8 +7,10 @@
 //! general-purpose instructions. The ELF header facts the VMM's loader relies on are checked
 //! too.
 //!
-//! Only executable sections are disassembled; the AP trampoline (16/32/64-bit code copied to
-//! 0x6000) lives in .rodata and is reviewed by hand.
+//! Executable sections are disassembled as 64-bit code. The PVH entry stub (32-bit code, run
+//! in place) has its own non-executable section `.pvh32`, disassembled as 32-bit code and held
+//! to the same lists. The AP trampoline (16/32/64-bit code copied to 0x6000) lives in .rodata
+//! and is reviewed by hand.
 
 use std::process::Command;
 
@@ -154,10 +156,29 @@ fn problems(listing: &str) -> Vec<String> {
         .collect()
 }
 
+/// The 64-bit disassembly of the executable sections.
 fn disassemble() -> String {
+    objdump(&["-d", "-w", "--no-show-raw-insn", GUEST_ELF])
+}
+
+/// The 32-bit disassembly of the PVH entry stub (section `.pvh32`).
+fn disassemble_pvh32() -> String {
+    objdump(&[
+        "-D",
+        "-w",
+        "--no-show-raw-insn",
+        "-M",
+        "i386",
+        "-j",
+        ".pvh32",
+        GUEST_ELF,
+    ])
+}
+
+fn objdump(args: &[&str]) -> String {
     let objdump = std::env::var("OBJDUMP").unwrap_or_else(|_| "objdump".into());
     let out = Command::new(&objdump)
-        .args(["-d", "-w", "--no-show-raw-insn", GUEST_ELF])
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {objdump}: {e}"));
     assert!(
@@ -188,6 +209,24 @@ fn guest_uses_only_emulated_instructions() {
     assert!(
         problems.is_empty(),
         "the test guest {GUEST_ELF} uses instructions kvm_pvm cannot run:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn pvh_entry_uses_only_emulated_instructions() {
+    let listing = disassemble_pvh32();
+    let insns: Vec<_> = listing.lines().filter_map(parse_line).collect();
+    for needed in ["wrmsr", "lgdtl", "ljmp"] {
+        assert!(
+            insns.iter().any(|i| i.mnemonic == needed),
+            "no `{needed}` in the 32-bit disassembly of .pvh32:\n{listing}"
+        );
+    }
+    let problems = problems(&listing);
+    assert!(
+        problems.is_empty(),
+        "the PVH entry of {GUEST_ELF} uses instructions kvm_pvm cannot run:\n{}",
         problems.join("\n")
     );
 }
@@ -341,5 +380,49 @@ fn guest_elf_header_fits_the_loader() {
     assert!(
         entry_in_code,
         "entry {entry:#x} is not inside an executable PT_LOAD segment"
+    );
+}
+
+/// The PVH entry note QEMU boots the image through: a PT_NOTE segment with the note
+/// ("Xen", XEN_ELFNOTE_PHYS32_ENTRY = 18), whose 8-byte description is an address in an
+/// executable PT_LOAD segment below 4 GiB. QEMU pads the name to the segment's alignment
+/// before reading the description, so that must be 4.
+#[test]
+fn guest_elf_has_pvh_entry_note() {
+    let elf = std::fs::read(GUEST_ELF).unwrap_or_else(|e| panic!("cannot read {GUEST_ELF}: {e}"));
+    let phoff = usize::try_from(u64_at(&elf, 32)).unwrap();
+    let phnum = usize::from(u16_at(&elf, 56));
+    let phdrs: Vec<&[u8]> = (0..phnum).map(|i| &elf[phoff + i * 56..][..56]).collect();
+    let mut entry = None;
+    for ph in phdrs.iter().filter(|ph| u32_at(ph, 0) == 4) {
+        let offset = usize::try_from(u64_at(ph, 8)).unwrap();
+        let filesz = usize::try_from(u64_at(ph, 32)).unwrap();
+        assert_eq!(u64_at(ph, 48), 4, "PT_NOTE p_align is not 4");
+        let notes = &elf[offset..offset + filesz];
+        let mut at = 0;
+        while at + 12 <= notes.len() {
+            let namesz = u32_at(notes, at) as usize;
+            let descsz = u32_at(notes, at + 4) as usize;
+            let n_type = u32_at(notes, at + 8);
+            let name_at = at + 12;
+            let desc_at = name_at + namesz.next_multiple_of(4);
+            let next = desc_at + descsz.next_multiple_of(4);
+            assert!(next <= notes.len(), "note at {at:#x} runs past its segment");
+            if &notes[name_at..name_at + namesz] == b"Xen\0" && n_type == 18 {
+                assert_eq!(descsz, 8, "PHYS32_ENTRY description is not 8 bytes");
+                entry = Some(u64_at(notes, desc_at));
+            }
+            at = next;
+        }
+    }
+    let entry = entry.expect("no XEN_ELFNOTE_PHYS32_ENTRY note in a PT_NOTE segment");
+    assert!(entry < 1 << 32, "PVH entry {entry:#x} is above 4 GiB");
+    let in_code = phdrs.iter().any(|ph| {
+        let (paddr, filesz) = (u64_at(ph, 24), u64_at(ph, 32));
+        u32_at(ph, 0) == 1 && u32_at(ph, 4) & 1 != 0 && (paddr..paddr + filesz).contains(&entry)
+    });
+    assert!(
+        in_code,
+        "PVH entry {entry:#x} is not inside an executable PT_LOAD segment"
     );
 }

@@ -16,6 +16,9 @@ command -v dbus-daemon >/dev/null || need_packages+=(dbus)
 [ -x /usr/lib/polkit-1/polkitd ] || need_packages+=(polkitd)
 command -v nsenter >/dev/null || need_packages+=(util-linux)
 command -v dpkg-shlibdeps >/dev/null || need_packages+=(dpkg-dev)
+# Disk images for the virtio-blk tests are made and checked with QEMU's own tools.
+command -v qemu-img >/dev/null || need_packages+=(qemu-utils)
+command -v qemu-io >/dev/null || need_packages+=(qemu-utils)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"

@@ -335,6 +335,10 @@ const REQUIRED_SYSCALLS: &[(&str, &str)] = &[
     ("waitid", "reaping helpers"),
     ("fsync", "atomic writes of definitions"),
     ("fdatasync", "disk flushes"),
+    ("preadv", "disk reads"),
+    ("pwritev", "disk writes"),
+    ("fallocate", "qcow2 cluster allocation"),
+    ("getrandom", "virtio-rng"),
 ];
 
 /// System calls the service has no business making.

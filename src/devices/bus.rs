@@ -141,13 +141,19 @@ pub fn lock_device<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T>
 }
 
 /// Lets one log line through per second and counts what it held back.
-struct RateLimiter {
+pub struct RateLimiter {
     last_second: AtomicU64,
     suppressed: AtomicU64,
 }
 
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RateLimiter {
-    fn new() -> Self {
+    pub fn new() -> Self {
         RateLimiter {
             last_second: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
@@ -155,7 +161,7 @@ impl RateLimiter {
     }
 
     /// `Some(count of suppressed events)` when this event may be logged.
-    fn admit(&self) -> Option<u64> {
+    pub fn admit(&self) -> Option<u64> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

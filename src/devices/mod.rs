@@ -6,8 +6,10 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod manager;
 pub mod serial;
 pub mod stop;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use stop::{GuestStop, StopSignal};

@@ -125,6 +125,8 @@ impl<'a> EventLoop<'a> {
         if let Some(vcpus) = self.vcpus.take() {
             vcpus.stop();
         }
+        // Whatever ended the VM, disks are flushed before the helper exits.
+        self.vm.stop_devices();
         code
     }
 

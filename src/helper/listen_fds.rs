@@ -113,6 +113,13 @@ impl ReceivedFds {
         self.fds.remove(&name)
     }
 
+    /// The names still in the set.
+    pub fn names(&self) -> Vec<FdName> {
+        let mut names: Vec<FdName> = self.fds.keys().copied().collect();
+        names.sort();
+        names
+    }
+
     /// Puts an fd (back) under a name.
     pub fn insert(&mut self, name: FdName, fd: OwnedFd) {
         self.fds.insert(name, fd);

@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
+use crate::devices::virtio::worker::{WorkerKind, WorkerSetup};
 use crate::protocol::{ControlChannel, Event, Request, VmConfig};
 use crate::sandbox::{self, SandboxMode, ThreadKind};
 use crate::vmm::vcpu::install_kick_handler;
-use crate::vmm::vm::{MachineConfig, MachineFiles, build_vm};
+use crate::vmm::vm::{DiskFiles, MachineConfig, MachineFiles, build_vm};
 use listen_fds::{FdIntakeFailure, FdName, ReceivedFds};
 
 /// Helper exit statuses (DESIGN.md, "Launch protocol").
@@ -112,11 +113,19 @@ fn start(
     config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let files = machine_files(&mut fds)?;
-    let mut vm = build_vm(&machine_config(&config), files).map_err(|e| error_chain(&e))?;
+    let files = machine_files(&mut fds, &config)?;
+    let mode = options.sandbox;
+    let worker_setup: WorkerSetup = Arc::new(move |kind| {
+        let thread = match kind {
+            WorkerKind::Block => ThreadKind::Block,
+            WorkerKind::Entropy => ThreadKind::Entropy,
+        };
+        sandbox::apply_seccomp(thread, mode).map_err(|e| error_chain(&e))
+    });
+    let mut vm =
+        build_vm(&machine_config(&config), files, worker_setup).map_err(|e| error_chain(&e))?;
 
     install_kick_handler().map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
-    let mode = options.sandbox;
     let vcpus = vm
         .start_vcpus(Arc::new(move || {
             sandbox::apply_seccomp(ThreadKind::Vcpu, mode).map_err(|e| error_chain(&e))
@@ -138,19 +147,53 @@ fn machine_config(config: &VmConfig) -> MachineConfig {
         vcpus: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
         memory_bytes: config.memory_bytes,
         cmdline: config.cmdline.clone(),
+        disks: config.disks.clone(),
+        entropy: config.entropy,
     }
 }
 
-fn machine_files(fds: &mut ReceivedFds) -> Result<MachineFiles, String> {
+/// Takes the fds the configuration calls for; the intake already refused unknown names, and
+/// here a disk fd without a configuration (or the reverse) is refused too.
+fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFiles, String> {
     let kvm = fds.take(FdName::Kvm).ok_or("no kvm fd")?;
     let kernel = File::from(fds.take(FdName::Kernel).ok_or("no kernel fd")?);
     let initrd = fds.take(FdName::Initrd).map(File::from);
     let console = fds.take(FdName::Console).map(set_nonblocking).transpose()?;
+    let mut disks = Vec::with_capacity(config.disks.len());
+    for (index, disk) in (0u8..).zip(&config.disks) {
+        let image = fds
+            .take(FdName::Disk(index))
+            .ok_or_else(|| format!("no fd for disk {index}"))?;
+        let mut bases = Vec::with_capacity(disk.backing.len());
+        for layer in (1u8..).take(disk.backing.len()) {
+            let base = fds
+                .take(FdName::DiskBase { disk: index, layer })
+                .ok_or_else(|| {
+                    format!("no fd for layer {layer} of disk {index}'s backing chain")
+                })?;
+            bases.push(File::from(base));
+        }
+        disks.push(DiskFiles {
+            image: File::from(image),
+            bases,
+        });
+    }
+    if let Some(extra) = fds.names().into_iter().find(|name| {
+        matches!(
+            name,
+            FdName::Disk(_) | FdName::DiskBase { .. } | FdName::Net(_)
+        )
+    }) {
+        return Err(format!(
+            "fd {extra} was passed but the configuration has no use for it"
+        ));
+    }
     Ok(MachineFiles {
         kvm,
         kernel,
         initrd,
         console,
+        disks,
     })
 }
 

@@ -35,6 +35,10 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread: `KVM_RUN` loop and the device emulation it calls.
     Vcpu,
+    /// A virtio-blk worker: disk image I/O.
+    Block,
+    /// The virtio-rng worker: getrandom.
+    Entropy,
 }
 
 impl fmt::Display for ThreadKind {
@@ -42,6 +46,8 @@ impl fmt::Display for ThreadKind {
         f.write_str(match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Block => "block device",
+            ThreadKind::Entropy => "entropy device",
         })
     }
 }
@@ -64,11 +70,35 @@ pub fn apply_seccomp(kind: ThreadKind, mode: SandboxMode) -> Result<(), SeccompE
         return Ok(());
     }
     let program = build_filter(kind).map_err(|err| SeccompError::Build(kind, err))?;
+    let refusals = refusal_filter().map_err(|err| SeccompError::Build(kind, err))?;
     tracing::debug!(
         "installing the seccomp filter of {kind} threads ({} instructions)",
         program.len()
     );
+    // Of two filters the kernel takes the stricter answer: the refusal filter's EACCES wins
+    // over the allow-list's Allow for exactly the refused calls.
+    seccompiler::apply_filter(&refusals).map_err(|err| SeccompError::Install(kind, err))?;
     seccompiler::apply_filter(&program).map_err(|err| SeccompError::Install(kind, err))
+}
+
+/// System calls every thread may make and always gets EACCES for, instead of being killed:
+/// glibc's malloc opens `/proc/sys/vm/overcommit_memory` the first time a thread's arena
+/// shrinks (a block worker freeing qcow2 cache buffers does), and copes with the refusal.
+/// Landlock refuses every path anyway; this only keeps the attempt from killing the VM.
+const REFUSED_WITH_EACCES: [libc::c_long; 2] = [libc::SYS_open, libc::SYS_openat];
+
+fn refusal_filter() -> Result<BpfProgram, BackendError> {
+    let rules = REFUSED_WITH_EACCES
+        .iter()
+        .map(|&syscall| (syscall, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(filter)
 }
 
 /// Compiles the allow-list of `kind` to BPF.
@@ -80,6 +110,8 @@ fn build_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
     let list = match kind {
         ThreadKind::Vmm => vmm_allow_list(&context),
         ThreadKind::Vcpu => vcpu_allow_list(&context),
+        ThreadKind::Block => block_allow_list(&context),
+        ThreadKind::Entropy => worker_allow_list(&context),
     };
     compile(list)
 }
@@ -290,12 +322,79 @@ fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
     list
 }
 
+/// What every device worker does: wait on its queue eventfds and its exit eventfd, interrupt
+/// the guest through its irqfd, share the queues' mutex with vCPU threads, log, and end.
+/// The entropy worker needs nothing more (getrandom is here for std's HashMap seeds anyway).
+fn worker_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = vec![
+        // Waiting for notifications (nix::poll::poll is glibc poll(), which may use ppoll).
+        allow(libc::SYS_ppoll),
+        allow(libc::SYS_poll),
+        // Eventfds: reading notifications, writing the irqfd; tracing to stderr or the journal.
+        allow(libc::SYS_read),
+        allow(libc::SYS_write),
+        allow(libc::SYS_writev),
+        // The entropy device's source; std's HashMap seeds.
+        allow(libc::SYS_getrandom),
+        // The queues' mutex shared with vCPU threads; joins.
+        allow(libc::SYS_futex),
+        // Dropping fds at exit; in debug builds std checks an OwnedFd is open first.
+        allow(libc::SYS_close),
+        allow_if(
+            libc::SYS_fcntl,
+            When::ArgIn {
+                arg: 1,
+                values: vec![libc::F_GETFD as u64],
+            },
+        ),
+        // Signal masks at thread exit; an interrupted wait resumes.
+        allow(libc::SYS_rt_sigprocmask),
+        allow(libc::SYS_rt_sigreturn),
+        allow(libc::SYS_restart_syscall),
+        allow(libc::SYS_sigaltstack),
+        allow(libc::SYS_clock_gettime),
+        allow(libc::SYS_sched_yield),
+        allow(libc::SYS_getpid),
+        allow(libc::SYS_gettid),
+        // glibc abort() raises SIGABRT on itself; only that signal, only to this process.
+        allow_if(
+            libc::SYS_tgkill,
+            When::ArgsEqual(vec![(0, context.pid as u64), (2, libc::SIGABRT as u64)]),
+        ),
+        allow(libc::SYS_exit),
+        allow(libc::SYS_exit_group),
+        // Not allowed, on purpose: open/openat (every image is an fd it was given), clone
+        // (workers spawn nothing), ioctl (no KVM calls: interrupts go through the irqfd).
+    ];
+    list.extend(memory_allow_list());
+    list
+}
+
+/// A block worker: [`worker_allow_list`] plus vectored positional I/O on its image files
+/// (imago: preadv, pwritev, pread64, pwrite64), flushes (fsync, fdatasync) and qcow2's
+/// cluster allocation and zeroing (fallocate).
+fn block_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = worker_allow_list(context);
+    list.extend([
+        allow(libc::SYS_preadv),
+        allow(libc::SYS_pwritev),
+        allow(libc::SYS_pread64),
+        allow(libc::SYS_pwrite64),
+        allow(libc::SYS_fsync),
+        allow(libc::SYS_fdatasync),
+        allow(libc::SYS_fallocate),
+    ]);
+    list
+}
+
 /// Compiles an allow-list into a filter that allows what is listed and kills the process for
 /// anything else. Several lines for one system call are OR-ed.
 fn compile(list: Vec<Allow>) -> Result<BpfProgram, BackendError> {
     // An empty rule vector means "with any arguments" to seccompiler.
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for line in list {
+    // Let the refused calls through to the refusal filter, which answers them with EACCES.
+    let refused = REFUSED_WITH_EACCES.iter().map(|&syscall| allow(syscall));
+    for line in list.into_iter().chain(refused) {
         let new = line.when.into_rules()?;
         match rules.entry(line.syscall) {
             Entry::Vacant(entry) => {
@@ -363,7 +462,12 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Block,
+            ThreadKind::Entropy,
+        ] {
             let program = build_filter(kind).expect("filter compiles");
             assert!(
                 program.len() < 4096,
@@ -379,6 +483,8 @@ mod tests {
         for (kind, list) in [
             (ThreadKind::Vmm, vmm_allow_list(&context)),
             (ThreadKind::Vcpu, vcpu_allow_list(&context)),
+            (ThreadKind::Block, block_allow_list(&context)),
+            (ThreadKind::Entropy, worker_allow_list(&context)),
         ] {
             let mut seen = BTreeSet::new();
             for line in &list {
@@ -412,7 +518,12 @@ mod tests {
             libc::SYS_setuid,
             libc::SYS_wait4,
         ];
-        for list in [vmm_allow_list(&context), vcpu_allow_list(&context)] {
+        for list in [
+            vmm_allow_list(&context),
+            vcpu_allow_list(&context),
+            block_allow_list(&context),
+            worker_allow_list(&context),
+        ] {
             for line in &list {
                 assert!(
                     !forbidden.contains(&line.syscall),
@@ -421,6 +532,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_open_gets_eacces_instead_of_killing_the_process() {
+        // In a thread of its own: the filter stays with that thread.
+        let outcome = std::thread::spawn(|| {
+            apply_seccomp(ThreadKind::Entropy, SandboxMode::Enforce).expect("filter");
+            std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                .map(drop)
+                .map_err(|e| e.raw_os_error())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(outcome, Err(Some(libc::EACCES)));
     }
 
     #[test]

@@ -34,6 +34,13 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// Guest RAM above this address is placed above 4 GiB, leaving a hole for MMIO devices.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Where virtio-mmio devices' register windows are placed (4 KiB each), inside the MMIO gap.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000_0000;
+/// The I/O APIC lines virtio devices get, the SCI's excepted (as Firecracker's, so one guest
+/// kernel configuration works under both).
+pub const VIRTIO_FIRST_GSI: u32 = 5;
+pub const VIRTIO_LAST_GSI: u32 = 23;
 /// The I/O APIC and local APIC (emulated by the in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;

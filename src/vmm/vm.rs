@@ -1,6 +1,8 @@
-//! Building a VM, as one linear recipe: KVM VM → irqchip → memory → kernel, initrd, command line
-//! → ACPI and boot parameters → devices → vCPUs. The result starts with every vCPU parked, so
-//! the caller can report `Created` before the guest runs one instruction.
+//! Building a VM, as one linear recipe: KVM VM → irqchip → memory → legacy devices → virtio
+//! devices (each attached through the device manager, adding its command-line entry) → kernel,
+//! initrd → command line, ACPI tables and boot parameters, written last so they describe every
+//! device → vCPUs. The result starts with every vCPU parked, so the caller can report `Created`
+//! before the guest runs one instruction.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -19,8 +21,13 @@ use super::vcpu::{Vcpu, VcpuControl, VcpuThreads};
 use crate::devices::acpi_pm::{AcpiPm, IrqLine};
 use crate::devices::bus::lock_device;
 use crate::devices::i8042::I8042;
+use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::virtio::block::{BlockDevice, DiskImage, ImageError};
+use crate::devices::virtio::rng::EntropyDevice;
+use crate::devices::virtio::worker::{WorkerHandle, WorkerKind, WorkerSetup};
 use crate::devices::{Bus, BusError, GuestStop, StopSignal};
+use crate::protocol::DiskConfig;
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
@@ -33,6 +40,10 @@ pub struct MachineConfig {
     pub vcpus: u8,
     pub memory_bytes: u64,
     pub cmdline: String,
+    /// One entry per [`MachineFiles::disks`] entry.
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-rng entropy source.
+    pub entropy: bool,
 }
 
 /// The open files a VM is built from.
@@ -42,6 +53,14 @@ pub struct MachineFiles {
     pub initrd: Option<File>,
     /// The console (read for guest input, written with guest output); must be non-blocking.
     pub console: Option<OwnedFd>,
+    /// Each disk's image and backing chain, nearest first.
+    pub disks: Vec<DiskFiles>,
+}
+
+/// One disk's open files.
+pub struct DiskFiles {
+    pub image: File,
+    pub bases: Vec<File>,
 }
 
 /// Errors from [`build_vm`], one per stage.
@@ -73,6 +92,27 @@ pub enum BuildVmError {
     Bus(#[source] BusError),
     #[error("cannot duplicate the console fd")]
     Console(#[source] std::io::Error),
+    #[error("{files} disks were passed for {configs} disk configurations")]
+    DiskCount { files: usize, configs: usize },
+    #[error("disk {index} has {files} backing files but its configuration names {formats}")]
+    BackingCount {
+        index: usize,
+        files: usize,
+        formats: usize,
+    },
+    #[error("cannot open disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: ImageError,
+    },
+    #[error("cannot attach the devices")]
+    Devices(#[source] DeviceManagerError),
+    #[error(
+        "the command line with the devices' entries is {len} bytes; Linux takes at most {}",
+        layout::CMDLINE_MAX_SIZE - 1
+    )]
+    CmdlineTooLong { len: usize },
     #[error("cannot create vCPU {index}")]
     CreateVcpu {
         index: u8,
@@ -121,19 +161,33 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     pub devices: Devices,
     pub stop: Arc<StopSignal>,
+    /// Device workers: stopped (and their disks flushed) after the vCPUs.
+    workers: Vec<WorkerHandle>,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
     _kvm: Kvm,
 }
 
-/// Builds the VM described by `config` from `files`.
-pub fn build_vm(config: &MachineConfig, files: MachineFiles) -> Result<Vm, BuildVmError> {
+/// Builds the VM described by `config` from `files`. Device worker threads start here and run
+/// `worker_setup` first.
+pub fn build_vm(
+    config: &MachineConfig,
+    files: MachineFiles,
+    worker_setup: WorkerSetup,
+) -> Result<Vm, BuildVmError> {
     let MachineFiles {
         kvm,
         mut kernel,
         initrd,
         console,
+        disks,
     } = files;
+    if disks.len() != config.disks.len() {
+        return Err(BuildVmError::DiskCount {
+            files: disks.len(),
+            configs: config.disks.len(),
+        });
+    }
     // SAFETY: `kvm` is an open /dev/kvm fd whose ownership moves into the Kvm object.
     let kvm = unsafe { Kvm::from_raw_fd(kvm.into_raw_fd()) };
     let api = kvm.get_api_version();
@@ -163,6 +217,15 @@ pub fn build_vm(config: &MachineConfig, files: MachineFiles) -> Result<Vm, Build
     let memory =
         memory::create_guest_memory(&vm_fd, config.memory_bytes).map_err(BuildVmError::Memory)?;
 
+    let stop = Arc::new(StopSignal::new().map_err(BuildVmError::EventFd)?);
+    let (pio, devices) = attach_legacy_devices(&vm_fd, console, &stop)?;
+    let pio = Arc::new(pio);
+    let mut manager = DeviceManager::new(vm_fd.clone(), memory.clone(), stop.clone(), worker_setup)
+        .map_err(BuildVmError::Devices)?;
+    attach_virtio_devices(&mut manager, config, disks)?;
+    let attached = manager.finish().map_err(BuildVmError::Devices)?;
+    let mmio = Arc::new(attached.mmio);
+
     let loaded = boot::load_kernel(&memory, &mut kernel).map_err(BuildVmError::Kernel)?;
     let initrd = match initrd {
         Some(mut file) => {
@@ -170,25 +233,21 @@ pub fn build_vm(config: &MachineConfig, files: MachineFiles) -> Result<Vm, Build
         }
         None => None,
     };
-    boot::load_cmdline(&memory, &config.cmdline).map_err(BuildVmError::BootParams)?;
+    let cmdline = full_cmdline(&config.cmdline, &attached.cmdline)?;
+    boot::load_cmdline(&memory, &cmdline).map_err(BuildVmError::BootParams)?;
     let rsdp =
         super::acpi::create_acpi_tables(&memory, config.vcpus).map_err(BuildVmError::Acpi)?;
     boot::write_boot_params(
         &memory,
         config.memory_bytes,
         &loaded,
-        config.cmdline.len(),
+        cmdline.len(),
         initrd,
         rsdp,
     )
     .map_err(BuildVmError::BootParams)?;
     cpu::write_boot_tables(&memory)
         .map_err(|source| BuildVmError::ConfigureVcpu { index: 0, source })?;
-
-    let stop = Arc::new(StopSignal::new().map_err(BuildVmError::EventFd)?);
-    let (pio, devices) = attach_legacy_devices(&vm_fd, console, &stop)?;
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new("MMIO"));
 
     let supported_cpuid = cpu::supported_cpuid(&kvm)
         .map_err(|source| BuildVmError::ConfigureVcpu { index: 0, source })?;
@@ -218,10 +277,56 @@ pub fn build_vm(config: &MachineConfig, files: MachineFiles) -> Result<Vm, Build
         vcpus,
         devices,
         stop,
+        workers: attached.workers,
         _vm_fd: vm_fd,
         _memory: memory,
         _kvm: kvm,
     })
+}
+
+/// The disks in order (`disk0` is the guest's first virtio-blk device), then the entropy
+/// source.
+fn attach_virtio_devices(
+    manager: &mut DeviceManager,
+    config: &MachineConfig,
+    disks: Vec<DiskFiles>,
+) -> Result<(), BuildVmError> {
+    for (index, (files, disk)) in disks.into_iter().zip(&config.disks).enumerate() {
+        if files.bases.len() != disk.backing.len() {
+            return Err(BuildVmError::BackingCount {
+                index,
+                files: files.bases.len(),
+                formats: disk.backing.len(),
+            });
+        }
+        let bases = files.bases.into_iter().zip(disk.backing.iter().copied());
+        let image = DiskImage::open(files.image, disk.format, bases.collect(), disk.read_only)
+            .map_err(|source| BuildVmError::Disk { index, source })?;
+        let device = BlockDevice::new(format!("disk{index}"), image, disk.read_only, &disk.serial);
+        manager
+            .attach_virtio(device.description(), Box::new(device), WorkerKind::Block)
+            .map_err(BuildVmError::Devices)?;
+    }
+    if config.entropy {
+        let device = EntropyDevice;
+        manager
+            .attach_virtio(device.description(), Box::new(device), WorkerKind::Entropy)
+            .map_err(BuildVmError::Devices)?;
+    }
+    Ok(())
+}
+
+/// The user's command line followed by the devices' entries.
+fn full_cmdline(user: &str, devices: &str) -> Result<String, BuildVmError> {
+    let cmdline = match (user.is_empty(), devices.is_empty()) {
+        (_, true) => user.to_string(),
+        (true, false) => devices.to_string(),
+        (false, false) => format!("{user} {devices}"),
+    };
+    if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+        return Err(BuildVmError::CmdlineTooLong { len: cmdline.len() });
+    }
+    Ok(cmdline)
 }
 
 /// COM1, the i8042 and the ACPI PM1 block, on the port I/O bus.
@@ -318,6 +423,13 @@ impl Vm {
     /// The fd the VMM thread polls for guest input, if the VM has a console.
     pub fn console_input_fd(&self) -> Option<i32> {
         self.devices.console_input.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    /// Stops the device workers, each flushing its device first. Call after the vCPUs stopped.
+    pub fn stop_devices(&mut self) {
+        for worker in self.workers.drain(..) {
+            worker.stop();
+        }
     }
 
     /// Presses the ACPI power button.

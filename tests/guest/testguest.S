@@ -1,7 +1,9 @@
 /*
  * vmd test guest: a tiny x86-64 program booted like a Linux kernel ELF (64-bit boot protocol)
  * that exercises the VMM end to end. See README.md for the scenarios and their output, and
- * src/vmm/layout.rs for the platform contract (addresses, ports) it relies on.
+ * src/vmm/layout.rs for the platform contract (addresses, ports) it relies on. QEMU (microvm)
+ * boots the same ELF through its PVH entry (pvh_start32), the reference for the virtio-mmio
+ * scenarios.
  *
  * Constraints: on kvm_pvm every guest instruction at CPL0 is software-emulated by KVM's
  * instruction emulator, which does not implement SSE/x87, int3, popcnt, xrstor, clac/stac,
@@ -65,6 +67,80 @@
 #define MEMTEST_MAX_MIB     4080                /* 16 MiB + 4080 MiB = 4 GiB, the mapped range */
 #define MEMTEST_PATTERN     0x5aa5c33c96690ff0
 
+/* PVH entry (QEMU microvm): struct hvm_start_info, see README.md */
+#define HVM_START_MAGIC     0x336ec578
+#define SI_MAGIC            0
+#define SI_VERSION          4
+#define SI_CMDLINE_PADDR    24
+#define SI_RSDP_PADDR       32
+#define SI_MEMMAP_PADDR     40              /* version >= 1 */
+#define SI_MEMMAP_ENTRIES   48
+#define MEMMAP_ENTRY_SIZE   24              /* {addr u64, size u64, type u32, reserved u32} */
+#define PVH_CS              0x10            /* selectors of pvh_gdt, the same as vmd's */
+#define PVH_DS              0x18
+
+/* QEMU microvm power off: ACPI GED sleep control register (byte), SLP_EN | SLP_TYP 5 */
+#define GED_SLEEP_CTL       0xfea00200
+#define GED_SLEEP_S5        0x34            /* SLP_EN (1 << 5) | SLP_TYP 5 (5 << 2) */
+#define DEBUG_EXIT_PORT     0xf4            /* -device isa-debug-exit,iobase=0xf4,iosize=4 */
+
+/* virtio-mmio, version 2 (virtio 1.x) register offsets */
+#define VIRTIO_MAGIC        0x74726976      /* "virt" */
+#define VMMIO_MAGIC         0x000
+#define VMMIO_VERSION       0x004
+#define VMMIO_DEVICE_ID     0x008
+#define VMMIO_DEV_FEATURES  0x010
+#define VMMIO_DEV_FEAT_SEL  0x014
+#define VMMIO_DRV_FEATURES  0x020
+#define VMMIO_DRV_FEAT_SEL  0x024
+#define VMMIO_QUEUE_SEL     0x030
+#define VMMIO_QUEUE_NUM_MAX 0x034
+#define VMMIO_QUEUE_NUM     0x038
+#define VMMIO_QUEUE_READY   0x044
+#define VMMIO_QUEUE_NOTIFY  0x050
+#define VMMIO_STATUS        0x070
+#define VMMIO_QUEUE_DESC    0x080           /* low word; high word at +4 */
+#define VMMIO_QUEUE_DRIVER  0x090
+#define VMMIO_QUEUE_DEVICE  0x0a0
+#define VMMIO_CONFIG_GEN    0x0fc
+#define VMMIO_CONFIG        0x100
+#define VSTAT_ACK           0x01
+#define VSTAT_DRIVER        0x02
+#define VSTAT_DRIVER_OK     0x04
+#define VSTAT_FEATURES_OK   0x08
+#define VSTAT_NEEDS_RESET   0x40
+#define VSTAT_FAILED        0x80
+#define VIRTIO_ID_BLOCK     2
+#define VIRTIO_ID_RNG       4
+#define VIRTIO_F_VERSION_1_HI 0x1           /* feature bit 32: bit 0 of feature word 1 */
+#define BLK_F_SEG_MAX       2
+#define BLK_F_RO            5
+#define BLK_F_BLK_SIZE      6
+#define BLK_F_FLUSH         9
+#define BLK_FEATURES        ((1 << BLK_F_SEG_MAX) | (1 << BLK_F_RO) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_FLUSH))
+#define BLK_T_IN            0
+#define BLK_T_OUT           1
+#define BLK_T_FLUSH         4
+#define BLK_T_GET_ID        8
+#define BLK_T_BAD           0xff            /* blk-bad's unsupported request type */
+#define BLK_S_OK            0
+#define BLK_S_IOERR         1
+#define BLK_ID_BYTES        20
+#define VRING_DESC_F_NEXT   1
+#define VRING_DESC_F_WRITE  2
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VQ_MAX_SIZE         16
+#define VQ_DESC             0               /* offsets in vq_area: 16 * 16 bytes */
+#define VQ_AVAIL            0x100           /* flags, idx, ring[16], used_event */
+#define VQ_USED             0x200           /* flags, idx, ring[16] of {id, len}, avail_event */
+#define BLK_BUF_SIZE        0x20000         /* 128 KiB: one request's data */
+#define BLK_BUF_SECTORS     (BLK_BUF_SIZE / 512)
+#define VIRTIO_TIMEOUT      (3 * TSC_SECOND)
+#define BLKBAD_TIMEOUT      (TSC_SECOND / 2)
+#define BLKBAD_OUTSIDE      0xf000000000    /* 960 GiB: beyond any test VM's RAM */
+#define BLKREAD_MAX_MIB     0x10000000000   /* keeps MIB << 20 within 64 bits */
+#define XORSHIFT_SEED       0x9e3779b97f4a7c15
+
 /* ======================================================================================= */
     .section .text.entry, "ax"
     .code64
@@ -123,7 +199,82 @@ _start:
     lea     k_memtest(%rip), %rdi
     call    str_prefix
     je      sc_memtest
+    lea     k_blk_fill(%rip), %rdi
+    call    str_prefix
+    je      sc_blk_fill
+    lea     k_blk_check(%rip), %rdi
+    call    str_prefix
+    je      sc_blk_check
+    lea     k_blk_read(%rip), %rdi
+    call    str_prefix
+    je      sc_blk_read
+    lea     k_blk_iops(%rip), %rdi
+    call    str_prefix
+    je      sc_blk_iops
+    lea     k_blk_id(%rip), %rdi
+    call    str_is
+    je      sc_blk_id
+    lea     k_blk_ro(%rip), %rdi
+    call    str_is
+    je      sc_blk_ro
+    lea     k_blk_bad(%rip), %rdi
+    call    str_is
+    je      sc_blk_bad
+    lea     k_rng(%rip), %rdi
+    call    str_is
+    je      sc_rng
     jmp     sc_unknown
+
+/* PVH entry, continued in 64-bit mode from pvh_start32 (.pvh32) on pvh_gdt and pvh_pml4.
+ * Builds a Linux boot_params from the hvm_start_info and joins vmd's path at _start. */
+pvh_start64:
+    mov     $PVH_DS, %eax
+    mov     %eax, %ds
+    mov     %eax, %es
+    mov     %eax, %ss
+    mov     %eax, %fs
+    mov     %eax, %gs
+    lea     bsp_stack_top(%rip), %rsp
+    lea     pvh_boot_params(%rip), %rbx
+    mov     %rbx, %rdi
+    mov     $(4096 / 8), %ecx
+    xor     %eax, %eax
+    rep stosq
+    mov     pvh_start_info(%rip), %esi
+    test    %esi, %esi
+    jz      9f
+    cmpl    $HVM_START_MAGIC, SI_MAGIC(%rsi)
+    jne     9f
+    mov     SI_CMDLINE_PADDR(%rsi), %rax
+    mov     %rax, %rdx
+    shr     $32, %rdx
+    jnz     1f                          /* cmd_line_ptr is 32 bits */
+    mov     %eax, BP_CMD_LINE_PTR(%rbx)
+1:  mov     SI_RSDP_PADDR(%rsi), %rax
+    mov     %rax, BP_ACPI_RSDP_ADDR(%rbx)
+    cmpl    $1, SI_VERSION(%rsi)
+    jb      9f                          /* version 0: no memory map */
+    mov     SI_MEMMAP_ENTRIES(%rsi), %ecx
+    cmp     $E820_MAX_ENTRIES, %ecx
+    jbe     2f
+    mov     $E820_MAX_ENTRIES, %ecx
+2:  mov     %cl, BP_E820_ENTRIES(%rbx)
+    mov     SI_MEMMAP_PADDR(%rsi), %rsi
+    lea     BP_E820_TABLE(%rbx), %rdi
+    test    %ecx, %ecx
+    jz      9f
+3:  mov     (%rsi), %rax                /* addr */
+    mov     %rax, (%rdi)
+    mov     8(%rsi), %rax               /* size */
+    mov     %rax, 8(%rdi)
+    mov     16(%rsi), %eax              /* type */
+    mov     %eax, 16(%rdi)
+    add     $MEMMAP_ENTRY_SIZE, %rsi
+    add     $E820_ENTRY_SIZE, %rdi
+    dec     %ecx
+    jnz     3b
+9:  mov     %rbx, %rsi
+    jmp     _start
 
 /* ---- scenarios (entered with rsi/rcx = scenario token, rdx = length of the matched prefix) */
 
@@ -539,6 +690,580 @@ sc_smp:
     call    say
     jmp     poweroff
 
+/* ---- virtio scenarios (see README.md; the driver is under "virtio-mmio" below) -------- */
+
+/* blk-fill=BYTE: write BYTE over the whole of disk 0, then flush */
+sc_blk_fill:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_byte
+    jc      sc_unknown
+    mov     %rax, %r12
+    lea     n_blk_fill(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    lea     blk_buf(%rip), %rdi
+    mov     $BLK_BUF_SIZE, %ecx
+    mov     %r12d, %eax
+    rep stosb
+    xor     %r13d, %r13d                /* sector */
+1:  call    blk_chunk                   /* rcx = sectors of this request */
+    jz      2f
+    mov     %rcx, %r15
+    shl     $9, %ecx
+    mov     $BLK_T_OUT, %edi
+    mov     %r13, %rsi
+    lea     blk_buf(%rip), %rdx
+    call    blk_request_ok
+    add     %r15, %r13
+    jmp     1b
+2:  testl   $(1 << BLK_F_FLUSH), vdev_feat(%rip)
+    jz      3f
+    mov     $BLK_T_FLUSH, %edi
+    xor     %esi, %esi
+    xor     %edx, %edx
+    xor     %ecx, %ecx
+    call    blk_request_ok
+3:  call    line_begin
+    lea     s_blk_fill_done(%rip), %rsi
+    call    puts
+    mov     %r13, %rax
+    call    putdec
+    lea     s_sectors(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+/* blk-check=BYTE: read all of disk 0 and compare it with BYTE, a qword at a time */
+sc_blk_check:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_byte
+    jc      sc_unknown
+    movabs  $0x0101010101010101, %rdx
+    imul    %rdx, %rax
+    mov     %rax, %r12                  /* BYTE in every byte */
+    lea     n_blk_check(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    xor     %r13d, %r13d                /* sector */
+1:  call    blk_chunk
+    jz      4f
+    mov     %rcx, %r15
+    shl     $9, %ecx
+    mov     $BLK_T_IN, %edi
+    mov     %r13, %rsi
+    lea     blk_buf(%rip), %rdx
+    call    blk_request_ok
+    lea     blk_buf(%rip), %rdi
+    lea     (%rdi,%rcx), %rsi           /* end: a multiple of 512 bytes */
+    mov     %r12, %rdx
+2:  cmp     %rdx, (%rdi)
+    jne     5f
+    cmp     %rdx, 8(%rdi)
+    jne     5f
+    cmp     %rdx, 16(%rdi)
+    jne     5f
+    cmp     %rdx, 24(%rdi)
+    jne     5f
+    cmp     %rdx, 32(%rdi)
+    jne     5f
+    cmp     %rdx, 40(%rdi)
+    jne     5f
+    cmp     %rdx, 48(%rdi)
+    jne     5f
+    cmp     %rdx, 56(%rdi)
+    jne     5f
+    add     $64, %rdi
+    cmp     %rsi, %rdi
+    jb      2b
+    add     %r15, %r13
+    jmp     1b
+4:  call    line_begin
+    lea     s_blk_check_ok(%rip), %rsi
+    call    puts
+    mov     %r13, %rax
+    call    putdec
+    lea     s_sectors(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+5:  movzbl  (%rdi), %eax                /* the first bad byte of the 64 at rdi */
+    cmp     %dl, %al
+    jne     6f
+    inc     %rdi
+    jmp     5b
+6:  mov     %eax, %r14d
+    call    line_begin
+    lea     s_blk_check_fail(%rip), %rsi
+    call    puts
+    lea     blk_buf(%rip), %rax
+    sub     %rax, %rdi
+    mov     %r13, %rax
+    shl     $9, %rax
+    add     %rdi, %rax
+    xor     %ecx, %ecx
+    call    puthex
+    lea     s_got(%rip), %rsi
+    call    puts
+    mov     %r14, %rax
+    mov     $2, %ecx
+    call    puthex
+    call    line_end
+    jmp     poweroff
+
+/* blk-id: the device's serial (GET_ID) */
+sc_blk_id:
+    lea     n_blk_id(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    lea     blk_buf(%rip), %rdx
+    movq    $0, (%rdx)
+    movq    $0, 8(%rdx)
+    movq    $0, 16(%rdx)
+    mov     $BLK_T_GET_ID, %edi
+    xor     %esi, %esi
+    mov     $BLK_ID_BYTES, %ecx
+    call    blk_request_ok
+    xor     %ecx, %ecx                  /* length up to the first NUL */
+1:  cmpb    $0, (%rdx,%rcx)
+    je      2f
+    inc     %ecx
+    cmp     $BLK_ID_BYTES, %ecx
+    jb      1b
+2:  call    line_begin
+    lea     s_blk_id(%rip), %rsi
+    call    puts
+    mov     %rdx, %rsi
+    call    putsn
+    call    line_end
+    jmp     poweroff
+
+/* blk-ro: the RO feature must be offered and a write must fail with IOERR */
+sc_blk_ro:
+    lea     n_blk_ro(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    lea     s_ro_not_offered(%rip), %rsi
+    testl   $(1 << BLK_F_RO), vdev_feat(%rip)
+    jz      fail
+    mov     $BLK_T_IN, %edi             /* read sector 0, to write the same data back */
+    xor     %esi, %esi
+    lea     blk_buf(%rip), %rdx
+    mov     $512, %ecx
+    call    blk_request_ok
+    mov     $BLK_T_OUT, %edi
+    movabs  $VIRTIO_TIMEOUT, %r8
+    call    blk_request
+    lea     s_timeout(%rip), %rsi
+    jc      fail
+    cmp     $BLK_S_IOERR, %eax
+    lea     s_write_status(%rip), %rsi
+    jne     fail_hex
+    lea     s_blk_ro_ok(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* blk-read=MIB: read MIB MiB sequentially in 128 KiB requests, wrapping at the end */
+sc_blk_read:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_dec
+    jc      sc_unknown
+    movabs  $BLKREAD_MAX_MIB, %rdx
+    cmp     %rdx, %rax
+    jae     sc_unknown
+    mov     %rax, %r12
+    lea     n_blk_read(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    lea     s_empty_disk(%rip), %rsi
+    cmpq    $0, blk_capacity(%rip)
+    je      fail
+    lea     s_blk_read_start(%rip), %rsi
+    call    say
+    mov     %r12, %r14
+    shl     $11, %r14                   /* sectors left */
+    xor     %r13d, %r13d                /* sector */
+1:  test    %r14, %r14
+    jz      3f
+    call    blk_chunk                   /* never 0: r13 < capacity */
+    cmp     %r14, %rcx
+    jbe     2f
+    mov     %r14, %rcx
+2:  mov     %rcx, %r15
+    shl     $9, %ecx
+    mov     $BLK_T_IN, %edi
+    mov     %r13, %rsi
+    lea     blk_buf(%rip), %rdx
+    call    blk_request_ok
+    sub     %r15, %r14
+    add     %r15, %r13
+    cmp     blk_capacity(%rip), %r13
+    jb      1b
+    xor     %r13d, %r13d                /* wrap around */
+    jmp     1b
+3:  call    line_begin
+    lea     s_blk_read_done(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_mib(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+/* blk-iops=N: N reads of 4 KiB at random 4 KiB-aligned offsets (xorshift64) */
+sc_blk_iops:
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_dec
+    jc      sc_unknown
+    mov     %rax, %r12
+    lea     n_blk_iops(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+    mov     blk_capacity(%rip), %r14
+    shr     $3, %r14                    /* 4 KiB blocks */
+    lea     s_small_disk(%rip), %rsi
+    jz      fail
+    lea     s_blk_iops_start(%rip), %rsi
+    call    say
+    movabs  $XORSHIFT_SEED, %rbx
+    xor     %r13d, %r13d
+1:  cmp     %r12, %r13
+    jae     2f
+    mov     %rbx, %rax
+    shl     $13, %rax
+    xor     %rax, %rbx
+    mov     %rbx, %rax
+    shr     $7, %rax
+    xor     %rax, %rbx
+    mov     %rbx, %rax
+    shl     $17, %rax
+    xor     %rax, %rbx
+    mov     %rbx, %rax
+    xor     %edx, %edx
+    div     %r14
+    lea     (,%rdx,8), %rsi             /* sector */
+    mov     $BLK_T_IN, %edi
+    lea     blk_buf(%rip), %rdx
+    mov     $4096, %ecx
+    call    blk_request_ok
+    inc     %r13
+    jmp     1b
+2:  call    line_begin
+    lea     s_blk_iops_done(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    call    line_end
+    jmp     poweroff
+
+/* rng: 32 bytes from virtio-rng, in hex */
+sc_rng:
+    lea     n_rng(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    mov     $VIRTIO_ID_RNG, %edi
+    call    virtio_find
+    lea     s_no_rng(%rip), %rsi
+    call    virtio_open
+    xor     %r12d, %r12d                /* bytes received */
+    xor     %r13d, %r13d                /* requests */
+1:  cmp     $32, %r12d
+    jae     3f
+    inc     %r13d
+    lea     s_rng_short(%rip), %rsi
+    cmp     $64, %r13d
+    ja      fail
+    call    vq_alloc
+    mov     %eax, %edi
+    lea     blk_buf(%rip), %rax
+    add     %r12, %rax
+    mov     $32, %ecx
+    sub     %r12d, %ecx
+    mov     $VRING_DESC_F_WRITE, %edx
+    call    vq_set_desc
+    call    vq_submit
+    movabs  $VIRTIO_TIMEOUT, %rsi
+    call    vq_wait
+    lea     s_timeout(%rip), %rsi
+    jc      fail
+    cmp     %ecx, %eax                  /* more than it was given: count what was asked */
+    jbe     2f
+    mov     %ecx, %eax
+2:  add     %eax, %r12d
+    jmp     1b
+3:  call    line_begin
+    lea     s_rng(%rip), %rsi
+    call    puts
+    lea     blk_buf(%rip), %rsi
+    lea     hexdigits(%rip), %rdx
+    xor     %ecx, %ecx
+4:  movzbl  (%rsi,%rcx), %ebx
+    mov     %ebx, %eax
+    shr     $4, %eax
+    movzbl  (%rdx,%rax), %eax
+    call    putc
+    and     $15, %ebx
+    movzbl  (%rdx,%rbx), %eax
+    call    putc
+    inc     %ecx
+    cmp     $32, %ecx
+    jb      4b
+    call    line_end
+    jmp     poweroff
+
+/* blk-bad: malformed requests, one at a time, then a good one. Each case prints the used
+ * length and the status byte (pre-set to 0xff), or "no answer" after ~0.5 s. A device that
+ * sets DEVICE_NEEDS_RESET is reset and set up again before the next case. */
+sc_blk_bad:
+    lea     n_blk_bad(%rip), %rax
+    mov     %rax, cur_name(%rip)
+    call    blk_open
+
+    /* loop: header -> data -> header -> ..., both device-readable (a device that gives up
+     * on the length of the chain finds no status byte and must not touch the disk) */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    call    vq_alloc
+    mov     %eax, %r12d
+    call    vq_alloc
+    mov     %eax, %r13d
+    mov     %r12d, %edi
+    lea     blk_hdr(%rip), %rax
+    mov     $16, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    call    vq_set_desc
+    mov     %r13d, %edi
+    lea     blk_buf(%rip), %rax
+    mov     $512, %ecx
+    mov     %r12d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    call    vq_set_desc
+    lea     c_loop(%rip), %rbx
+    call    bb_case
+
+    /* outside: data buffer far beyond RAM */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    xor     %r8d, %r8d
+    movabs  $BLKBAD_OUTSIDE, %r9
+    mov     $512, %r10d
+    mov     $VRING_DESC_F_WRITE, %r11d
+    call    bb_chain3
+    lea     c_outside(%rip), %rbx
+    call    bb_case
+
+    /* zero-len: data descriptor of length 0 */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    xor     %r8d, %r8d
+    lea     blk_buf(%rip), %r9
+    xor     %r10d, %r10d
+    mov     $VRING_DESC_F_WRITE, %r11d
+    call    bb_chain3
+    lea     c_zero_len(%rip), %rbx
+    call    bb_case
+
+    /* huge-len: a 4 GiB - 1 write (the device would only read guest memory) */
+    mov     $BLK_T_OUT, %edi
+    xor     %esi, %esi
+    call    bb_header
+    xor     %r8d, %r8d
+    lea     blk_buf(%rip), %r9
+    mov     $0xffffffff, %r10d
+    xor     %r11d, %r11d
+    call    bb_chain3
+    lea     c_huge_len(%rip), %rbx
+    call    bb_case
+
+    /* no-status: header and a device-readable data buffer, nothing device-writable */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    call    vq_alloc
+    mov     %eax, %r12d
+    call    vq_alloc
+    mov     %eax, %r13d
+    mov     %r12d, %edi
+    lea     blk_hdr(%rip), %rax
+    mov     $16, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    call    vq_set_desc
+    mov     %r13d, %edi
+    lea     blk_buf(%rip), %rax
+    mov     $512, %ecx
+    xor     %edx, %edx
+    call    vq_set_desc
+    lea     c_no_status(%rip), %rbx
+    call    bb_case
+
+    /* writable-header: the header descriptor is flagged WRITE */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    mov     $VRING_DESC_F_WRITE, %r8d
+    lea     blk_buf(%rip), %r9
+    mov     $512, %r10d
+    mov     $VRING_DESC_F_WRITE, %r11d
+    call    bb_chain3
+    lea     c_writable_header(%rip), %rbx
+    call    bb_case
+
+    /* bad-next: the header's next is the queue size */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    call    bb_header
+    call    vq_alloc
+    mov     %eax, %r12d
+    mov     %eax, %edi
+    lea     blk_hdr(%rip), %rax
+    mov     $16, %ecx
+    mov     vq_size(%rip), %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    call    vq_set_desc
+    lea     c_bad_next(%rip), %rbx
+    call    bb_case
+
+    /* bad-type: a request type virtio-blk does not define (UNSUPP expected) */
+    mov     $BLK_T_BAD, %edi
+    xor     %esi, %esi
+    call    bb_header
+    xor     %r8d, %r8d
+    lea     blk_buf(%rip), %r9
+    mov     $512, %r10d
+    mov     $VRING_DESC_F_WRITE, %r11d
+    call    bb_chain3
+    lea     c_bad_type(%rip), %rbx
+    call    bb_case
+
+    /* beyond-capacity: one sector read just past the end (IOERR expected) */
+    mov     $BLK_T_IN, %edi
+    mov     blk_capacity(%rip), %rsi
+    call    bb_header
+    xor     %r8d, %r8d
+    lea     blk_buf(%rip), %r9
+    mov     $512, %r10d
+    mov     $VRING_DESC_F_WRITE, %r11d
+    call    bb_chain3
+    lea     c_beyond_capacity(%rip), %rbx
+    call    bb_case
+
+    /* and a good request */
+    mov     $BLK_T_IN, %edi
+    xor     %esi, %esi
+    lea     blk_buf(%rip), %rdx
+    mov     $512, %ecx
+    movabs  $VIRTIO_TIMEOUT, %r8
+    call    blk_request
+    lea     s_good_no_answer(%rip), %rsi
+    jc      fail
+    test    %eax, %eax
+    lea     s_good_status(%rip), %rsi
+    jnz     fail_hex
+    lea     s_blk_bad_good(%rip), %rsi
+    call    say
+    jmp     poweroff
+
+/* bb_header: blk_hdr = {type edi, sector rsi}, status byte = 0xff */
+bb_header:
+    mov     %edi, blk_hdr(%rip)
+    movl    $0, blk_hdr+4(%rip)
+    mov     %rsi, blk_hdr+8(%rip)
+    movb    $0xff, blk_status(%rip)
+    ret
+
+/* bb_chain3: header (extra flags r8d) -> data (address r9, length r10d, flags r11d) ->
+ * status (device-writable) -> r12d = head. rax, rcx, rdx, rdi, r13 are clobbered. */
+bb_chain3:
+    call    vq_alloc
+    mov     %eax, %r12d
+    call    vq_alloc
+    mov     %eax, %r13d
+    mov     %r12d, %edi
+    lea     blk_hdr(%rip), %rax
+    mov     $16, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    or      %r8d, %edx
+    call    vq_set_desc
+    call    vq_alloc
+    mov     %r13d, %edi
+    mov     %eax, %r13d
+    mov     %r9, %rax
+    mov     %r10d, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    or      %r11d, %edx
+    call    vq_set_desc
+    mov     %r13d, %edi
+    lea     blk_status(%rip), %rax
+    mov     $1, %ecx
+    mov     $VRING_DESC_F_WRITE, %edx
+    call    vq_set_desc
+    ret
+
+/* bb_case: submit the chain at r12d, wait ~0.5 s and print the result of case rbx; reset
+ * and set up the device again if it asks for it. Clobbers rax, rcx, rdx, rsi, rdi. */
+bb_case:
+    mov     %r12d, %edi
+    call    vq_submit
+    mov     $BLKBAD_TIMEOUT, %esi
+    call    vq_wait
+    mov     $1, %edi                    /* no answer (mov keeps CF) */
+    jc      1f
+    xor     %edi, %edi
+1:  mov     %eax, %edx                  /* used length */
+    call    bb_case_begin
+    test    %edi, %edi
+    jz      2f
+    lea     s_no_answer(%rip), %rsi
+    call    puts
+    jmp     3f
+2:  lea     s_used_len(%rip), %rsi
+    call    puts
+    mov     %edx, %eax
+    call    putdec
+    lea     s_status(%rip), %rsi
+    call    puts
+    movzbl  blk_status(%rip), %eax
+    mov     $2, %ecx
+    call    puthex
+3:  call    line_end
+    mov     vdev_base(%rip), %rax
+    testl   $VSTAT_NEEDS_RESET, VMMIO_STATUS(%rax)
+    jz      4f
+    call    bb_case_begin
+    lea     s_needs_reset(%rip), %rsi
+    call    puts
+    call    line_end
+    call    virtio_init
+    jc      fail
+4:  ret
+
+/* bb_case_begin: line_begin and "blk-bad <case rbx>: " */
+bb_case_begin:
+    push    %rsi
+    call    line_begin
+    lea     s_blk_bad_case(%rip), %rsi
+    call    puts
+    mov     %rbx, %rsi
+    call    puts
+    pop     %rsi
+    ret
+
 /* An AP arrives here from the trampoline, in 64-bit mode on the trampoline's GDT. */
 ap_main:
     mov     $1, %eax
@@ -567,10 +1292,16 @@ ap_main:
 
 /* ---- power control ------------------------------------------------------------------ */
 
+/* vmd ends the VM at the PM1a_CNT write; QEMU microvm (no port 0x604) at the GED write, or
+ * without ACPI at the isa-debug-exit write */
 poweroff:
     mov     $PM1_CNT_S5, %eax
     mov     $PM1_CNT_PORT, %edx
     outw    %ax, %dx
+    mov     $GED_SLEEP_CTL, %edx
+    movb    $GED_SLEEP_S5, (%rdx)
+    xor     %eax, %eax                  /* QEMU with acpi=off: isa-debug-exit, status 1 */
+    out     %al, $DEBUG_EXIT_PORT
 halt_forever:
     cli
     hlt
@@ -832,6 +1563,532 @@ e820_covers:
     pop     %rax
     ret
 
+/* ---- virtio-mmio: a polling driver for one device at a time, queue 0 only ------------- */
+
+/* virtio_find: edi = device id -> rax = base of the first virtio_mmio.device=<size>@<base>:
+ * <irq>[...] command-line token whose transport is version 2 with that device id, or 0;
+ * edx = 1 if a legacy (version 1) transport with that id was seen, else 0. */
+virtio_find:
+    push    %rbx
+    push    %rcx
+    push    %rsi
+    push    %r8
+    push    %r9
+    xor     %r8d, %r8d                  /* result */
+    xor     %r9d, %r9d                  /* legacy transport seen */
+    mov     boot_params(%rip), %rax
+    mov     BP_CMD_LINE_PTR(%rax), %esi
+    test    %esi, %esi
+    jz      9f
+1:  movzbl  (%rsi), %eax                /* skip separators */
+    test    %al, %al
+    jz      9f
+    cmp     $' ', %al
+    ja      2f
+    inc     %rsi
+    jmp     1b
+2:  mov     %rsi, %rbx                  /* token [rsi, rbx) */
+3:  movzbl  (%rbx), %eax
+    cmp     $' ', %al
+    jbe     4f
+    inc     %rbx
+    jmp     3b
+4:  mov     %rbx, %rcx
+    sub     %rsi, %rcx
+    push    %rdi
+    lea     k_virtio_mmio(%rip), %rdi
+    call    str_prefix
+    pop     %rdi
+    jne     8f
+    add     %rdx, %rsi
+    sub     %rdx, %rcx
+    call    parse_num                   /* size (not used) */
+    jc      8f
+    test    %rcx, %rcx
+    jz      8f
+    movzbl  (%rsi), %eax                /* optional K, M or G */
+    or      $0x20, %eax
+    cmp     $'k', %eax
+    je      5f
+    cmp     $'m', %eax
+    je      5f
+    cmp     $'g', %eax
+    jne     6f
+5:  inc     %rsi
+    dec     %rcx
+    jz      8f
+6:  cmpb    $'@', (%rsi)
+    jne     8f
+    inc     %rsi
+    dec     %rcx
+    call    parse_num                   /* base */
+    jc      8f
+    test    %rcx, %rcx
+    jz      8f
+    cmpb    $':', (%rsi)                /* the irq and anything after it are ignored */
+    jne     8f
+    test    %rax, %rax
+    jz      8f
+    mov     $0xfffff000, %edx           /* the registers must be in the mapped 4 GiB */
+    cmp     %rdx, %rax
+    ja      8f
+    cmpl    $VIRTIO_MAGIC, VMMIO_MAGIC(%rax)
+    jne     8f
+    cmp     %edi, VMMIO_DEVICE_ID(%rax)
+    jne     8f
+    mov     VMMIO_VERSION(%rax), %edx
+    cmp     $2, %edx
+    je      7f
+    cmp     $1, %edx
+    jne     8f
+    mov     $1, %r9d
+    jmp     8f
+7:  mov     %rax, %r8
+    jmp     9f
+8:  mov     %rbx, %rsi                  /* next token */
+    jmp     1b
+9:  mov     %r8, %rax
+    mov     %r9d, %edx
+    pop     %r9
+    pop     %r8
+    pop     %rsi
+    pop     %rcx
+    pop     %rbx
+    ret
+
+/* virtio_open: use the device virtio_find found (rax, edx; edi = its device id) and set it
+ * up; on failure print a FAIL line (rsi = the message for "no such device") and power off. */
+virtio_open:
+    test    %rax, %rax
+    jnz     1f
+    test    %edx, %edx
+    jz      fail
+    lea     s_legacy(%rip), %rsi
+    jmp     fail
+1:  mov     %rax, vdev_base(%rip)
+    movl    $0, vdev_want(%rip)
+    cmp     $VIRTIO_ID_BLOCK, %edi
+    jne     2f
+    movl    $BLK_FEATURES, vdev_want(%rip)
+2:  call    virtio_init
+    jc      fail
+    ret
+
+/* virtio_init: reset the device at vdev_base and set it up: features (VERSION_1 and those of
+ * vdev_want it offers), queue 0 in vq_area. CF = 1 and rsi = a message on failure. */
+virtio_init:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdi
+    mov     vdev_base(%rip), %rbx
+    movl    $0, VMMIO_STATUS(%rbx)      /* reset, and wait (bounded) until it reads 0 */
+    mov     $1000, %ecx
+1:  mov     VMMIO_STATUS(%rbx), %eax
+    test    %eax, %eax
+    jz      2f
+    pause
+    dec     %ecx
+    jnz     1b
+    lea     s_vi_reset(%rip), %rsi
+    jmp     8f
+2:  movl    $VSTAT_ACK, VMMIO_STATUS(%rbx)
+    movl    $(VSTAT_ACK | VSTAT_DRIVER), VMMIO_STATUS(%rbx)
+    movl    $1, VMMIO_DEV_FEAT_SEL(%rbx)
+    mov     VMMIO_DEV_FEATURES(%rbx), %eax
+    test    $VIRTIO_F_VERSION_1_HI, %eax
+    lea     s_vi_version_1(%rip), %rsi
+    jz      8f
+    movl    $0, VMMIO_DEV_FEAT_SEL(%rbx)
+    mov     VMMIO_DEV_FEATURES(%rbx), %eax
+    and     vdev_want(%rip), %eax
+    mov     %eax, vdev_feat(%rip)
+    movl    $0, VMMIO_DRV_FEAT_SEL(%rbx)
+    mov     %eax, VMMIO_DRV_FEATURES(%rbx)
+    movl    $1, VMMIO_DRV_FEAT_SEL(%rbx)
+    movl    $VIRTIO_F_VERSION_1_HI, VMMIO_DRV_FEATURES(%rbx)
+    movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK), VMMIO_STATUS(%rbx)
+    mov     VMMIO_STATUS(%rbx), %eax
+    test    $VSTAT_FEATURES_OK, %eax
+    lea     s_vi_features(%rip), %rsi
+    jz      8f
+    movl    $0, VMMIO_QUEUE_SEL(%rbx)
+    mov     VMMIO_QUEUE_READY(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_queue_ready(%rip), %rsi
+    jnz     8f
+    mov     VMMIO_QUEUE_NUM_MAX(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_no_queue(%rip), %rsi
+    jz      8f
+    mov     $VQ_MAX_SIZE, %ecx          /* the largest power of 2 <= min(max, 16) */
+3:  cmp     %eax, %ecx
+    jbe     4f
+    shr     $1, %ecx
+    jmp     3b
+4:  cmp     $4, %ecx                    /* a blk request takes 3 descriptors */
+    lea     s_vi_small_queue(%rip), %rsi
+    jb      8f
+    mov     %ecx, vq_size(%rip)
+    mov     %ecx, VMMIO_QUEUE_NUM(%rbx)
+    dec     %ecx
+    mov     %ecx, vq_mask(%rip)
+    lea     vq_area(%rip), %rdi         /* fresh rings */
+    mov     $(4096 / 8), %ecx
+    xor     %eax, %eax
+    rep stosq
+    movl    $0, vq_cursor(%rip)
+    movl    $0, vq_avail_idx(%rip)
+    movl    $0, vq_used_last(%rip)
+    movw    $VRING_AVAIL_F_NO_INTERRUPT, vq_area+VQ_AVAIL(%rip)
+    lea     vq_area+VQ_DESC(%rip), %rax
+    mov     %eax, VMMIO_QUEUE_DESC(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DESC+4(%rbx)
+    lea     vq_area+VQ_AVAIL(%rip), %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER+4(%rbx)
+    lea     vq_area+VQ_USED(%rip), %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE+4(%rbx)
+    movl    $1, VMMIO_QUEUE_READY(%rbx)
+    movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK), VMMIO_STATUS(%rbx)
+    clc
+    jmp     9f
+8:  mov     VMMIO_STATUS(%rbx), %eax    /* give up: FAILED */
+    or      $VSTAT_FAILED, %eax
+    mov     %eax, VMMIO_STATUS(%rbx)
+    stc
+9:  pop     %rdi
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* vq_alloc: eax = the next descriptor index (round robin: after a request that got no
+ * answer, the next ones use other descriptors for a while) */
+vq_alloc:
+    push    %rdx
+    mov     vq_cursor(%rip), %eax
+    lea     1(%rax), %edx
+    and     vq_mask(%rip), %edx
+    mov     %edx, vq_cursor(%rip)
+    pop     %rdx
+    ret
+
+/* vq_set_desc: descriptor edi = {address rax, length ecx, flags dx, next edx >> 16} */
+vq_set_desc:
+    push    %rbx
+    push    %rdi
+    shl     $4, %edi
+    lea     vq_area+VQ_DESC(%rip), %rbx
+    add     %rdi, %rbx
+    mov     %rax, (%rbx)
+    mov     %ecx, 8(%rbx)
+    mov     %edx, 12(%rbx)
+    pop     %rdi
+    pop     %rbx
+    ret
+
+/* vq_submit: make the chain at descriptor edi available (ring entry, then idx: x86 keeps
+ * the stores in order) and notify queue 0 */
+vq_submit:
+    push    %rax
+    push    %rbx
+    push    %rdx
+    lea     vq_area(%rip), %rbx
+    mov     vq_avail_idx(%rip), %eax
+    mov     %eax, %edx
+    and     vq_mask(%rip), %edx
+    mov     %di, VQ_AVAIL+4(%rbx,%rdx,2)
+    inc     %eax
+    mov     %ax, VQ_AVAIL+2(%rbx)
+    mov     %eax, vq_avail_idx(%rip)
+    mov     vdev_base(%rip), %rdx
+    movl    $0, VMMIO_QUEUE_NOTIFY(%rdx)
+    pop     %rdx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* vq_wait: poll the used ring for the chain at descriptor edi, at most rsi TSC ticks.
+ * eax = the used length; CF = 1 if it did not come. Used entries of other (earlier,
+ * timed-out) chains are consumed and skipped. */
+vq_wait:
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %r8
+    call    tsc_now
+    lea     (%rax,%rsi), %r8            /* deadline */
+    lea     vq_area(%rip), %rbx
+1:  movzwl  VQ_USED+2(%rbx), %eax
+    mov     vq_used_last(%rip), %ecx
+    cmp     %cx, %ax
+    jne     2f
+    pause
+    call    tsc_now
+    cmp     %r8, %rax
+    jb      1b
+    stc
+    jmp     9f
+2:  and     vq_mask(%rip), %ecx
+    mov     VQ_USED+4(%rbx,%rcx,8), %edx    /* id */
+    mov     VQ_USED+8(%rbx,%rcx,8), %eax    /* len */
+    incl    vq_used_last(%rip)
+    cmp     %edi, %edx
+    jne     1b
+    clc
+9:  pop     %r8
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    ret
+
+/* blk_open: set up disk 0 (the first virtio-blk device on the command line) and read its
+ * capacity; FAIL and power off if there is none or it cannot be set up. */
+blk_open:
+    push    %rax
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %rdi
+    mov     $VIRTIO_ID_BLOCK, %edi
+    call    virtio_find
+    lea     s_no_blk(%rip), %rsi
+    call    virtio_open
+    mov     vdev_base(%rip), %rsi
+1:  mov     VMMIO_CONFIG_GEN(%rsi), %ecx    /* capacity: two 32-bit reads, one generation */
+    mov     VMMIO_CONFIG+4(%rsi), %eax
+    shl     $32, %rax
+    mov     VMMIO_CONFIG(%rsi), %edx
+    or      %rdx, %rax
+    cmp     VMMIO_CONFIG_GEN(%rsi), %ecx
+    jne     1b
+    mov     %rax, blk_capacity(%rip)
+    pop     %rdi
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    ret
+
+/* blk_chunk: rcx = sectors of the next request from sector r13: min(blk_capacity - r13,
+ * BLK_BUF_SECTORS); ZF = 1 if that is 0 */
+blk_chunk:
+    mov     blk_capacity(%rip), %rcx
+    sub     %r13, %rcx
+    cmp     $BLK_BUF_SECTORS, %rcx
+    jbe     1f
+    mov     $BLK_BUF_SECTORS, %ecx
+1:  test    %rcx, %rcx
+    ret
+
+/* blk_request: virtio-blk request of type edi at sector rsi with ecx bytes of data at rdx
+ * (ecx = 0: no data descriptor), waiting at most r8 TSC ticks: header (device-readable),
+ * data (device-writable unless OUT), status byte (device-writable, pre-set to 0xff).
+ * eax = the status byte; CF = 1 if the request timed out. */
+blk_request:
+    push    %rcx
+    push    %rdx
+    push    %rdi
+    push    %rsi
+    push    %r12
+    push    %r13
+    push    %r14
+    push    %r15
+    mov     %edi, blk_hdr(%rip)
+    movl    $0, blk_hdr+4(%rip)
+    mov     %rsi, blk_hdr+8(%rip)
+    movb    $0xff, blk_status(%rip)
+    mov     %edi, %r14d                 /* type */
+    mov     %rdx, %r15                  /* data */
+    mov     %ecx, %esi                  /* data length */
+    call    vq_alloc
+    mov     %eax, %r12d                 /* head: the header */
+    call    vq_alloc
+    mov     %eax, %r13d
+    mov     %r12d, %edi
+    lea     blk_hdr(%rip), %rax
+    mov     $16, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    call    vq_set_desc
+    test    %esi, %esi
+    jz      2f
+    call    vq_alloc                    /* data in r13d, then status */
+    mov     %r13d, %edi
+    mov     %eax, %r13d
+    mov     %r15, %rax
+    mov     %esi, %ecx
+    mov     %r13d, %edx
+    shl     $16, %edx
+    or      $VRING_DESC_F_NEXT, %edx
+    cmp     $BLK_T_OUT, %r14d
+    je      1f
+    or      $VRING_DESC_F_WRITE, %edx
+1:  call    vq_set_desc
+2:  mov     %r13d, %edi
+    lea     blk_status(%rip), %rax
+    mov     $1, %ecx
+    mov     $VRING_DESC_F_WRITE, %edx
+    call    vq_set_desc
+    mov     %r12d, %edi
+    call    vq_submit
+    mov     %r8, %rsi
+    call    vq_wait
+    jc      9f
+    movzbl  blk_status(%rip), %eax
+    clc
+9:  pop     %r15
+    pop     %r14
+    pop     %r13
+    pop     %r12
+    pop     %rsi
+    pop     %rdi
+    pop     %rdx
+    pop     %rcx
+    ret
+
+/* blk_request_ok: blk_request with the ~3 s timeout; FAIL and power off unless the status
+ * is OK */
+blk_request_ok:
+    push    %r8
+    movabs  $VIRTIO_TIMEOUT, %r8
+    call    blk_request
+    pop     %r8
+    jc      1f
+    test    %eax, %eax
+    jnz     2f
+    ret
+1:  lea     s_timeout(%rip), %rsi
+    jmp     fail
+2:  lea     s_req_status(%rip), %rsi
+    jmp     fail_hex
+
+/* fail: print "testguest: <cur_name>: FAIL <rsi>" and power off */
+fail:
+    call    line_begin
+    push    %rsi
+    mov     cur_name(%rip), %rsi
+    call    puts
+    lea     s_fail(%rip), %rsi
+    call    puts
+    pop     %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
+/* fail_hex: print "testguest: <cur_name>: FAIL <rsi>0x<al>" and power off */
+fail_hex:
+    call    line_begin
+    push    %rsi
+    mov     cur_name(%rip), %rsi
+    call    puts
+    lea     s_fail(%rip), %rsi
+    call    puts
+    pop     %rsi
+    call    puts
+    movzbl  %al, %eax
+    mov     $2, %ecx
+    call    puthex
+    call    line_end
+    jmp     poweroff
+
+/* parse_num: a number at the start of (rsi, length rcx): "0x" and 1-16 hex digits, or 1-18
+ * decimal digits; it ends at the first other character. rax = its value, rsi and rcx are
+ * moved past it; CF = 1 (rsi and rcx unchanged) if there is none or it is too long. */
+parse_num:
+    push    %rbx
+    push    %rdx
+    push    %r8
+    push    %r9
+    mov     %rsi, %r8
+    mov     %rcx, %r9
+    xor     %eax, %eax
+    xor     %ebx, %ebx                  /* digits */
+    cmp     $2, %rcx
+    jb      4f
+    cmpb    $'0', (%rsi)
+    jne     4f
+    movzbl  1(%rsi), %edx
+    or      $0x20, %edx
+    cmp     $'x', %edx
+    jne     4f
+    add     $2, %rsi
+    sub     $2, %rcx
+1:  test    %rcx, %rcx                  /* hex */
+    jz      3f
+    movzbl  (%rsi), %edx
+    sub     $'0', %edx
+    cmp     $9, %edx
+    jbe     2f
+    movzbl  (%rsi), %edx
+    or      $0x20, %edx
+    sub     $'a', %edx
+    cmp     $5, %edx
+    ja      3f
+    add     $10, %edx
+2:  cmp     $16, %ebx
+    jae     8f
+    shl     $4, %rax
+    or      %rdx, %rax
+    inc     %ebx
+    inc     %rsi
+    dec     %rcx
+    jmp     1b
+3:  test    %ebx, %ebx
+    jz      8f
+    clc
+    jmp     9f
+4:  test    %rcx, %rcx                  /* decimal */
+    jz      5f
+    movzbl  (%rsi), %edx
+    sub     $'0', %edx
+    cmp     $9, %edx
+    ja      5f
+    cmp     $18, %ebx
+    jae     8f
+    imul    $10, %rax, %rax
+    add     %rdx, %rax
+    inc     %ebx
+    inc     %rsi
+    dec     %rcx
+    jmp     4b
+5:  test    %ebx, %ebx
+    jz      8f
+    clc
+    jmp     9f
+8:  mov     %r8, %rsi
+    mov     %r9, %rcx
+    stc
+9:  pop     %r9
+    pop     %r8
+    pop     %rdx
+    pop     %rbx
+    ret
+
+/* parse_byte: (rsi, length rcx) is exactly a number 0-255 (decimal or 0x hex) -> rax;
+ * CF = 1 if not */
+parse_byte:
+    push    %rcx
+    push    %rsi
+    call    parse_num
+    jc      9f
+    test    %rcx, %rcx
+    jnz     8f
+    cmp     $255, %rax
+    ja      8f
+    clc
+    jmp     9f
+8:  stc
+9:  pop     %rsi
+    pop     %rcx
+    ret
+
 /* ---- console: COM1, one line at a time under a spinlock shared by all CPUs ---------- */
 
 /* say: print the whole line "testguest: <rsi>\n" */
@@ -1047,7 +2304,78 @@ tr_efer:
 ap_trampoline_end:
 
 /* ======================================================================================= */
+/* PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), used by QEMU's -kernel (microvm: qboot): 32-bit
+ * protected mode, paging off, flat CS/DS/ES/SS, interrupts off, EBX = struct hvm_start_info,
+ * no stack. Its own section (.pvh32, allocated but not marked executable: it lies in the R+X
+ * text segment) so that tests/guest_disassembly.rs disassembles it as 32-bit code. It maps
+ * the first 4 GiB with 2 MiB pages in its own tables, enters long mode and continues at
+ * pvh_start64. Absolute addresses: the image is linked and loaded at 1 MiB. */
+    .section .pvh32, "a"
+    .code32
+pvh_start32:
+    cli
+    cld
+    mov     %ebx, pvh_start_info
+    mov     $pvh_pml4, %edi             /* zero the PML4 and the PDPT */
+    mov     $(2 * 4096 / 4), %ecx
+    xor     %eax, %eax
+    rep stosl
+    movl    $(pvh_pdpt + 3), pvh_pml4   /* present, writable */
+    mov     $pvh_pdpt, %edi             /* PDPT[0..3] -> the four page directories */
+    mov     $(pvh_pd + 3), %eax
+    mov     $4, %ecx
+1:  mov     %eax, (%edi)
+    add     $4096, %eax
+    add     $8, %edi
+    sub     $1, %ecx
+    jnz     1b
+    mov     $pvh_pd, %edi               /* 2048 entries of 2 MiB up to 4 GiB */
+    mov     $0x83, %eax                 /* present, writable, 2 MiB page */
+2:  mov     %eax, (%edi)
+    movl    $0, 4(%edi)
+    add     $8, %edi
+    add     $0x200000, %eax
+    jnc     2b                          /* carry: the last entry (4 GiB - 2 MiB) is done */
+    lgdtl   pvh_gdtr
+    mov     %cr4, %eax
+    or      $0x20, %eax                 /* PAE */
+    mov     %eax, %cr4
+    mov     $pvh_pml4, %eax
+    mov     %eax, %cr3
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_LME, %eax
+    wrmsr
+    mov     %cr0, %eax
+    or      $0x80000001, %eax           /* PG, PE */
+    mov     %eax, %cr0
+    ljmp    $PVH_CS, $pvh_start64
+    .code64
+
+/* The PVH entry point, for QEMU's loader: a PT_NOTE segment (see testguest.ld). QEMU reads
+ * the description as a pointer-sized value after a name padded to the segment's alignment
+ * (4), so it is a .quad here. */
+    .section .note.Xen, "a", @note
+    .p2align 2
+    .long   4                           /* n_namesz: "Xen\0" */
+    .long   8                           /* n_descsz */
+    .long   18                          /* n_type: XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz  "Xen"
+    .quad   pvh_start32
+
+/* ======================================================================================= */
     .section .rodata, "a"
+    .p2align 3
+pvh_gdt:
+    .quad   0                           /* null */
+    .quad   0x00cf9b000000ffff          /* 0x08: 32-bit code, flat (accessed bit preset) */
+    .quad   0x00af9b000000ffff          /* 0x10: 64-bit code */
+    .quad   0x00cf93000000ffff          /* 0x18: data, flat */
+pvh_gdt_end:
+pvh_gdtr:
+    .word   pvh_gdt_end - pvh_gdt - 1
+    .long   pvh_gdt
+
 s_prefix:           .asciz "testguest: "
 s_scenario:         .asciz "scenario "
 s_none:             .asciz "(none)"
@@ -1094,6 +2422,70 @@ k_spin:             .asciz "spin"
 k_stringio:         .asciz "stringio"
 k_exits:            .asciz "exits="
 k_memtest:          .asciz "memtest="
+k_blk_fill:         .asciz "blk-fill="
+k_blk_check:        .asciz "blk-check="
+k_blk_read:         .asciz "blk-read="
+k_blk_iops:         .asciz "blk-iops="
+k_blk_id:           .asciz "blk-id"
+k_blk_ro:           .asciz "blk-ro"
+k_blk_bad:          .asciz "blk-bad"
+k_rng:              .asciz "rng"
+k_virtio_mmio:      .asciz "virtio_mmio.device="
+n_blk_fill:         .asciz "blk-fill"
+n_blk_check:        .asciz "blk-check"
+n_blk_id:           .asciz "blk-id"
+n_blk_ro:           .asciz "blk-ro"
+n_blk_read:         .asciz "blk-read"
+n_blk_iops:         .asciz "blk-iops"
+n_blk_bad:          .asciz "blk-bad"
+n_rng:              .asciz "rng"
+s_fail:             .asciz ": FAIL "
+s_no_blk:           .asciz "no virtio-blk device"
+s_no_rng:           .asciz "no virtio-rng device"
+s_legacy:           .asciz "legacy (version 1) virtio-mmio transport, version 2 needed"
+s_vi_reset:         .asciz "device status does not reset to 0"
+s_vi_version_1:     .asciz "VIRTIO_F_VERSION_1 not offered"
+s_vi_features:      .asciz "FEATURES_OK not kept: features refused"
+s_vi_queue_ready:   .asciz "queue 0 already ready after reset"
+s_vi_no_queue:      .asciz "queue 0 not available (QueueNumMax 0)"
+s_vi_small_queue:   .asciz "queue 0 too small (QueueNumMax < 4)"
+s_timeout:          .asciz "request timed out"
+s_req_status:       .asciz "request status "
+s_write_status:     .asciz "write status (IOERR expected) "
+s_ro_not_offered:   .asciz "VIRTIO_BLK_F_RO not offered"
+s_empty_disk:       .asciz "disk has no sectors"
+s_small_disk:       .asciz "disk smaller than 4 KiB"
+s_rng_short:        .asciz "too few bytes after 64 requests"
+s_good_no_answer:   .asciz "good request: no answer"
+s_good_status:      .asciz "good request: status "
+s_blk_fill_done:    .asciz "blk-fill done "
+s_blk_check_ok:     .asciz "blk-check ok "
+s_sectors:          .asciz " sectors"
+s_blk_check_fail:   .asciz "blk-check: FAIL at byte "
+s_got:              .asciz " got "
+s_blk_id:           .asciz "blk-id "
+s_blk_ro_ok:        .asciz "blk-ro ok"
+s_blk_read_start:   .asciz "blk-read start"
+s_blk_read_done:    .asciz "blk-read done "
+s_mib:              .asciz " MiB"
+s_blk_iops_start:   .asciz "blk-iops start"
+s_blk_iops_done:    .asciz "blk-iops done "
+s_rng:              .asciz "rng "
+s_blk_bad_case:     .asciz "blk-bad "
+s_used_len:         .asciz ": used len "
+s_status:           .asciz " status "
+s_no_answer:        .asciz ": no answer"
+s_needs_reset:      .asciz ": device needs reset, set up again"
+s_blk_bad_good:     .asciz "blk-bad: good request ok"
+c_loop:             .asciz "loop"
+c_outside:          .asciz "outside"
+c_zero_len:         .asciz "zero-len"
+c_huge_len:         .asciz "huge-len"
+c_no_status:        .asciz "no-status"
+c_writable_header:  .asciz "writable-header"
+c_bad_next:         .asciz "bad-next"
+c_bad_type:         .asciz "bad-type"
+c_beyond_capacity:  .asciz "beyond-capacity"
 
 /* ======================================================================================= */
     .data
@@ -1105,6 +2497,18 @@ con_lock:           .long 0
 ap_next_index:      .long 0
 ap_arrived:         .long 0
 stringio_buf:       .long 0
+pvh_start_info:     .long 0             /* EBX at the PVH entry */
+    .p2align 3
+cur_name:           .quad 0             /* the scenario name FAIL lines start with */
+vdev_base:          .quad 0             /* the virtio-mmio device in use */
+blk_capacity:       .quad 0             /* in 512-byte sectors */
+vdev_want:          .long 0             /* device features (word 0) the driver accepts */
+vdev_feat:          .long 0             /* device features (word 0) negotiated */
+vq_size:            .long 0             /* queue 0: size (a power of 2, at most 16) */
+vq_mask:            .long 0             /* vq_size - 1 */
+vq_cursor:          .long 0             /* next descriptor to hand out (round robin) */
+vq_avail_idx:       .long 0             /* our avail idx (its low 16 bits are published) */
+vq_used_last:       .long 0             /* used ring entries consumed */
 
     .bss
     .p2align 4
@@ -1113,5 +2517,14 @@ cpu_ids:            .skip MAX_CPUS
 bsp_stack:          .skip BSP_STACK_SIZE
 bsp_stack_top:
 ap_stacks:          .skip AP_STACK_SIZE * MAX_APS
+    .p2align 12
+pvh_pml4:           .skip 4096          /* PVH entry: its own page tables, ... */
+pvh_pdpt:           .skip 4096
+pvh_pd:             .skip 4 * 4096
+pvh_boot_params:    .skip 4096          /* ... and the boot_params it builds */
+vq_area:            .skip 4096          /* queue 0: descriptors, avail ring, used ring */
+blk_buf:            .skip BLK_BUF_SIZE  /* request data */
+blk_hdr:            .skip 16            /* virtio-blk request header */
+blk_status:         .skip 16            /* its status byte */
 
     .section .note.GNU-stack, "", @progbits
