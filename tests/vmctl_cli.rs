@@ -361,3 +361,137 @@ fn start_passes_files_as_fds_unless_root() {
     );
     assert!(calls.is_empty(), "{calls:?}");
 }
+
+/// Runs a QEMU tool that must succeed; `None` (after saying why) when it is not installed.
+fn qemu(tool: &str, args: &[&str]) -> Option<String> {
+    let output = match Command::new(tool).args(args).output() {
+        Ok(output) => output,
+        Err(_) => {
+            eprintln!("SKIPPED: {tool} is not installed (apt install qemu-utils)");
+            return None;
+        }
+    };
+    assert!(
+        output.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn create_makes_images_qemu_img_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    if qemu("qemu-img", &["--version"]).is_none() {
+        return;
+    }
+    let created = vmctl(&["create", "-s", "64M", &at("disk.qcow2")]);
+    assert_eq!(created.status.code(), Some(0), "{}", stderr(&created));
+    qemu("qemu-img", &["check", &at("disk.qcow2")]);
+    let info = qemu("qemu-img", &["info", &at("disk.qcow2")]).unwrap_or_default();
+    assert!(
+        info.contains("file format: qcow2") && info.contains("(67108864 bytes)"),
+        "{info}"
+    );
+
+    // An overlay: the base recorded as given, the size the base's.
+    let overlay = vmctl(&["create", "-b", "disk.qcow2", &at("overlay.qcow2")]);
+    assert_eq!(overlay.status.code(), Some(0), "{}", stderr(&overlay));
+    qemu("qemu-img", &["check", &at("overlay.qcow2")]);
+    let info = qemu("qemu-img", &["info", &at("overlay.qcow2")]).unwrap_or_default();
+    assert!(
+        info.contains("backing file: disk.qcow2")
+            && info.contains("backing file format: qcow2")
+            && info.contains("(67108864 bytes)"),
+        "{info}"
+    );
+
+    // A copy of the overlay's contents, converted to raw, then back to a larger qcow2.
+    qemu(
+        "qemu-io",
+        &["-c", "write -P 0x5a 1M 3M", &at("overlay.qcow2")],
+    );
+    let raw = vmctl(&["create", "-i", &at("overlay.qcow2"), &at("copy.img")]);
+    assert_eq!(raw.status.code(), Some(0), "{}", stderr(&raw));
+    qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            &at("overlay.qcow2"),
+            &at("copy.img"),
+        ],
+    );
+    let grown = vmctl(&["create", "-i", &at("copy.img"), "-s", "1.5G", "qcow2:"]);
+    assert_eq!(
+        grown.status.code(),
+        Some(1),
+        "no file named: {}",
+        stderr(&grown)
+    );
+    let grown = vmctl(&[
+        "create",
+        "-i",
+        &at("copy.img"),
+        "-s",
+        "1.5G",
+        &at("grown.qcow2"),
+    ]);
+    assert_eq!(grown.status.code(), Some(0), "{}", stderr(&grown));
+    qemu("qemu-img", &["check", &at("grown.qcow2")]);
+    let info = qemu("qemu-img", &["info", &at("grown.qcow2")]).unwrap_or_default();
+    assert!(
+        info.contains("(1610612736 bytes)") && !info.contains("backing"),
+        "{info}"
+    );
+    let read = qemu("qemu-io", &["-c", "read -P 0x5a 1M 3M", &at("grown.qcow2")]);
+    assert!(read.unwrap_or_default().contains("read 3145728/3145728"));
+
+    // The format from a prefix: raw despite the name.
+    let prefixed = vmctl(&["create", "-s", "1", &format!("raw:{}", at("plain.qcow2"))]);
+    assert_eq!(prefixed.status.code(), Some(0), "{}", stderr(&prefixed));
+    let info = qemu("qemu-img", &["info", &at("plain.qcow2")]).unwrap_or_default();
+    assert!(
+        info.contains("file format: raw") && info.contains("(1048576 bytes)"),
+        "{info}"
+    );
+}
+
+#[test]
+fn create_refuses_to_overwrite_and_explains_bad_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let at = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(at("taken.qcow2"), b"precious").expect("write");
+    assert_clean_failure(
+        &vmctl(&["create", "-s", "64M", &at("taken.qcow2")]),
+        "does not overwrite",
+    );
+    assert_eq!(std::fs::read(at("taken.qcow2")).expect("read"), b"precious");
+    assert_clean_failure(&vmctl(&["create", &at("new.img")]), "-s");
+    assert_clean_failure(
+        &vmctl(&["create", "-b", &at("taken.qcow2"), &at("raw.img")]),
+        "only a qcow2 image can have a base",
+    );
+    assert_clean_failure(
+        &vmctl(&["create", "-i", &at("missing.img"), &at("copy.img")]),
+        "cannot open",
+    );
+    assert!(!dir.path().join("copy.img").exists());
+    for args in [
+        &["create", "-s", "lots", "x.img"][..],
+        &["create", "-s", "0", "x.img"],
+        &["create", "-b", "a", "-i", "b", "x.qcow2"],
+        &["create"],
+    ] {
+        let output = vmctl(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
