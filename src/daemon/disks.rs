@@ -5,19 +5,21 @@
 //!
 //! A disk given by path is opened, with its backing files, with the rights of whoever answers
 //! for the start (`host_files::Rights`), like kernels. A disk passed as an fd was opened by its
-//! caller: the daemon keeps the fd and, at each start, opens the same file again through
-//! `/proc/self/fd` with the access the caller had (a fresh open file description, so that the
-//! lock the helper inherits is the helper's alone). Its qcow2 backing files are still host
-//! paths, resolved relative to the directory the passed file lies in and opened with the rights
-//! of whoever answers for the start: passing an image never lends the daemon's rights to the
-//! files it names. Passed fds live in the daemon's memory only: after a daemon restart such a
-//! disk is gone, and starting the VM says so.
+//! caller, and the daemon passes that same open file description on at each start (it cannot
+//! open the file again itself: the daemon has no CAP_DAC_OVERRIDE, and a user's image is the
+//! user's). So the lock on a passed image is held by the description the daemon keeps too, and
+//! the daemon lets go of it when the helper has exited ([`release_passed`]); and since a lock
+//! never excludes its own description, the daemon also refuses to start a VM on a file another
+//! of its VMs uses in a conflicting way ([`Claim`]). A passed qcow2 image's backing files are
+//! still host paths, resolved relative to the directory the passed file lies in and opened with
+//! the rights of whoever answers for the start: passing an image never lends the daemon's
+//! rights to the files it names. Passed fds live in the daemon's memory only: after a daemon
+//! restart such a disk is gone, and starting the VM says so.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -326,8 +328,22 @@ pub fn check_passed(
 pub struct OpenedDisks {
     pub fds: Vec<DiskFds>,
     pub configs: Vec<DiskConfig>,
-    /// Every file of every chain.
-    pub ids: Vec<FileId>,
+    /// Every file of every chain, and how it is locked.
+    pub claims: Vec<Claim>,
+}
+
+/// A file a VM's helper holds, and whether it may write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub id: FileId,
+    pub writes: bool,
+}
+
+impl Claim {
+    /// Whether the two may not be held at once: the same file, and someone writes it.
+    pub fn conflicts_with(&self, other: &Claim) -> bool {
+        self.id == other.id && (self.writes || other.writes)
+    }
 }
 
 /// Why a VM's disks cannot be opened.
@@ -343,8 +359,8 @@ pub enum DiskOpenError {
         "disk {disk} was passed as an fd, which the daemon no longer holds since it restarted; remove the VM and define it again"
     )]
     PassedGone { disk: usize },
-    #[error("disk {disk}: cannot open the passed file again")]
-    Reopen {
+    #[error("disk {disk}: cannot use the passed file")]
+    Passed {
         disk: usize,
         #[source]
         source: io::Error,
@@ -364,13 +380,27 @@ impl DiskOpenError {
     }
 }
 
-/// Opens every disk and its backing chain with `rights`, then locks them all. `claim` is told
-/// every file's identity before the locks are taken, so that a concurrent start that loses
-/// the race can name this VM.
+/// Opens every disk and its backing chain with `rights`, then locks them all. Before the locks
+/// are taken, `claim` is told every file and answers the first that one of the daemon's other
+/// VMs holds in a conflicting way (which the locks cannot see when it is the same passed
+/// description), or records them, so that a concurrent start that loses the race for a lock
+/// can name this VM. On failure, the locks taken on passed descriptions are released.
 pub fn open_all(
     disks: &[DiskSpec],
     rights: &Rights,
-    claim: &mut dyn FnMut(&[FileId]),
+    claim: &mut dyn FnMut(&[Claim]) -> Option<FileId>,
+) -> Result<OpenedDisks, DiskOpenError> {
+    let opened = open_and_lock(disks, rights, claim);
+    if opened.is_err() {
+        release_passed(disks);
+    }
+    opened
+}
+
+fn open_and_lock(
+    disks: &[DiskSpec],
+    rights: &Rights,
+    claim: &mut dyn FnMut(&[Claim]) -> Option<FileId>,
 ) -> Result<OpenedDisks, DiskOpenError> {
     let mut open = |path: &Path, writable: bool| host_files::open_image(path, rights, writable);
     let mut resolved = Vec::with_capacity(disks.len());
@@ -382,8 +412,8 @@ pub fn open_all(
                     .fd
                     .as_ref()
                     .ok_or(DiskOpenError::PassedGone { disk })?;
-                let (file, location) = reopen(fd, spec.read_only)
-                    .map_err(|source| DiskOpenError::Reopen { disk, source })?;
+                let (file, location) =
+                    share(fd).map_err(|source| DiskOpenError::Passed { disk, source })?;
                 let dir = location
                     .parent()
                     .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
@@ -398,15 +428,45 @@ pub fn open_all(
             .map_err(|source| DiskOpenError::Chain { disk, source })?;
         resolved.push(chain);
     }
-    let ids: Vec<FileId> = resolved.iter().flat_map(|chain| chain.ids()).collect();
-    claim(&ids);
+    let claims: Vec<Claim> = resolved
+        .iter()
+        .zip(disks)
+        .flat_map(|(chain, spec)| {
+            chain
+                .ids()
+                .into_iter()
+                .enumerate()
+                .map(|(layer, id)| Claim {
+                    id,
+                    writes: layer == 0 && !spec.read_only,
+                })
+        })
+        .collect();
+    if let Some(busy) = claim(&claims) {
+        let (disk, chain) = resolved
+            .iter()
+            .enumerate()
+            .find(|(_, chain)| chain.ids().contains(&busy))
+            .ok_or(DiskOpenError::PassedGone { disk: 0 })?;
+        let layer = std::iter::once(&chain.image)
+            .chain(&chain.bases)
+            .find(|layer| layer.id == busy)
+            .ok_or(DiskOpenError::PassedGone { disk })?;
+        return Err(DiskOpenError::Chain {
+            disk,
+            source: ChainError::Busy {
+                path: layer.path.clone(),
+                id: busy,
+            },
+        });
+    }
     for (disk, (chain, spec)) in resolved.iter().zip(disks).enumerate() {
         chain
             .lock(spec.read_only)
             .map_err(|source| DiskOpenError::Chain { disk, source })?;
     }
     let mut opened = OpenedDisks {
-        ids,
+        claims,
         ..Default::default()
     };
     for (chain, spec) in resolved.into_iter().zip(disks) {
@@ -421,18 +481,22 @@ pub fn open_all(
     Ok(opened)
 }
 
-/// Opens a passed file again through `/proc/self/fd`, read-write only if the disk may be
-/// written (the caller's fd was checked to allow that when it was passed); also says where
-/// the file lies now.
-fn reopen(fd: &OwnedFd, read_only: bool) -> io::Result<(File, PathBuf)> {
-    let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    let location = std::fs::read_link(&link)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&link)?;
-    Ok((file, location))
+/// The passed description itself (a new fd for it), and where its file lies now.
+fn share(fd: &OwnedFd) -> io::Result<(File, PathBuf)> {
+    let location = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok((File::from(fd.try_clone()?), location))
+}
+
+/// Lets go of the locks on the passed images' descriptions, which the daemon keeps after their
+/// helper has exited (or when a start failed). Only for a VM whose helper is gone.
+pub fn release_passed(disks: &[DiskSpec]) {
+    for disk in disks {
+        if let DiskSource::Passed(PassedDisk { fd: Some(fd), .. }) = &disk.source
+            && let Err(error) = images::lock::unlock(fd.as_fd())
+        {
+            tracing::warn!("cannot unlock a passed disk image: {error}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -525,6 +589,7 @@ mod tests {
     fn passed_fds_must_allow_what_the_disk_needs() {
         let file = tempfile::NamedTempFile::new().expect("tempfile");
         let read_only: OwnedFd = File::open(file.path()).expect("open").into();
+        std::fs::write(file.path(), [0u8; 512]).expect("write");
         let read_write: OwnedFd = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -544,9 +609,30 @@ mod tests {
         let dir: OwnedFd = File::open("/").expect("open").into();
         assert!(check_passed(0, &dir, true).is_err());
 
-        // Reopened read-only, a read-only passed file stays read-only.
-        let (reopened, location) = reopen(&read_only, true).expect("reopen");
+        // Shared, the passed description keeps its access, and a lock on it is let go of.
+        let (shared, location) = share(&read_only).expect("share");
         assert_eq!(location, file.path());
-        assert!(std::io::Write::write(&mut &reopened, b"x").is_err());
+        assert!(std::io::Write::write(&mut &shared, b"x").is_err());
+        let spec = DiskSpec {
+            source: DiskSource::Passed(PassedDisk {
+                fd: Some(Arc::new(read_write)),
+                location: file.path().into(),
+            }),
+            format: DiskFormat::Raw,
+            read_only: false,
+            serial: String::new(),
+        };
+        let opened =
+            open_all(std::slice::from_ref(&spec), &Rights::Daemon, &mut |_| None).expect("open");
+        assert!(opened.claims[0].writes);
+        let other = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(file.path())
+            .expect("open");
+        assert!(!images::lock::try_lock(&other, images::lock::LockKind::Shared).expect("lock"));
+        drop(opened);
+        release_passed(std::slice::from_ref(&spec));
+        assert!(images::lock::try_lock(&other, images::lock::LockKind::Exclusive).expect("lock"));
     }
 }

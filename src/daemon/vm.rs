@@ -107,7 +107,7 @@ struct Runtime {
     removed: bool,
     /// Every file of every disk chain the current helper holds (or is about to), so that a
     /// start refused for a busy image can name the VM that holds it.
-    disk_ids: Vec<FileId>,
+    disk_claims: Vec<disks::Claim>,
     /// The last start failed because a disk image was busy.
     disk_busy: bool,
 }
@@ -423,8 +423,8 @@ impl Vm {
             runtime.leader_pid = pid as u32;
             runtime.unit = scope::unit_name(&self.name);
         }
-        let disk_ids = self.adopted_disk_ids();
-        self.runtime().disk_ids = disk_ids;
+        let disk_claims = self.adopted_disk_claims();
+        self.runtime().disk_claims = disk_claims;
         self.state.send_replace(VmState::Running);
         manager.announce(
             self,
@@ -436,23 +436,46 @@ impl Vm {
 
     /// Whether this VM's helper holds (or is about to hold) the file `id` in a disk chain.
     pub fn holds_disk_file(&self, id: FileId) -> bool {
-        self.runtime().disk_ids.contains(&id)
+        self.runtime()
+            .disk_claims
+            .iter()
+            .any(|claim| claim.id == id)
     }
 
-    /// The identities of an adopted helper's disk files, from its definition's paths (a passed
-    /// disk's fd did not survive the daemon's restart: such a disk is not known).
-    fn adopted_disk_ids(&self) -> Vec<FileId> {
+    /// The first of `wanted` this VM's helper holds in a conflicting way.
+    fn conflicting_claim(&self, wanted: &[disks::Claim]) -> Option<FileId> {
+        let runtime = self.runtime();
+        wanted
+            .iter()
+            .find(|want| {
+                runtime
+                    .disk_claims
+                    .iter()
+                    .any(|held| held.conflicts_with(want))
+            })
+            .map(|want| want.id)
+    }
+
+    /// What an adopted helper holds, as far as the definition tells: each disk's image by path
+    /// (its backing files are not followed again, and a passed disk's fd did not survive the
+    /// daemon's restart: such files are left to the locks alone).
+    fn adopted_disk_claims(&self) -> Vec<disks::Claim> {
         use std::os::unix::fs::MetadataExt;
         self.definition()
             .disks
             .iter()
             .filter_map(|disk| match &disk.source {
-                disks::DiskSource::Path(path) => std::fs::metadata(path).ok(),
+                disks::DiskSource::Path(path) => {
+                    let metadata = std::fs::metadata(path).ok()?;
+                    Some(disks::Claim {
+                        id: FileId {
+                            dev: metadata.dev(),
+                            ino: metadata.ino(),
+                        },
+                        writes: !disk.read_only,
+                    })
+                }
                 disks::DiskSource::Passed(_) => None,
-            })
-            .map(|metadata| FileId {
-                dev: metadata.dev(),
-                ino: metadata.ino(),
             })
             .collect()
     }
@@ -533,8 +556,11 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
             runtime.pidfd = None;
             runtime.leader_pid = 0;
             runtime.unit.clear();
-            runtime.disk_ids.clear();
+            runtime.disk_claims.clear();
         }
+        // The helper is gone: so must be its locks on passed images, which the daemon's own
+        // copies of their descriptions would otherwise keep.
+        disks::release_passed(&vm.definition().disks);
         manager.announce(&vm, vec![Property::LeaderPid, Property::Unit]);
         let stop_request = vm.runtime().stop_request;
         let (state, reason) = match outcome {
@@ -857,10 +883,23 @@ fn open_disks(
     definition: &VmDefinition,
     rights: &Rights,
 ) -> Result<disks::OpenedDisks, LaunchFailure> {
-    let claim = &mut |ids: &[FileId]| vm.runtime().disk_ids = ids.to_vec();
+    let claim = &mut |wanted: &[disks::Claim]| {
+        let others = manager
+            .all()
+            .into_iter()
+            .filter(|other| other.name != vm.name);
+        if let Some(busy) = others
+            .filter_map(|other| other.conflicting_claim(wanted))
+            .next()
+        {
+            return Some(busy);
+        }
+        vm.runtime().disk_claims = wanted.to_vec();
+        None
+    };
     let opened = disks::open_all(&definition.disks, rights, claim);
     opened.map_err(|error| {
-        vm.runtime().disk_ids.clear();
+        vm.runtime().disk_claims.clear();
         match error.busy() {
             Some((disk, path, id)) => {
                 let holder = manager
