@@ -1846,6 +1846,29 @@ fn a_users_qcow2_cannot_reach_files_the_user_cannot_read() {
         vmd.property("mine", "Disks")
             .contains("/home/alice/mine.qcow2")
     );
+    // The daemon keeps her passed disk across its own restart (systemd's fd store), and the
+    // lock went with the helper: she starts the VM again and the guest writes the disk again.
+    vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    let stored = vmd.ok(&[
+        "systemctl",
+        "show",
+        "-P",
+        "NFileDescriptorStore",
+        "vmd.service",
+    ]);
+    assert_eq!(stored.trim(), "1", "only mine's disk is kept");
+    as_alice(&["vmctl", "start", "mine"]);
+    as_alice(&["vmctl", "wait", "-t", "60", "mine"]);
+    assert_eq!(vmd.property("mine", "FailureReason"), "");
+    let console = vmd.ok(&["vmctl", "console", "mine"]);
+    assert!(
+        console
+            .matches("testguest: blk-fill done 8192 sectors")
+            .count()
+            >= 1,
+        "{console}"
+    );
+    vmd.ok(&["qemu-img", "check", "/home/alice/mine.qcow2"]);
 
     // A qcow2 naming /etc/shadow as its backing file: opened with her rights, refused.
     as_alice(&[

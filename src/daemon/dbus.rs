@@ -255,7 +255,10 @@ impl ManagerObject {
             }
         };
         match self.manager.add(definition, Origin::Api).await {
-            Ok(vm) => Ok(self.manager.object_path(&vm)),
+            Ok(vm) => {
+                super::notify::store_passed_disks(&vm.name, &vm.definition().disks);
+                Ok(self.manager.object_path(&vm))
+            }
             Err(err) => {
                 self.manager.store().remove_files(&uuid);
                 Err(err)

@@ -13,8 +13,10 @@
 //! of its VMs uses in a conflicting way ([`Claim`]). A passed qcow2 image's backing files are
 //! still host paths, resolved relative to the directory the passed file lies in and opened with
 //! the rights of whoever answers for the start: passing an image never lends the daemon's
-//! rights to the files it names. Passed fds live in the daemon's memory only: after a daemon
-//! restart such a disk is gone, and starting the VM says so.
+//! rights to the files it names. Passed fds are kept in systemd's fd store as `vmdsk<i>-<name>`
+//! for as long as the VM is defined, so a restarted daemon has them back; without the fd store
+//! (a daemon not run by systemd) such a disk is gone after a restart, and starting the VM says
+//! so.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -356,7 +358,7 @@ pub enum DiskOpenError {
         source: ChainError,
     },
     #[error(
-        "disk {disk} was passed as an fd, which the daemon no longer holds since it restarted; remove the VM and define it again"
+        "disk {disk} was passed as an fd, which the daemon lost when it restarted (systemd's fd store did not keep it); remove the VM and define it again"
     )]
     PassedGone { disk: usize },
     #[error("disk {disk}: cannot use the passed file")]

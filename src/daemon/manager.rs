@@ -214,6 +214,7 @@ impl Manager {
             }
         }
         self.vms().remove(&vm.name);
+        notify::forget_passed_disks(&vm.name);
         if vm.origin == Origin::Api {
             self.store.remove_files(&vm.definition().uuid);
         }

@@ -102,6 +102,8 @@ struct StoredVm {
     pidfd: Option<OwnedFd>,
     /// Transient VMs only: their definition, which no file holds.
     definition: Option<OwnedFd>,
+    /// Disk index → the fd a caller passed for it.
+    disks: BTreeMap<usize, OwnedFd>,
 }
 
 fn take_activation_fds() -> Activation {
@@ -117,6 +119,9 @@ fn take_activation_fds() -> Activation {
             activation
                 .listeners
                 .push(std::os::unix::net::UnixListener::from(owned));
+        } else if let Some((index, vm)) = notify::parse_disk_fd_name(&name) {
+            let stored = activation.stored_vms.entry(vm.to_string()).or_default();
+            stored.disks.insert(index, owned);
         } else if let Some((kind, vm)) = notify::parse_stored_fd_name(&name) {
             let stored = activation.stored_vms.entry(vm.to_string()).or_default();
             let slot = match kind {
@@ -135,7 +140,28 @@ fn take_activation_fds() -> Activation {
 /// Takes over the VMs whose helpers outlived the previous daemon; transient ones are defined
 /// again from the definition they left in the fd store.
 async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, StoredVm>) {
+    let mut pending_disks = BTreeMap::new();
     for (name, fds) in stored {
+        if !fds.disks.is_empty() {
+            // A transient VM's definition is back only once it is adopted: attach after.
+            let vm = match manager.get(&name) {
+                Ok(vm) => Some(vm),
+                Err(_) if fds.definition.is_some() => None,
+                Err(_) => {
+                    tracing::warn!("passed disks of VM {name}, which is gone: dropped");
+                    notify::forget_passed_disks(&name);
+                    None
+                }
+            };
+            if let Some(vm) = vm {
+                vm.attach_passed_disks(fds.disks);
+            } else if fds.definition.is_some() {
+                pending_disks.insert(name.clone(), fds.disks);
+            }
+        }
+        if fds.control.is_none() && fds.pidfd.is_none() && fds.definition.is_none() {
+            continue;
+        }
         let adopted = match (fds.control, fds.pidfd) {
             (Some(control), Some(pidfd)) => vm_to_adopt(manager, &name, fds.definition)
                 .await
@@ -143,11 +169,19 @@ async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, Store
             _ => Err("the fd store holds only part of it".to_string()),
         };
         match adopted {
-            Ok(()) => tracing::info!("adopted the running VM {name}"),
+            Ok(()) => {
+                tracing::info!("adopted the running VM {name}");
+                if let (Some(disks), Ok(vm)) = (pending_disks.remove(&name), manager.get(&name)) {
+                    vm.attach_passed_disks(disks);
+                }
+            }
             Err(reason) => {
                 // Dropping its control socket makes the helper power the guest off.
                 tracing::warn!("cannot adopt VM {name}: {reason}; letting it shut down");
                 notify::forget_vm_fds(&name);
+                if pending_disks.remove(&name).is_some() {
+                    notify::forget_passed_disks(&name);
+                }
             }
         }
     }

@@ -142,6 +142,51 @@ pub fn read_stored_definition(memfd: OwnedFd) -> std::io::Result<String> {
     String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The fd store name of a VM's passed disk `index` (`vmdsk<i>-<name>`).
+fn disk_fd_name(vm_name: &str, index: usize) -> String {
+    format!("vmdsk{index}-{vm_name}")
+}
+
+/// Which disk of which VM an fd store name is.
+pub fn parse_disk_fd_name(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("vmdsk")?;
+    let (index, vm_name) = rest.split_once('-')?;
+    let index = match index.as_bytes() {
+        [digit @ b'0'..=b'9'] => usize::from(digit - b'0'),
+        _ => return None,
+    };
+    (index < crate::protocol::MAX_DISKS).then_some((index, vm_name))
+}
+
+/// Keeps the fds of a VM's passed disks in systemd's fd store for as long as the VM is defined,
+/// so that a restarted daemon still has them (nothing else could open them again).
+pub fn store_passed_disks(vm_name: &str, disks: &[super::disks::DiskSpec]) {
+    use super::disks::{DiskSource, PassedDisk};
+    for (index, disk) in disks.iter().enumerate() {
+        let DiskSource::Passed(PassedDisk { fd: Some(fd), .. }) = &disk.source else {
+            continue;
+        };
+        let name = disk_fd_name(vm_name, index);
+        // A regular file never hangs up: nothing to poll.
+        let state = [
+            NotifyState::FdStore,
+            NotifyState::FdName(&name),
+            NotifyState::Custom("FDPOLL=0"),
+        ];
+        if let Err(err) = sd_notify::notify_with_fds(&state, &[fd.as_fd()]) {
+            tracing::warn!("cannot keep {name} in systemd's fd store: {err}");
+        }
+    }
+}
+
+/// Drops a removed VM's passed disks from the fd store.
+pub fn forget_passed_disks(vm_name: &str) {
+    for index in 0..crate::protocol::MAX_DISKS {
+        let name = disk_fd_name(vm_name, index);
+        let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
+    }
+}
+
 /// Drops a VM's fds from the fd store once its helper is gone.
 pub fn forget_vm_fds(vm_name: &str) {
     for name in stored_fd_names(vm_name) {
@@ -169,6 +214,21 @@ mod tests {
             Some((StoredFd::Definition, "web-1"))
         );
         assert_eq!(parse_stored_fd_name("vmd"), None);
+        assert_eq!(
+            parse_disk_fd_name(&disk_fd_name("web-1", 7)),
+            Some((7, "web-1"))
+        );
+        for other in [
+            "vmdsk8-web",
+            "vmdsk-web",
+            "vmdsk10-web",
+            "vmdskx-web",
+            "vmctl-web",
+        ] {
+            assert_eq!(parse_disk_fd_name(other), None, "{other}");
+        }
+        // Disk fds are not taken for another kind, nor the other way round.
+        assert_eq!(parse_stored_fd_name(&disk_fd_name("web-1", 0)), None);
     }
 
     #[test]

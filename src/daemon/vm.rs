@@ -165,6 +165,22 @@ impl Vm {
             .clone()
     }
 
+    /// Gives passed disks their fds back after a daemon restart (from systemd's fd store).
+    pub fn attach_passed_disks(&self, fds: std::collections::BTreeMap<usize, OwnedFd>) {
+        let mut definition = self.definition.lock().unwrap_or_else(|e| e.into_inner());
+        for (index, fd) in fds {
+            match definition.disks.get_mut(index).map(|disk| &mut disk.source) {
+                Some(disks::DiskSource::Passed(passed)) if passed.fd.is_none() => {
+                    passed.fd = Some(Arc::new(fd));
+                }
+                _ => tracing::warn!(
+                    "VM {}: a stored fd for disk {index}, which was not passed: dropped",
+                    self.name
+                ),
+            }
+        }
+    }
+
     pub fn set_autostart(&self, autostart: bool) -> VmDefinition {
         let mut definition = self.definition.lock().unwrap_or_else(|e| e.into_inner());
         definition.autostart = autostart;
