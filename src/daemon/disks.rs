@@ -361,6 +361,15 @@ pub enum DiskOpenError {
         "disk {disk} was passed as an fd, which the daemon lost when it restarted (systemd's fd store did not keep it); remove the VM and define it again"
     )]
     PassedGone { disk: usize },
+    #[error(
+        "disks {disk} and {other} both use {path}, and one of them writes it",
+        path = path.display()
+    )]
+    SameFile {
+        disk: usize,
+        other: usize,
+        path: PathBuf,
+    },
     #[error("disk {disk}: cannot use the passed file")]
     Passed {
         disk: usize,
@@ -430,34 +439,45 @@ fn open_and_lock(
             .map_err(|source| DiskOpenError::Chain { disk, source })?;
         resolved.push(chain);
     }
-    let claims: Vec<Claim> = resolved
-        .iter()
-        .zip(disks)
-        .flat_map(|(chain, spec)| {
-            chain
-                .ids()
-                .into_iter()
-                .enumerate()
-                .map(|(layer, id)| Claim {
-                    id,
-                    writes: layer == 0 && !spec.read_only,
-                })
-        })
-        .collect();
-    if let Some(busy) = claim(&claims) {
-        let (disk, chain) = resolved
-            .iter()
-            .enumerate()
-            .find(|(_, chain)| chain.ids().contains(&busy))
-            .ok_or(DiskOpenError::PassedGone { disk: 0 })?;
-        let layer = std::iter::once(&chain.image)
+    // Every file of every chain, with its disk and path, in claim order.
+    let mut files: Vec<(usize, &Path)> = Vec::new();
+    let mut claims: Vec<Claim> = Vec::new();
+    for (disk, (chain, spec)) in resolved.iter().zip(disks).enumerate() {
+        for (layer, image) in std::iter::once(&chain.image)
             .chain(&chain.bases)
-            .find(|layer| layer.id == busy)
-            .ok_or(DiskOpenError::PassedGone { disk })?;
+            .enumerate()
+        {
+            files.push((disk, &image.path));
+            claims.push(Claim {
+                id: image.id,
+                writes: layer == 0 && !spec.read_only,
+            });
+        }
+    }
+    // One VM writing a file through two disks: the locks would blame someone else.
+    for (index, first) in claims.iter().enumerate() {
+        if let Some(offset) = claims[index + 1..]
+            .iter()
+            .position(|c| c.conflicts_with(first))
+        {
+            let ((disk, path), (other, _)) = (files[index], files[index + 1 + offset]);
+            if disk != other {
+                return Err(DiskOpenError::SameFile {
+                    disk,
+                    other,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+    }
+    if let Some(busy) = claim(&claims)
+        && let Some(index) = claims.iter().position(|c| c.id == busy)
+    {
+        let (disk, path) = files[index];
         return Err(DiskOpenError::Chain {
             disk,
             source: ChainError::Busy {
-                path: layer.path.clone(),
+                path: path.to_path_buf(),
                 id: busy,
             },
         });
@@ -585,6 +605,30 @@ mod tests {
             parse_dbus(&not_an_array),
             Err(DefinitionError::WrongType { key: "Disks", .. })
         ));
+    }
+
+    #[test]
+    fn one_vm_cannot_write_a_file_through_two_disks() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), [0u8; 512]).expect("write");
+        let disk = |read_only: bool| DiskSpec {
+            source: DiskSource::Path(file.path().into()),
+            format: DiskFormat::Raw,
+            read_only,
+            serial: String::new(),
+        };
+        let error = open_all(&[disk(true), disk(false)], &Rights::Daemon, &mut |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("disks 0 and 1 both use"), "{error}");
+        // Read by both, it is shared.
+        let opened =
+            open_all(&[disk(true), disk(true)], &Rights::Daemon, &mut |_| None).expect("shared");
+        assert_eq!(opened.configs.len(), 2);
+        // Held by another VM (as the claim answers), it is busy, with the file named.
+        let id = opened.claims[0].id;
+        let error = open_all(&[disk(true)], &Rights::Daemon, &mut |_| Some(id)).unwrap_err();
+        assert!(matches!(error.busy(), Some((0, path, _)) if path == file.path()));
     }
 
     #[test]
