@@ -25,6 +25,7 @@ fn config(scenario: &str) -> VmConfig {
         cmdline: format!("testguest={scenario}"),
         disks: Vec::new(),
         entropy: false,
+        interfaces: Vec::new(),
     }
 }
 

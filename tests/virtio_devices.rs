@@ -70,6 +70,7 @@ impl Guest {
                     bases: disk.bases.iter().map(|(p, _)| open(p, false)).collect(),
                 })
                 .collect(),
+            nets: Vec::new(),
             console: Some(helper_console.into()),
         };
         let config = VmConfig {
@@ -87,6 +88,7 @@ impl Guest {
                 })
                 .collect(),
             entropy,
+            interfaces: Vec::new(),
         };
         let helper = Launcher::from_path(Path::new(VMD))
             .expect("open vmd")

@@ -99,6 +99,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         cmdline: args.cmdline.clone(),
         disks: Vec::new(),
         entropy: false,
+        interfaces: Vec::new(),
     };
     config.validate().map_err(|e| e.to_string())?;
 
@@ -119,6 +120,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         kernel: open_readable("kernel", &args.kernel)?,
         initrd,
         disks: Vec::new(),
+        nets: Vec::new(),
         console: Some(OwnedFd::from(helper_console)),
     };
     console

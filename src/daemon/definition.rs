@@ -124,6 +124,7 @@ impl VmDefinition {
             cmdline: self.cmdline.clone(),
             disks: Vec::new(),
             entropy: false,
+            interfaces: Vec::new(),
         }
     }
 

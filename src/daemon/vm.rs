@@ -769,6 +769,7 @@ fn launch(manager: &Manager, vm: &Vm, definition: &VmDefinition) -> Result<Helpe
         kernel: open("kernel", &definition.kernel)?.into(),
         initrd,
         disks: Vec::new(),
+        nets: Vec::new(),
         console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
     };
     manager

@@ -39,6 +39,8 @@ pub enum ThreadKind {
     Block,
     /// The virtio-rng worker: getrandom.
     Entropy,
+    /// A virtio-net worker: frames to and from its tap.
+    Net,
 }
 
 impl fmt::Display for ThreadKind {
@@ -48,6 +50,7 @@ impl fmt::Display for ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Block => "block device",
             ThreadKind::Entropy => "entropy device",
+            ThreadKind::Net => "network device",
         })
     }
 }
@@ -112,6 +115,7 @@ fn build_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
         ThreadKind::Vcpu => vcpu_allow_list(&context),
         ThreadKind::Block => block_allow_list(&context),
         ThreadKind::Entropy => worker_allow_list(&context),
+        ThreadKind::Net => net_allow_list(&context),
     };
     compile(list)
 }
@@ -387,6 +391,23 @@ fn block_allow_list(context: &Context) -> Vec<Allow> {
     list
 }
 
+/// A network worker: [`worker_allow_list`] (read and write serve the tap too) plus the one tap
+/// request it makes when the guest (re)negotiates offloads.
+fn net_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = worker_allow_list(context);
+    list.push(allow_if(
+        libc::SYS_ioctl,
+        When::ArgIn {
+            arg: 1,
+            values: vec![TUNSETOFFLOAD],
+        },
+    ));
+    list
+}
+
+/// `_IOW('T', 208, unsigned int)`: the tap's offloads.
+const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, b'T' as u32, 208, 4);
+
 /// Compiles an allow-list into a filter that allows what is listed and kills the process for
 /// anything else. Several lines for one system call are OR-ed.
 fn compile(list: Vec<Allow>) -> Result<BpfProgram, BackendError> {
@@ -458,6 +479,7 @@ mod tests {
         assert_eq!(KVM_IRQ_LINE, 0x4008_ae61);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
     }
 
     #[test]
@@ -467,6 +489,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Block,
             ThreadKind::Entropy,
+            ThreadKind::Net,
         ] {
             let program = build_filter(kind).expect("filter compiles");
             assert!(
@@ -485,6 +508,7 @@ mod tests {
             (ThreadKind::Vcpu, vcpu_allow_list(&context)),
             (ThreadKind::Block, block_allow_list(&context)),
             (ThreadKind::Entropy, worker_allow_list(&context)),
+            (ThreadKind::Net, net_allow_list(&context)),
         ] {
             let mut seen = BTreeSet::new();
             for line in &list {
@@ -523,6 +547,7 @@ mod tests {
             vcpu_allow_list(&context),
             block_allow_list(&context),
             worker_allow_list(&context),
+            net_allow_list(&context),
         ] {
             for line in &list {
                 assert!(

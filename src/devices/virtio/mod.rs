@@ -13,7 +13,10 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -56,6 +59,8 @@ pub enum DeviceError {
         #[source]
         source: virtio_queue::Error,
     },
+    #[error("the host side of the device failed: {0}")]
+    Backend(#[source] std::io::Error),
 }
 
 /// Serves the queues of one device on its worker thread.
@@ -72,6 +77,27 @@ pub trait QueueHandler: Send {
     /// Makes everything written so far durable; called when the VM ends, whatever the reason.
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+
+    /// The driver activated the device with `features` (called on the worker, before any
+    /// queue of this activation is served). A failure marks the device NEEDS_RESET.
+    fn activate(&mut self, _features: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// An fd of the device's host side (a tap) the worker waits on besides the queues, when
+    /// the device wants to hear from it now (e.g. not while the guest has no receive buffers).
+    fn backend_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// [`QueueHandler::backend_fd`] is readable: move what arrived into `queues`.
+    fn process_backend(
+        &mut self,
+        _queues: &mut [Queue],
+        _memory: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
     }
 }
 
@@ -114,6 +140,8 @@ pub struct ActiveQueues {
     pub queues: Vec<Queue>,
     /// The features the driver accepted.
     pub features: u64,
+    /// Counts activations, so the worker tells a new one from the one it already saw.
+    pub generation: u64,
 }
 
 /// What a device's transport (vCPU threads) and worker share.
