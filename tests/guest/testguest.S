@@ -110,6 +110,7 @@
 #define VSTAT_FEATURES_OK   0x08
 #define VSTAT_NEEDS_RESET   0x40
 #define VSTAT_FAILED        0x80
+#define VIRTIO_ID_NET       1
 #define VIRTIO_ID_BLOCK     2
 #define VIRTIO_ID_RNG       4
 #define VIRTIO_F_VERSION_1_HI 0x1           /* feature bit 32: bit 0 of feature word 1 */
@@ -118,6 +119,9 @@
 #define BLK_F_BLK_SIZE      6
 #define BLK_F_FLUSH         9
 #define BLK_FEATURES        ((1 << BLK_F_SEG_MAX) | (1 << BLK_F_RO) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_FLUSH))
+#define NET_F_MAC           5
+#define NET_F_MRG_RXBUF     15
+#define NET_FEATURES        ((1 << NET_F_MAC) | (1 << NET_F_MRG_RXBUF))
 #define BLK_T_IN            0
 #define BLK_T_OUT           1
 #define BLK_T_FLUSH         4
@@ -1667,19 +1671,26 @@ virtio_open:
     jmp     fail
 1:  mov     %rax, vdev_base(%rip)
     movl    $0, vdev_want(%rip)
+    movl    $1, vdev_nq(%rip)
     cmp     $VIRTIO_ID_BLOCK, %edi
     jne     2f
     movl    $BLK_FEATURES, vdev_want(%rip)
-2:  call    virtio_init
+2:  cmp     $VIRTIO_ID_NET, %edi
+    jne     3f
+    movl    $NET_FEATURES, vdev_want(%rip)
+    movl    $2, vdev_nq(%rip)           /* receiveq and transmitq */
+3:  call    virtio_init
     jc      fail
     ret
 
 /* virtio_init: reset the device at vdev_base and set it up: features (VERSION_1 and those of
- * vdev_want it offers), queue 0 in vq_area. CF = 1 and rsi = a message on failure. */
+ * vdev_want it offers), queue 0 in vq_area and, if vdev_nq is 2, queue 1 in vq_area1.
+ * CF = 1 and rsi = a message on failure. */
 virtio_init:
     push    %rax
     push    %rbx
     push    %rcx
+    push    %rdx
     push    %rdi
     mov     vdev_base(%rip), %rbx
     movl    $0, VMMIO_STATUS(%rbx)      /* reset, and wait (bounded) until it reads 0 */
@@ -1712,49 +1723,28 @@ virtio_init:
     test    $VSTAT_FEATURES_OK, %eax
     lea     s_vi_features(%rip), %rsi
     jz      8f
-    movl    $0, VMMIO_QUEUE_SEL(%rbx)
-    mov     VMMIO_QUEUE_READY(%rbx), %eax
-    test    %eax, %eax
-    lea     s_vi_queue_ready(%rip), %rsi
-    jnz     8f
-    mov     VMMIO_QUEUE_NUM_MAX(%rbx), %eax
-    test    %eax, %eax
-    lea     s_vi_no_queue(%rip), %rsi
-    jz      8f
-    mov     $VQ_MAX_SIZE, %ecx          /* the largest power of 2 <= min(max, 16) */
-3:  cmp     %eax, %ecx
-    jbe     4f
-    shr     $1, %ecx
-    jmp     3b
-4:  cmp     $4, %ecx                    /* a blk request takes 3 descriptors */
-    lea     s_vi_small_queue(%rip), %rsi
-    jb      8f
+    xor     %edi, %edi                  /* queue 0 */
+    lea     vq_area(%rip), %rdx
+    call    vq_setup
+    jc      8f
     mov     %ecx, vq_size(%rip)
-    mov     %ecx, VMMIO_QUEUE_NUM(%rbx)
     dec     %ecx
     mov     %ecx, vq_mask(%rip)
-    lea     vq_area(%rip), %rdi         /* fresh rings */
-    mov     $(4096 / 8), %ecx
-    xor     %eax, %eax
-    rep stosq
     movl    $0, vq_cursor(%rip)
     movl    $0, vq_avail_idx(%rip)
     movl    $0, vq_used_last(%rip)
-    movw    $VRING_AVAIL_F_NO_INTERRUPT, vq_area+VQ_AVAIL(%rip)
-    lea     vq_area+VQ_DESC(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DESC(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DESC+4(%rbx)
-    lea     vq_area+VQ_AVAIL(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DRIVER(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DRIVER+4(%rbx)
-    lea     vq_area+VQ_USED(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DEVICE(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DEVICE+4(%rbx)
-    movl    $1, VMMIO_QUEUE_READY(%rbx)
-    movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK), VMMIO_STATUS(%rbx)
+    cmpl    $2, vdev_nq(%rip)
+    jb      3f
+    mov     $1, %edi                    /* queue 1 */
+    lea     vq_area1(%rip), %rdx
+    call    vq_setup
+    jc      8f
+    mov     %ecx, txq_size(%rip)
+    dec     %ecx
+    mov     %ecx, txq_mask(%rip)
+    movl    $0, txq_avail_idx(%rip)
+    movl    $0, txq_used_last(%rip)
+3:  movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK), VMMIO_STATUS(%rbx)
     clc
     jmp     9f
 8:  mov     VMMIO_STATUS(%rbx), %eax    /* give up: FAILED */
@@ -1762,11 +1752,65 @@ virtio_init:
     mov     %eax, VMMIO_STATUS(%rbx)
     stc
 9:  pop     %rdi
+    pop     %rdx
     pop     %rcx
     pop     %rbx
     pop     %rax
     ret
 
+/* vq_setup: set up queue edi of the device at rbx with its rings in the 4 KiB page at rdx
+ * (zeroed here: descriptors at +0, avail ring at +0x100 with VRING_AVAIL_F_NO_INTERRUPT, used
+ * ring at +0x200) and make it ready. ecx = its size (the largest power of 2 <= min(QueueNumMax,
+ * 16), at least 4); CF = 1 and rsi = a message on failure. Clobbers rax. */
+vq_setup:
+    push    %rdi
+    mov     %edi, VMMIO_QUEUE_SEL(%rbx)
+    mov     VMMIO_QUEUE_READY(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_queue_ready(%rip), %rsi
+    jnz     7f
+    mov     VMMIO_QUEUE_NUM_MAX(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_no_queue(%rip), %rsi
+    jz      7f
+    mov     $VQ_MAX_SIZE, %ecx          /* the largest power of 2 <= min(max, 16) */
+1:  cmp     %eax, %ecx
+    jbe     2f
+    shr     $1, %ecx
+    jmp     1b
+2:  cmp     $4, %ecx                    /* a blk request takes 3 descriptors */
+    lea     s_vi_small_queue(%rip), %rsi
+    jb      7f
+    mov     %ecx, VMMIO_QUEUE_NUM(%rbx)
+    push    %rcx
+    mov     %rdx, %rdi                  /* fresh rings */
+    mov     $(4096 / 8), %ecx
+    xor     %eax, %eax
+    rep stosq
+    pop     %rcx
+    movw    $VRING_AVAIL_F_NO_INTERRUPT, VQ_AVAIL(%rdx)
+    lea     VQ_DESC(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DESC(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DESC+4(%rbx)
+    lea     VQ_AVAIL(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER+4(%rbx)
+    lea     VQ_USED(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE+4(%rbx)
+    movl    $1, VMMIO_QUEUE_READY(%rbx)
+    pop     %rdi
+    clc
+    ret
+7:  test    %edi, %edi                  /* queue 1: the same messages with "queue 1" */
+    jz      8f
+    add     $(s_vi1_queue_ready - s_vi_queue_ready), %rsi
+8:  pop     %rdi
+    stc
+    ret
 /* vq_alloc: eax = the next descriptor index (round robin: after a request that got no
  * answer, the next ones use other descriptors for a while) */
 vq_alloc:
@@ -2449,6 +2493,16 @@ s_vi_features:      .asciz "FEATURES_OK not kept: features refused"
 s_vi_queue_ready:   .asciz "queue 0 already ready after reset"
 s_vi_no_queue:      .asciz "queue 0 not available (QueueNumMax 0)"
 s_vi_small_queue:   .asciz "queue 0 too small (QueueNumMax < 4)"
+/* the same three for queue 1, in the same order (vq_setup adds one offset to all three) */
+s_vi1_queue_ready:  .asciz "queue 1 already ready after reset"
+s_vi1_no_queue:     .asciz "queue 1 not available (QueueNumMax 0)"
+s_vi1_small_queue:  .asciz "queue 1 too small (QueueNumMax < 4)"
+    .if (s_vi1_no_queue - s_vi_no_queue) != (s_vi1_queue_ready - s_vi_queue_ready)
+    .error "the queue 1 messages must mirror the queue 0 ones"
+    .endif
+    .if (s_vi1_small_queue - s_vi_small_queue) != (s_vi1_queue_ready - s_vi_queue_ready)
+    .error "the queue 1 messages must mirror the queue 0 ones"
+    .endif
 s_timeout:          .asciz "request timed out"
 s_req_status:       .asciz "request status "
 s_write_status:     .asciz "write status (IOERR expected) "
@@ -2509,6 +2563,11 @@ vq_mask:            .long 0             /* vq_size - 1 */
 vq_cursor:          .long 0             /* next descriptor to hand out (round robin) */
 vq_avail_idx:       .long 0             /* our avail idx (its low 16 bits are published) */
 vq_used_last:       .long 0             /* used ring entries consumed */
+vdev_nq:            .long 0             /* queues set up: 1, or 2 (virtio-net) */
+txq_size:           .long 0             /* queue 1 (virtio-net transmitq): size, ... */
+txq_mask:           .long 0
+txq_avail_idx:      .long 0
+txq_used_last:      .long 0
 
     .bss
     .p2align 4
@@ -2523,6 +2582,7 @@ pvh_pdpt:           .skip 4096
 pvh_pd:             .skip 4 * 4096
 pvh_boot_params:    .skip 4096          /* ... and the boot_params it builds */
 vq_area:            .skip 4096          /* queue 0: descriptors, avail ring, used ring */
+vq_area1:           .skip 4096          /* queue 1 (virtio-net only), the same layout */
 blk_buf:            .skip BLK_BUF_SIZE  /* request data */
 blk_hdr:            .skip 16            /* virtio-blk request header */
 blk_status:         .skip 16            /* its status byte */
