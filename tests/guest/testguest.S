@@ -1361,11 +1361,30 @@ delay:
 /* parse_cmdline: find the last "testguest=" token of the command line; set scen_ptr and
  * scen_len to its value (scen_ptr stays 0 if there is none). */
 parse_cmdline:
-    push    %rax
     push    %rcx
-    push    %rdx
     push    %rsi
     push    %rdi
+    lea     k_testguest(%rip), %rdi
+    call    cmdline_value
+    jc      1f
+    mov     %rsi, scen_ptr(%rip)
+    mov     %rcx, scen_len(%rip)
+1:  pop     %rdi
+    pop     %rsi
+    pop     %rcx
+    ret
+
+/* cmdline_value: the value of the last command-line token that starts with the NUL-terminated
+ * rdi: rsi = its first byte after that prefix, rcx = its length; CF = 1 (rsi = rcx = 0) if
+ * there is no such token. */
+cmdline_value:
+    push    %rax
+    push    %rdx
+    push    %r8
+    push    %r9
+    push    %r10
+    xor     %r8d, %r8d                  /* the value found */
+    xor     %r9d, %r9d
     mov     boot_params(%rip), %rax
     mov     BP_CMD_LINE_PTR(%rax), %esi
     test    %esi, %esi
@@ -1377,29 +1396,32 @@ parse_cmdline:
     ja      2f
     inc     %rsi
     jmp     1b
-2:  mov     %rsi, %rdi                  /* token [rsi, rdi) */
-3:  movzbl  (%rdi), %eax
+2:  mov     %rsi, %r10                  /* token [rsi, r10) */
+3:  movzbl  (%r10), %eax
     cmp     $' ', %al
     jbe     4f
-    inc     %rdi
+    inc     %r10
     jmp     3b
-4:  mov     %rdi, %rcx
+4:  mov     %r10, %rcx
     sub     %rsi, %rcx
-    push    %rdi
-    lea     k_testguest(%rip), %rdi
     call    str_prefix
-    pop     %rdi
     jne     5f
-    lea     (%rsi,%rdx), %rax
-    mov     %rax, scen_ptr(%rip)
-    sub     %rdx, %rcx
-    mov     %rcx, scen_len(%rip)
-5:  mov     %rdi, %rsi
+    lea     (%rsi,%rdx), %r8
+    mov     %rcx, %r9
+    sub     %rdx, %r9
+5:  mov     %r10, %rsi
     jmp     1b
-9:  pop     %rdi
-    pop     %rsi
+9:  mov     %r8, %rsi
+    mov     %r9, %rcx
+    test    %rsi, %rsi
+    jnz     10f
+    stc
+    jmp     11f
+10: clc
+11: pop     %r10
+    pop     %r9
+    pop     %r8
     pop     %rdx
-    pop     %rcx
     pop     %rax
     ret
 
