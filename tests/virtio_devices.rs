@@ -290,7 +290,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
             path_str(&top),
         ],
     );
-    let disk = Disk {
+    let chain = || Disk {
         image: top.clone(),
         format: ImageFormat::Qcow2,
         bases: vec![
@@ -301,22 +301,12 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
         serial: "",
     };
     // The guest first sees the chain through, then overwrites it all.
-    let console = Guest::start("blk-check=0x11", &[disk], false).powered_off();
+    let console = Guest::start("blk-check=0x11", &[chain()], false).powered_off();
     assert!(
         console.contains("testguest: blk-check: FAIL at byte 0x0 got 0x22"),
         "{console}"
     );
-    let disk = Disk {
-        image: top.clone(),
-        format: ImageFormat::Qcow2,
-        bases: vec![
-            (middle.clone(), ImageFormat::Qcow2),
-            (base.clone(), ImageFormat::Raw),
-        ],
-        read_only: false,
-        serial: "",
-    };
-    let console = Guest::start("blk-fill=0x5a", &[disk], false).powered_off();
+    let console = Guest::start("blk-fill=0x5a", &[chain()], false).powered_off();
     assert!(
         console.contains("testguest: blk-fill done 2048 sectors"),
         "{console}"

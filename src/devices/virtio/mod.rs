@@ -63,6 +63,16 @@ pub enum DeviceError {
     Backend(#[source] std::io::Error),
 }
 
+impl DeviceError {
+    /// Makes a queue error of queue `index` (for `map_err`).
+    pub fn in_queue(index: usize) -> impl Fn(virtio_queue::Error) -> DeviceError + Copy {
+        move |source| DeviceError::Queue {
+            queue: index,
+            source,
+        }
+    }
+}
+
 /// Serves the queues of one device on its worker thread.
 pub trait QueueHandler: Send {
     /// Takes every available request of `queue` (number `index`) and returns whether any buffer
@@ -110,10 +120,7 @@ pub fn drain_queue(
     memory: &GuestMemoryMmap,
     mut serve: impl FnMut(u16, Result<chain::Request, chain::ChainError>) -> u32,
 ) -> Result<bool, DeviceError> {
-    let queue_error = |source| DeviceError::Queue {
-        queue: index,
-        source,
-    };
+    let queue_error = DeviceError::in_queue(index);
     let mut used_any = false;
     loop {
         let next = queue.iter(memory).map_err(queue_error)?.next();

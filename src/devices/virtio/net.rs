@@ -182,11 +182,7 @@ impl NetDevice {
     }
 
     fn log_drop(&self, what: &str) {
-        if let Some(suppressed) = self.drop_log.admit() {
-            let more = match suppressed {
-                0 => String::new(),
-                n => format!(" ({n} more drops in the last second not logged)"),
-            };
+        if let Some(more) = self.drop_log.admit_note("drops") {
             tracing::warn!(
                 "{}: dropped {what}; totals {:?}{more}",
                 self.name,
@@ -318,10 +314,7 @@ impl NetDevice {
         rx: &mut Queue,
         memory: &GuestMemoryMmap,
     ) -> Result<Delivery, DeviceError> {
-        let queue_error = |source| DeviceError::Queue {
-            queue: RX_QUEUE,
-            source,
-        };
+        let queue_error = DeviceError::in_queue(RX_QUEUE);
         if frame.len() < VNET_HEADER_LEN {
             self.counters.rx_dropped += 1;
             return Ok(Delivery::Dropped);

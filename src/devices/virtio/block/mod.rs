@@ -216,11 +216,7 @@ impl BlockDevice {
     }
 
     fn log_bad(&self, head: u16, why: &str) {
-        if let Some(suppressed) = self.bad_requests.admit() {
-            let more = match suppressed {
-                0 => String::new(),
-                n => format!(" ({n} more bad requests in the last second not logged)"),
-            };
+        if let Some(more) = self.bad_requests.admit_note("bad requests") {
             tracing::warn!(
                 "{}: refusing the guest's request at descriptor {head}: {why}{more}",
                 self.name
