@@ -57,6 +57,7 @@ fn run_once(launcher: &Launcher, scenario: &str) -> Sample {
         cmdline: format!("testguest={scenario}"),
         disks: Vec::new(),
         entropy: false,
+        interfaces: Vec::new(),
     };
     helper
         .control

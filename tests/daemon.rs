@@ -570,6 +570,23 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
         "{'Bogus': <'1'>}",
     ]);
     assert!(String::from_utf8_lossy(&gdbus.stderr).contains("org.vmd.vmd1.Error.InvalidArgument"));
+    // Methods without arguments refuse a call with some, like any other wrong signature.
+    let extra = vmd.run(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+        "s",
+        "surplus",
+    ]);
+    assert!(!extra.status.success(), "ListVMs took an argument");
+    assert!(
+        String::from_utf8_lossy(&extra.stderr).contains("Signature mismatch"),
+        "{}",
+        String::from_utf8_lossy(&extra.stderr)
+    );
 
     // Nothing was created.
     assert_eq!(

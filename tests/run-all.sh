@@ -19,6 +19,9 @@ command -v dpkg-shlibdeps >/dev/null || need_packages+=(dpkg-dev)
 # Disk images for the virtio-blk tests are made and checked with QEMU's own tools.
 command -v qemu-img >/dev/null || need_packages+=(qemu-utils)
 command -v qemu-io >/dev/null || need_packages+=(qemu-utils)
+# The virtio-net tests make a network namespace with a tap and ping the guest from it.
+command -v ip >/dev/null || need_packages+=(iproute2)
+command -v ping >/dev/null || need_packages+=(iputils-ping)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"

@@ -495,6 +495,7 @@ fn every_filter_refuses_openat_with_eacces() {
         ThreadKind::Vmm,
         ThreadKind::Block,
         ThreadKind::Entropy,
+        ThreadKind::Net,
     ] {
         assert_openat_refused(kind);
     }

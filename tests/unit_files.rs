@@ -211,6 +211,8 @@ fn service_keeps_the_daemon_contract() {
     assert_eq!(value(&unit, s, "ExecStart"), "/usr/sbin/vmd daemon");
     assert_eq!(value(&unit, s, "NotifyAccess"), "main");
     assert_eq!(value(&unit, s, "Restart"), "on-failure");
+    // A failed start drops the fd store, and with it every running VM: never rate-limit.
+    assert_eq!(value(&unit, "Unit", "StartLimitIntervalSec"), "0");
     let store: u32 = value(&unit, s, "FileDescriptorStoreMax")
         .parse()
         .expect("FileDescriptorStoreMax= is a number");

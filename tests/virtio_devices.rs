@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::{Lines, TESTGUEST, VMD};
 use vmd::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
 use vmd::protocol::{
-    DiskConfig, DiskFds, Event, HelperFds, ImageFormat, Request, RunState, VmConfig,
+    DiskConfig, DiskFds, Event, HelperFds, ImageFormat, InterfaceConfig, Request, RunState,
+    VmConfig,
 };
 
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,8 +50,24 @@ struct Guest {
     console: Lines,
 }
 
+/// A network interface for the guest: an open tap and how the device shows it.
+struct Interface {
+    tap: OwnedFd,
+    mac: &'static str,
+    locked_lladdr: bool,
+}
+
 impl Guest {
     fn start(scenario: &str, disks: &[Disk], entropy: bool) -> Guest {
+        Guest::start_with(scenario, disks, entropy, Vec::new())
+    }
+
+    fn start_with(
+        scenario: &str,
+        disks: &[Disk],
+        entropy: bool,
+        interfaces: Vec<Interface>,
+    ) -> Guest {
         let open = |path: &Path, write: bool| -> OwnedFd {
             OpenOptions::new()
                 .read(true)
@@ -59,6 +77,13 @@ impl Guest {
                 .into()
         };
         let (console, helper_console) = UnixStream::pair().expect("socketpair");
+        let configs: Vec<InterfaceConfig> = interfaces
+            .iter()
+            .map(|interface| InterfaceConfig {
+                mac: interface.mac.parse().expect("MAC"),
+                locked_lladdr: interface.locked_lladdr,
+            })
+            .collect();
         let fds = HelperFds {
             kvm: open(Path::new("/dev/kvm"), true),
             kernel: File::open(TESTGUEST).expect("test guest").into(),
@@ -70,6 +95,7 @@ impl Guest {
                     bases: disk.bases.iter().map(|(p, _)| open(p, false)).collect(),
                 })
                 .collect(),
+            nets: interfaces.into_iter().map(|i| i.tap).collect(),
             console: Some(helper_console.into()),
         };
         let config = VmConfig {
@@ -87,6 +113,7 @@ impl Guest {
                 })
                 .collect(),
             entropy,
+            interfaces: configs,
         };
         let helper = Launcher::from_path(Path::new(VMD))
             .expect("open vmd")
@@ -263,7 +290,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
             path_str(&top),
         ],
     );
-    let disk = Disk {
+    let chain = || Disk {
         image: top.clone(),
         format: ImageFormat::Qcow2,
         bases: vec![
@@ -274,22 +301,12 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
         serial: "",
     };
     // The guest first sees the chain through, then overwrites it all.
-    let console = Guest::start("blk-check=0x11", &[disk], false).powered_off();
+    let console = Guest::start("blk-check=0x11", &[chain()], false).powered_off();
     assert!(
         console.contains("testguest: blk-check: FAIL at byte 0x0 got 0x22"),
         "{console}"
     );
-    let disk = Disk {
-        image: top.clone(),
-        format: ImageFormat::Qcow2,
-        bases: vec![
-            (middle.clone(), ImageFormat::Qcow2),
-            (base.clone(), ImageFormat::Raw),
-        ],
-        read_only: false,
-        serial: "",
-    };
-    let console = Guest::start("blk-fill=0x5a", &[disk], false).powered_off();
+    let console = Guest::start("blk-fill=0x5a", &[chain()], false).powered_off();
     assert!(
         console.contains("testguest: blk-fill done 2048 sectors"),
         "{console}"
@@ -392,4 +409,57 @@ fn a_stop_before_the_guest_is_done_still_flushes_what_it_wrote() {
     // What the guest wrote before the stop is there, and the image is consistent.
     tool("qemu-img", &["check", path_str(&top)]);
     assert_pattern(&top, "qcow2", 0x77, 0, 64 << 10);
+}
+
+/// The guest's answers through its tap, seen from the namespace's side: (pings received, the
+/// guest's own count line).
+fn ping_guest(scenario: &str, ns_tag: &str, locked_lladdr: bool) -> (String, String) {
+    let ns = NetNs::new(ns_tag);
+    let tap = ns.tap("vt0");
+    ns.address("vt0", "10.200.7.1/24");
+    let guest = Guest::start_with(
+        &format!("{scenario} ip=10.200.7.2"),
+        &[],
+        false,
+        vec![Interface {
+            tap,
+            mac: "52:54:00:12:34:56",
+            locked_lladdr,
+        }],
+    );
+    guest
+        .console
+        .wait_for(&format!("testguest: {scenario} mac"), EVENT_TIMEOUT);
+    let ping = ns.run(&["ping", "-c", "3", "-W", "2", "-i", "0.3", "10.200.7.2"]);
+    let ping = String::from_utf8_lossy(&ping.stdout).into_owned();
+    guest
+        .helper
+        .control
+        .send_request(&Request::Shutdown { deadline_ms: 5000 })
+        .expect("shutdown");
+    let console = guest.powered_off();
+    let answered = console
+        .lines()
+        .find(|l| l.contains(" answered "))
+        .unwrap_or_else(|| panic!("no answered line:\n{console}"))
+        .to_string();
+    (ping, answered)
+}
+
+#[test]
+fn the_host_pings_a_guest_through_its_tap() {
+    let (ping, answered) = ping_guest("net", "ping", true);
+    assert!(ping.contains("3 received"), "{ping}");
+    assert!(answered.contains(" 3 echo"), "{answered}");
+}
+
+#[test]
+fn a_guest_cannot_send_from_another_mac() {
+    let (ping, answered) = ping_guest("net-spoof", "spoof", true);
+    assert!(ping.contains(" 0 received"), "{ping}");
+    // The guest did answer (its ARP replies at least): the device dropped them.
+    assert!(!answered.contains("answered 0 arp 0 echo"), "{answered}");
+    // With the lock off the same guest is heard: the lock is what stopped it.
+    let (ping, _) = ping_guest("net-spoof", "unlocked", false);
+    assert!(ping.contains("3 received"), "{ping}");
 }

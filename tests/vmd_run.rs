@@ -155,6 +155,38 @@ fn sigterm_presses_the_power_button() {
     assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
 }
 
+/// `machinectl poweroff` sends SIGRTMIN+4 to the machine's leader, the helper.
+#[test]
+fn machinectl_poweroff_signal_presses_the_power_button() {
+    let vm = RunningVm::start("spin", &[]);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    let helper = vm.helper_pid() as i32;
+    // SAFETY: kill with our own child's child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(helper, libc::SIGRTMIN() + 4) }, 0);
+    vm.console
+        .wait_for("testguest: power button pressed, powering off", LIMIT);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+}
+
+/// `machinectl reboot` sends SIGINT to the leader: the VM is reset (the helper ends with the
+/// reboot status, which `vmd run` passes on), without waiting for the guest.
+#[test]
+fn machinectl_reboot_signal_resets_the_vm() {
+    let vm = RunningVm::start("spin", &[]);
+    vm.console.wait_for("testguest: spin heartbeat", LIMIT);
+    let helper = vm.helper_pid() as i32;
+    // SAFETY: kill with our own child's child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(helper, libc::SIGINT) }, 0);
+    let run = vm.wait(LIMIT);
+    assert_eq!(run.code, Some(75), "stderr:\n{}", run.stderr);
+    assert!(
+        !run.console.contains("power button pressed"),
+        "{}",
+        run.console
+    );
+}
+
 #[test]
 fn the_helper_runs_locked_down() {
     let vm = RunningVm::start("spin", &[]);

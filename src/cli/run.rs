@@ -108,6 +108,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         cmdline: args.cmdline.clone(),
         disks: Vec::new(),
         entropy: args.entropy,
+        interfaces: Vec::new(),
     };
     config.validate().map_err(|e| e.to_string())?;
     if args.disks.len() > crate::protocol::MAX_DISKS {
@@ -139,6 +140,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         kernel: open_readable("kernel", &args.kernel)?,
         initrd,
         disks,
+        nets: Vec::new(),
         console: Some(OwnedFd::from(helper_console)),
     };
     console

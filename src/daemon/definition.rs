@@ -166,6 +166,7 @@ impl VmDefinition {
             cmdline: self.cmdline.clone(),
             disks: self.disks.iter().map(DiskSpec::unresolved_config).collect(),
             entropy: self.entropy,
+            interfaces: Vec::new(),
         }
     }
 

@@ -878,6 +878,7 @@ fn launch(
         kernel: kernel.into(),
         initrd,
         disks: disks.fds,
+        nets: Vec::new(),
         console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
     };
     // The helper inherits the locked open file descriptions: the locks last as long as it.

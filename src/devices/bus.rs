@@ -119,11 +119,7 @@ impl Bus {
     }
 
     fn log_unmapped(&self, what: &str, addr: u64, size: usize) {
-        if let Some(suppressed) = self.unmapped_log.admit() {
-            let suppressed = match suppressed {
-                0 => String::new(),
-                n => format!(" ({n} more such accesses in the last second not logged)"),
-            };
+        if let Some(suppressed) = self.unmapped_log.admit_note("such accesses") {
             tracing::info!(
                 "guest {what} of {size} bytes at {} address {addr:#x} hits no device; ignored{suppressed}",
                 self.name
@@ -158,6 +154,15 @@ impl RateLimiter {
             last_second: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         }
+    }
+
+    /// When this event may be logged, the note to end its line with: empty, or how many
+    /// `what` were held back in the last second.
+    pub fn admit_note(&self, what: &str) -> Option<String> {
+        self.admit().map(|suppressed| match suppressed {
+            0 => String::new(),
+            n => format!(" ({n} more {what} in the last second not logged)"),
+        })
     }
 
     /// `Some(count of suppressed events)` when this event may be logged.

@@ -23,18 +23,53 @@ pub const SIGTERM_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// How often console input is retried while the guest's receive FIFO is full.
 const CONSOLE_RETRY: Duration = Duration::from_millis(20);
 
-/// The signals that ask the helper to power the guest off. The launcher already starts the
+/// What a signal to the helper asks for, following systemd's conventions for machines
+/// (`machinectl poweroff` sends SIGRTMIN+4, `machinectl reboot` SIGINT, `systemctl stop`
+/// SIGTERM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalRequest {
+    /// Press the ACPI power button and stop the VM if the guest has not powered off in time.
+    PowerOff,
+    /// Reset the VM: the helper ends as after a guest reboot (exit 75) and its launcher starts
+    /// a fresh one. A guest cannot be asked to reboot over ACPI, so this is a hard reset.
+    Reboot,
+}
+
+/// The signal `machinectl poweroff` sends (glibc's SIGRTMIN, as systemd counts it, plus 4).
+pub fn machine_poweroff_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 4
+}
+
+/// What `signal` asks for, if it is one the helper handles.
+pub fn signal_request(signal: libc::c_int) -> Option<SignalRequest> {
+    match signal {
+        libc::SIGTERM | libc::SIGHUP => Some(SignalRequest::PowerOff),
+        libc::SIGINT => Some(SignalRequest::Reboot),
+        s if s == machine_poweroff_signal() => Some(SignalRequest::PowerOff),
+        _ => None,
+    }
+}
+
+/// The signals the helper handles (see [`signal_request`]). The launcher already starts the
 /// helper with exactly these blocked, so one sent while the helper starts up stays pending for
 /// the signalfd instead of killing it.
-pub const TERMINATION_SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
-
-/// Blocks [`TERMINATION_SIGNALS`] in the calling thread (and every thread it starts later) and
-/// returns a signalfd for them.
-pub fn block_termination_signals() -> nix::Result<SignalFd> {
+pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for signal in TERMINATION_SIGNALS {
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         set.add(signal);
     }
+    let mut raw = *set.as_ref();
+    // SAFETY: `raw` is an initialized sigset_t and the signal number is a valid real-time
+    // signal, so sigaddset only sets one bit in it.
+    unsafe { libc::sigaddset(&mut raw, machine_poweroff_signal()) };
+    // SAFETY: `raw` came from a valid SigSet and sigaddset kept it valid.
+    unsafe { SigSet::from_sigset_t_unchecked(raw) }
+}
+
+/// Blocks [`handled_signals`] in the calling thread (and every thread it starts later) and
+/// returns a signalfd for them.
+pub fn block_termination_signals() -> nix::Result<SignalFd> {
+    let set = handled_signals();
     set.thread_block()?;
     SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
 }
@@ -201,11 +236,18 @@ impl<'a> EventLoop<'a> {
 
     fn handle_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            tracing::info!(
-                "received signal {}; asking the guest to power off",
-                info.ssi_signo
-            );
-            self.begin_shutdown(SIGTERM_SHUTDOWN_DEADLINE);
+            let signal = info.ssi_signo as libc::c_int;
+            match signal_request(signal) {
+                Some(SignalRequest::PowerOff) => {
+                    tracing::info!("received signal {signal}; asking the guest to power off");
+                    self.begin_shutdown(SIGTERM_SHUTDOWN_DEADLINE);
+                }
+                Some(SignalRequest::Reboot) => {
+                    tracing::info!("received signal {signal}; resetting the VM");
+                    self.vm.stop.request(GuestStop::Reboot);
+                }
+                None => tracing::warn!("received unexpected signal {signal}; ignored"),
+            }
         }
     }
 

@@ -119,6 +119,7 @@ fn start(
         let thread = match kind {
             WorkerKind::Block => ThreadKind::Block,
             WorkerKind::Entropy => ThreadKind::Entropy,
+            WorkerKind::Net => ThreadKind::Net,
         };
         sandbox::apply_seccomp(thread, mode).map_err(|e| error_chain(&e))
     });
@@ -149,6 +150,7 @@ fn machine_config(config: &VmConfig) -> MachineConfig {
         cmdline: config.cmdline.clone(),
         disks: config.disks.clone(),
         entropy: config.entropy,
+        interfaces: config.interfaces.clone(),
     }
 }
 
@@ -178,6 +180,13 @@ fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFile
             bases,
         });
     }
+    let mut taps = Vec::with_capacity(config.interfaces.len());
+    for index in (0u8..).take(config.interfaces.len()) {
+        let tap = fds
+            .take(FdName::Net(index))
+            .ok_or_else(|| format!("no tap fd for network interface {index}"))?;
+        taps.push(File::from(tap));
+    }
     if let Some(extra) = fds.names().into_iter().find(|name| {
         matches!(
             name,
@@ -194,6 +203,7 @@ fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFile
         initrd,
         console,
         disks,
+        taps,
     })
 }
 

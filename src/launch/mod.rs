@@ -22,7 +22,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::helper::event_loop::TERMINATION_SIGNALS;
+use crate::helper::event_loop::handled_signals;
 use crate::helper::listen_fds::LISTEN_FDS_START;
 use crate::protocol::ControlChannel;
 
@@ -162,10 +162,7 @@ impl Launcher {
         envp_ptrs.push(listen_pid.as_ptr().cast());
         envp_ptrs.push(std::ptr::null());
         let raw_fds: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        let mut helper_mask = SigSet::empty();
-        for signal in TERMINATION_SIGNALS {
-            helper_mask.add(signal);
-        }
+        let helper_mask = handled_signals();
         let child = ChildSetup {
             executable: self.executable.as_raw_fd(),
             dev_null: dev_null.as_raw_fd(),

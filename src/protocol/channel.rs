@@ -261,6 +261,7 @@ mod tests {
                 backing: vec![crate::protocol::ImageFormat::Raw],
             }],
             entropy: true,
+            interfaces: Vec::new(),
         }
     }
 
@@ -523,6 +524,7 @@ mod tests {
                 cmdline,
                 disks: Vec::new(),
                 entropy: false,
+                interfaces: Vec::new(),
             })
     }
 

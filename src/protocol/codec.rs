@@ -236,6 +236,7 @@ mod tests {
                 cmdline: "quiet \"x\" \u{e9}".into(),
                 disks: Vec::new(),
                 entropy: false,
+                interfaces: Vec::new(),
             },
         };
         assert_eq!(

@@ -108,12 +108,14 @@ pub struct HelperFds {
     pub kernel: OwnedFd,
     pub initrd: Option<OwnedFd>,
     pub disks: Vec<DiskFds>,
+    /// One tap per network interface, in order.
+    pub nets: Vec<OwnedFd>,
     pub console: Option<OwnedFd>,
 }
 
 impl HelperFds {
     /// The named fds in `LISTEN_FDNAMES` order: kvm, kernel, initrd, each disk followed by its
-    /// backing chain, console.
+    /// backing chain, the taps, console.
     pub fn into_named(self) -> Vec<(FdName, OwnedFd)> {
         let mut named = vec![(FdName::Kvm, self.kvm), (FdName::Kernel, self.kernel)];
         named.extend(self.initrd.map(|fd| (FdName::Initrd, fd)));
@@ -122,6 +124,9 @@ impl HelperFds {
             for (layer, base) in (1u8..).zip(files.bases) {
                 named.push((FdName::DiskBase { disk, layer }, base));
             }
+        }
+        for (index, tap) in (0u8..).zip(self.nets) {
+            named.push((FdName::Net(index), tap));
         }
         named.extend(self.console.map(|fd| (FdName::Console, fd)));
         named

@@ -24,7 +24,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::fds::{MAX_BACKING_DEPTH, MAX_DISKS};
+use super::fds::{MAX_BACKING_DEPTH, MAX_DISKS, MAX_NETS};
 use super::name::{NameError, validate_vm_name};
 
 /// The most vCPUs a VM may have: their APIC IDs 0 to 253 stay clear of 255, the xAPIC broadcast ID.
@@ -65,6 +65,96 @@ pub struct VmConfig {
     /// Whether the guest gets a virtio-rng entropy source.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub entropy: bool,
+    /// The network interfaces, in guest order; interface `i`'s tap arrives as the fd `net<i>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceConfig>,
+}
+
+/// One network interface as the helper sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// The guest's MAC address: unicast.
+    pub mac: MacAddress,
+    /// Drop frames from the guest whose source MAC is not `mac` (vm.conf's `locked lladdr`).
+    #[serde(default = "default_true")]
+    pub locked_lladdr: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An Ethernet address, written `52:54:00:12:34:56`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl MacAddress {
+    /// A locally administered unicast address derived from `seed` (a VM's UUID and the
+    /// interface's index), so a VM keeps its address, and its DHCP lease, across restarts.
+    pub fn derived(seed: &[u8]) -> MacAddress {
+        // FNV-1a: stable across releases and platforms, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for &byte in seed {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        let bytes = hash.to_le_bytes();
+        // Locally administered (bit 1), unicast (bit 0 clear).
+        MacAddress([
+            (bytes[0] & 0xfc) | 0x02,
+            bytes[1],
+            bytes[2],
+            bytes[3],
+            bytes[4],
+            bytes[5],
+        ])
+    }
+
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl std::fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for MacAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{text:?} is not a MAC address like 52:54:00:12:34:56");
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddress(bytes))
+    }
+}
+
+impl Serialize for MacAddress {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The format of a disk image (or of one layer of its backing chain).
@@ -144,6 +234,20 @@ pub enum ConfigError {
         /// The byte offset of the first NUL.
         offset: usize,
     },
+    /// More interfaces than [`MAX_NETS`].
+    #[error("{count} network interfaces given; at most {MAX_NETS} are allowed")]
+    TooManyInterfaces {
+        /// The number of interfaces given.
+        count: usize,
+    },
+    /// An interface's MAC address is multicast or all zero.
+    #[error("interface {index}'s MAC address {mac} is not a unicast address")]
+    InterfaceMac {
+        /// The interface's index.
+        index: usize,
+        /// The rejected address.
+        mac: MacAddress,
+    },
     /// More disks than [`MAX_DISKS`].
     #[error("{count} disks given; at most {MAX_DISKS} are allowed")]
     TooManyDisks {
@@ -205,6 +309,19 @@ impl VmConfig {
         }
         for (index, disk) in self.disks.iter().enumerate() {
             disk.validate(index)?;
+        }
+        if self.interfaces.len() > MAX_NETS {
+            return Err(ConfigError::TooManyInterfaces {
+                count: self.interfaces.len(),
+            });
+        }
+        for (index, interface) in self.interfaces.iter().enumerate() {
+            if !interface.mac.is_unicast() {
+                return Err(ConfigError::InterfaceMac {
+                    index,
+                    mac: interface.mac,
+                });
+            }
         }
         Ok(())
     }
@@ -299,7 +416,45 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             disks: Vec::new(),
             entropy: false,
+            interfaces: Vec::new(),
         }
+    }
+
+    #[test]
+    fn mac_addresses_parse_print_and_derive() {
+        let mac: MacAddress = "52:54:00:AB:cd:0f".parse().unwrap();
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:0f");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:00",
+            "5254:00:ab:cd:0f",
+            "zz:54:00:ab:cd:0f",
+        ] {
+            assert!(bad.parse::<MacAddress>().is_err(), "{bad:?}");
+        }
+        let derived = MacAddress::derived(b"some-uuid/0");
+        assert_eq!(derived, MacAddress::derived(b"some-uuid/0"));
+        assert_ne!(derived, MacAddress::derived(b"some-uuid/1"));
+        assert!(derived.is_unicast());
+        assert_eq!(derived.0[0] & 2, 2, "locally administered");
+        let config = VmConfig {
+            interfaces: vec![InterfaceConfig {
+                mac: "01:00:5e:00:00:01".parse().unwrap(),
+                locked_lladdr: true,
+            }],
+            ..base()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::InterfaceMac { index: 0, .. })
+        ));
+        let json = serde_json::to_string(&InterfaceConfig {
+            mac,
+            locked_lladdr: false,
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"mac":"52:54:00:ab:cd:0f","locked_lladdr":false}"#);
     }
 
     #[test]

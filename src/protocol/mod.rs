@@ -18,8 +18,8 @@ pub use codec::{
 };
 pub use fds::{DiskFds, FdName, HelperFds, MAX_BACKING_DEPTH, MAX_DISKS, MAX_NETS};
 pub use messages::{
-    ConfigError, DiskConfig, Event, ImageFormat, MAX_CMDLINE_BYTES, MAX_DEVICE_CMDLINE_BYTES,
-    MAX_DISK_SERIAL_BYTES, MAX_MEMORY_BYTES, MAX_VCPUS, MEMORY_ALIGN_BYTES, MIN_MEMORY_BYTES,
-    Request, RunState, VmConfig,
+    ConfigError, DiskConfig, Event, ImageFormat, InterfaceConfig, MAX_CMDLINE_BYTES,
+    MAX_DEVICE_CMDLINE_BYTES, MAX_DISK_SERIAL_BYTES, MAX_MEMORY_BYTES, MAX_VCPUS,
+    MEMORY_ALIGN_BYTES, MIN_MEMORY_BYTES, MacAddress, Request, RunState, VmConfig,
 };
 pub use name::{MAX_VM_NAME_LEN, NameError, validate_vm_name};

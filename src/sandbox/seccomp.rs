@@ -39,6 +39,8 @@ pub enum ThreadKind {
     Block,
     /// The virtio-rng worker: getrandom.
     Entropy,
+    /// A virtio-net worker: frames to and from its tap.
+    Net,
 }
 
 impl fmt::Display for ThreadKind {
@@ -48,6 +50,7 @@ impl fmt::Display for ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Block => "block device",
             ThreadKind::Entropy => "entropy device",
+            ThreadKind::Net => "network device",
         })
     }
 }
@@ -112,6 +115,7 @@ fn build_filter(kind: ThreadKind) -> Result<BpfProgram, BackendError> {
         ThreadKind::Vcpu => vcpu_allow_list(&context),
         ThreadKind::Block => block_allow_list(&context),
         ThreadKind::Entropy => worker_allow_list(&context),
+        ThreadKind::Net => net_allow_list(&context),
     };
     compile(list)
 }
@@ -264,24 +268,15 @@ fn vmm_allow_list(context: &Context) -> Vec<Allow> {
     list
 }
 
-/// A vCPU thread: `KVM_RUN` loop, port and MMIO exits handled by device code, interrupt
-/// injection, the kick signal, and the thread's exit.
-fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
+/// What every helper thread but the VMM's needs to live and end: the mutexes and condition
+/// variables it shares, dropping its fds, signal masks and stacks at exit, time and ids for
+/// tracing, std's HashMap seeds, glibc abort() on itself, and memory.
+fn thread_allow_list(context: &Context) -> Vec<Allow> {
     let mut list = vec![
-        // KVM_RUN on the vCPU fd; KVM_IRQ_LINE on the VM fd from device emulation (e.g. the
-        // serial port raising its IRQ); KVM_GET_REGS/KVM_GET_SREGS for error reports.
-        allow_if(
-            libc::SYS_ioctl,
-            When::ArgIn {
-                arg: 1,
-                values: vec![KVM_RUN, KVM_IRQ_LINE, KVM_GET_REGS, KVM_GET_SREGS],
-            },
-        ),
-        // Device emulation: console socket/pty output (may return EAGAIN), eventfd writes to
-        // inject interrupts; tracing to stderr; the default panic hook's message.
-        allow(libc::SYS_write),
-        // The thread's own fds (the VcpuFd) are dropped when it ends: close, and in debug
-        // builds std's check that an OwnedFd is still open, fcntl(F_GETFD).
+        // std Mutex and Condvar shared with the VMM thread and devices; joins.
+        allow(libc::SYS_futex),
+        // The thread's own fds are dropped when it ends: close, and in debug builds std's
+        // check that an OwnedFd is still open, fcntl(F_GETFD).
         allow(libc::SYS_close),
         allow_if(
             libc::SYS_fcntl,
@@ -290,20 +285,18 @@ fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
                 values: vec![libc::F_GETFD as u64],
             },
         ),
-        // std Mutex and Condvar shared with the VMM thread and devices.
-        allow(libc::SYS_futex),
-        // Returning from the (empty) kick signal handler that interrupts KVM_RUN.
+        // Returning from a signal handler (the vCPU kick); a futex wait with a timeout
+        // interrupted by a signal resumes through restart_syscall.
         allow(libc::SYS_rt_sigreturn),
-        // A futex wait with a timeout interrupted by the kick resumes through restart_syscall.
         allow(libc::SYS_restart_syscall),
-        // Thread exit: glibc blocks signals, std disables and unmaps its signal stack (and the
+        // Thread exit: glibc blocks signals, std disables and unmaps its signal stack (and a
         // VcpuFd's kvm_run mapping is unmapped, see memory_allow_list).
         allow(libc::SYS_rt_sigprocmask),
         allow(libc::SYS_sigaltstack),
         // Time for tracing timestamps (normally in the vDSO, this is the fallback).
         allow(libc::SYS_clock_gettime),
         allow(libc::SYS_sched_yield), // std's spin-then-park paths
-        // std's HashMap seeds (per thread, on first use in device code).
+        // std's HashMap seeds (per thread, on first use); the entropy device's source.
         allow(libc::SYS_getrandom),
         // Thread and process ids: tracing, glibc raise().
         allow(libc::SYS_getpid),
@@ -322,9 +315,30 @@ fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
     list
 }
 
-/// What every device worker does: wait on its queue eventfds and its exit eventfd, interrupt
-/// the guest through its irqfd, share the queues' mutex with vCPU threads, log, and end.
-/// The entropy worker needs nothing more (getrandom is here for std's HashMap seeds anyway).
+/// A vCPU thread: `KVM_RUN` loop, port and MMIO exits handled by device code, interrupt
+/// injection, the kick signal, and the thread's exit.
+fn vcpu_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = vec![
+        // KVM_RUN on the vCPU fd; KVM_IRQ_LINE on the VM fd from device emulation (e.g. the
+        // serial port raising its IRQ); KVM_GET_REGS/KVM_GET_SREGS for error reports.
+        allow_if(
+            libc::SYS_ioctl,
+            When::ArgIn {
+                arg: 1,
+                values: vec![KVM_RUN, KVM_IRQ_LINE, KVM_GET_REGS, KVM_GET_SREGS],
+            },
+        ),
+        // Device emulation: console socket/pty output (may return EAGAIN), eventfd writes to
+        // inject interrupts and wake device workers; tracing to stderr; the panic message.
+        allow(libc::SYS_write),
+    ];
+    list.extend(thread_allow_list(context));
+    list
+}
+
+/// A device worker: waits on its queue eventfds and its exit eventfd, interrupts the guest
+/// through its irqfd, shares the queues' mutex with vCPU threads. The entropy worker needs
+/// nothing more (getrandom is in [`thread_allow_list`]).
 fn worker_allow_list(context: &Context) -> Vec<Allow> {
     let mut list = vec![
         // Waiting for notifications (nix::poll::poll is glibc poll(), which may use ppoll).
@@ -334,39 +348,10 @@ fn worker_allow_list(context: &Context) -> Vec<Allow> {
         allow(libc::SYS_read),
         allow(libc::SYS_write),
         allow(libc::SYS_writev),
-        // The entropy device's source; std's HashMap seeds.
-        allow(libc::SYS_getrandom),
-        // The queues' mutex shared with vCPU threads; joins.
-        allow(libc::SYS_futex),
-        // Dropping fds at exit; in debug builds std checks an OwnedFd is open first.
-        allow(libc::SYS_close),
-        allow_if(
-            libc::SYS_fcntl,
-            When::ArgIn {
-                arg: 1,
-                values: vec![libc::F_GETFD as u64],
-            },
-        ),
-        // Signal masks at thread exit; an interrupted wait resumes.
-        allow(libc::SYS_rt_sigprocmask),
-        allow(libc::SYS_rt_sigreturn),
-        allow(libc::SYS_restart_syscall),
-        allow(libc::SYS_sigaltstack),
-        allow(libc::SYS_clock_gettime),
-        allow(libc::SYS_sched_yield),
-        allow(libc::SYS_getpid),
-        allow(libc::SYS_gettid),
-        // glibc abort() raises SIGABRT on itself; only that signal, only to this process.
-        allow_if(
-            libc::SYS_tgkill,
-            When::ArgsEqual(vec![(0, context.pid as u64), (2, libc::SIGABRT as u64)]),
-        ),
-        allow(libc::SYS_exit),
-        allow(libc::SYS_exit_group),
-        // Not allowed, on purpose: open/openat (every image is an fd it was given), clone
-        // (workers spawn nothing), ioctl (no KVM calls: interrupts go through the irqfd).
+        // Not allowed, on purpose: clone (workers spawn nothing), ioctl (no KVM calls:
+        // interrupts go through the irqfd).
     ];
-    list.extend(memory_allow_list());
+    list.extend(thread_allow_list(context));
     list
 }
 
@@ -386,6 +371,23 @@ fn block_allow_list(context: &Context) -> Vec<Allow> {
     ]);
     list
 }
+
+/// A network worker: [`worker_allow_list`] (read and write serve the tap too) plus the one tap
+/// request it makes when the guest (re)negotiates offloads.
+fn net_allow_list(context: &Context) -> Vec<Allow> {
+    let mut list = worker_allow_list(context);
+    list.push(allow_if(
+        libc::SYS_ioctl,
+        When::ArgIn {
+            arg: 1,
+            values: vec![TUNSETOFFLOAD],
+        },
+    ));
+    list
+}
+
+/// `_IOW('T', 208, unsigned int)`: the tap's offloads.
+const TUNSETOFFLOAD: u64 = ioctl_expr(_IOC_WRITE, b'T' as u32, 208, 4);
 
 /// Compiles an allow-list into a filter that allows what is listed and kills the process for
 /// anything else. Several lines for one system call are OR-ed.
@@ -458,6 +460,7 @@ mod tests {
         assert_eq!(KVM_IRQ_LINE, 0x4008_ae61);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
     }
 
     #[test]
@@ -467,6 +470,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Block,
             ThreadKind::Entropy,
+            ThreadKind::Net,
         ] {
             let program = build_filter(kind).expect("filter compiles");
             assert!(
@@ -485,6 +489,7 @@ mod tests {
             (ThreadKind::Vcpu, vcpu_allow_list(&context)),
             (ThreadKind::Block, block_allow_list(&context)),
             (ThreadKind::Entropy, worker_allow_list(&context)),
+            (ThreadKind::Net, net_allow_list(&context)),
         ] {
             let mut seen = BTreeSet::new();
             for line in &list {
@@ -523,6 +528,7 @@ mod tests {
             vcpu_allow_list(&context),
             block_allow_list(&context),
             worker_allow_list(&context),
+            net_allow_list(&context),
         ] {
             for line in &list {
                 assert!(

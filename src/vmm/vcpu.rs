@@ -1,10 +1,14 @@
 //! vCPU threads: the run loop, exit handling, and pause/resume/stop.
 //!
 //! Each vCPU runs `KVM_RUN` on its own thread. The VMM controls them through [`VcpuControl`]:
-//! it sets the wanted state and kicks the threads out of `KVM_RUN` with a signal; each thread
-//! checks the wanted state before every entry, parks while paused, and returns when told to stop.
+//! it stores the wanted state in an atomic and kicks each thread once with a signal. The
+//! signal's handler sets the thread's `kvm_run.immediate_exit`, so a kick that lands after the
+//! thread checked the state but before it entered the guest still makes `KVM_RUN` return at
+//! once (EINTR); the thread then clears the flag, sees the new state, and parks or returns.
 //! Exits that end the VM go through the shared [`StopSignal`].
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,15 +18,29 @@ use nix::errno::Errno;
 
 use crate::devices::{Bus, GuestStop, StopSignal};
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing; the
-/// interrupted ioctl returns EINTR).
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-/// Installs the no-op handler for [`kick_signal`]. Call once, before vCPU threads start.
+thread_local! {
+    /// This thread's `kvm_run` mapping, while a vCPU runs on it (null elsewhere). Constant
+    /// initialization and no destructor: reading it is plain TLS access, safe in a signal
+    /// handler.
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the kick handler. Call once, before vCPU threads start.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        let run = KVM_RUN.with(Cell::get);
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by `Vcpu::run`
+            // before the first KVM_RUN and cleared before the mapping goes away; a byte store
+            // is async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    }
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
 }
 
@@ -34,15 +52,31 @@ pub enum RunRequest {
     Stop,
 }
 
-struct ControlState {
-    request: RunRequest,
-    /// vCPU threads currently parked (paused, or not yet started).
-    parked: usize,
+impl RunRequest {
+    fn from_u8(value: u8) -> RunRequest {
+        match value {
+            0 => RunRequest::Run,
+            1 => RunRequest::Pause,
+            _ => RunRequest::Stop,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            RunRequest::Run => 0,
+            RunRequest::Pause => 1,
+            RunRequest::Stop => 2,
+        }
+    }
 }
 
 /// Shared between the VMM thread and all vCPU threads.
 pub struct VcpuControl {
-    state: Mutex<ControlState>,
+    /// The wanted state, read by every vCPU before each `KVM_RUN` without a lock.
+    request: AtomicU8,
+    /// vCPU threads currently parked (paused, or not yet started), and the condition variable
+    /// both sides wait on.
+    parked: Mutex<usize>,
     changed: Condvar,
 }
 
@@ -50,38 +84,39 @@ impl VcpuControl {
     /// vCPUs start paused: nothing runs until the VMM says [`RunRequest::Run`].
     pub fn new() -> Self {
         VcpuControl {
-            state: Mutex::new(ControlState {
-                request: RunRequest::Pause,
-                parked: 0,
-            }),
+            request: AtomicU8::new(RunRequest::Pause.as_u8()),
+            parked: Mutex::new(0),
             changed: Condvar::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ControlState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn request(&self) -> RunRequest {
-        self.lock().request
+        RunRequest::from_u8(self.request.load(Ordering::SeqCst))
     }
 
     fn set_request(&self, request: RunRequest) {
-        self.lock().request = request;
+        // Stored under the lock so that a thread about to park cannot miss the wake-up.
+        let parked = self.lock();
+        self.request.store(request.as_u8(), Ordering::SeqCst);
+        drop(parked);
         self.changed.notify_all();
     }
 
     /// Parks the calling vCPU thread while `keep_parked(request)`; returns the request that
     /// ended the wait.
     fn park_while(&self, keep_parked: impl Fn(RunRequest) -> bool) -> RunRequest {
-        let mut state = self.lock();
-        state.parked += 1;
+        let mut parked = self.lock();
+        *parked += 1;
         self.changed.notify_all();
-        while keep_parked(state.request) {
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        while keep_parked(self.request()) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
-        state.parked -= 1;
-        state.request
+        *parked -= 1;
+        self.request()
     }
 }
 
@@ -185,6 +220,13 @@ impl Vcpu {
     /// The thread body: parked until the first `Run`, then runs the guest until told to stop
     /// or the VM must stop.
     pub fn run(mut self, control: &VcpuControl) {
+        let kvm_run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|cell| cell.set(kvm_run));
+        self.run_until_stopped(control);
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+    }
+
+    fn run_until_stopped(&mut self, control: &VcpuControl) {
         loop {
             match control.request() {
                 RunRequest::Stop => return,
@@ -212,6 +254,11 @@ impl Vcpu {
                 _ => 0,
             };
             let action = handle_exit(exit, io_size, &self.pio, &self.mmio);
+            if action == ExitAction::Interrupted {
+                // A kick set immediate_exit; clear it before the next entry (a kick from now
+                // on sets it again).
+                self.fd.set_kvm_immediate_exit(0);
+            }
             if let ExitAction::Fail(reason) = action {
                 let reason = self.describe_failure(&reason);
                 tracing::error!("{reason}");
@@ -260,13 +307,23 @@ impl VcpuThreads {
     /// Pauses every vCPU and returns once all of them are parked outside `KVM_RUN`.
     pub fn pause(&self) {
         self.control.set_request(RunRequest::Pause);
-        self.kick_until(|state| state.parked == self.live_threads());
+        self.kick();
+        let mut parked = self.control.lock();
+        while *parked < self.live_threads() {
+            // A thread that died (a panic) never parks; the timeout lets the count catch up.
+            parked = self
+                .control
+                .changed
+                .wait_timeout(parked, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Stops and joins every vCPU thread.
     pub fn stop(mut self) {
         self.control.set_request(RunRequest::Stop);
-        self.kick_until(|_| self.handles.iter().all(|h| h.is_finished()));
+        self.kick();
         for handle in self.handles.drain(..) {
             if handle.join().is_err() {
                 tracing::error!("a vCPU thread panicked");
@@ -278,30 +335,16 @@ impl VcpuThreads {
         self.handles.iter().filter(|h| !h.is_finished()).count()
     }
 
-    /// Kicks the threads until `done`. A kick can land just before a thread enters `KVM_RUN`,
-    /// where it has no effect, so keep kicking (briefly) until every thread has seen the request.
-    fn kick_until(&self, done: impl Fn(&ControlState) -> bool) {
+    /// Kicks every live thread once: its handler makes the current or next `KVM_RUN` return.
+    fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
-        loop {
-            {
-                let state = self.control.lock();
-                if done(&state) {
-                    return;
-                }
+        for handle in self.handles.iter().filter(|h| !h.is_finished()) {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it
+            // is valid; the signal's handler is installed.
+            let ret = unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+            if ret != 0 && ret != libc::ESRCH {
+                tracing::warn!("cannot kick a vCPU thread: {}", Errno::from_raw(ret));
             }
-            for handle in self.handles.iter().filter(|h| !h.is_finished()) {
-                // SAFETY: the pthread_t belongs to a thread we spawned and have not joined, so it
-                // is valid; the signal's handler is installed and does nothing.
-                let ret = unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
-                if ret != 0 && ret != libc::ESRCH {
-                    tracing::warn!("cannot kick a vCPU thread: {}", Errno::from_raw(ret));
-                }
-            }
-            let state = self.control.lock();
-            let _ = self
-                .control
-                .changed
-                .wait_timeout(state, Duration::from_millis(5));
         }
     }
 }

@@ -24,10 +24,11 @@ use crate::devices::i8042::I8042;
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::devices::virtio::block::{BlockDevice, DiskImage, ImageError};
+use crate::devices::virtio::net::{NetDevice, NetError};
 use crate::devices::virtio::rng::EntropyDevice;
 use crate::devices::virtio::worker::{WorkerHandle, WorkerKind, WorkerSetup};
 use crate::devices::{Bus, BusError, GuestStop, StopSignal};
-use crate::protocol::DiskConfig;
+use crate::protocol::{DiskConfig, InterfaceConfig};
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
@@ -44,6 +45,8 @@ pub struct MachineConfig {
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng entropy source.
     pub entropy: bool,
+    /// One entry per [`MachineFiles::taps`] entry.
+    pub interfaces: Vec<InterfaceConfig>,
 }
 
 /// The open files a VM is built from.
@@ -55,6 +58,8 @@ pub struct MachineFiles {
     pub console: Option<OwnedFd>,
     /// Each disk's image and backing chain, nearest first.
     pub disks: Vec<DiskFiles>,
+    /// Each network interface's tap.
+    pub taps: Vec<File>,
 }
 
 /// One disk's open files.
@@ -105,6 +110,14 @@ pub enum BuildVmError {
         index: usize,
         #[source]
         source: ImageError,
+    },
+    #[error("{files} taps were passed for {configs} interface configurations")]
+    TapCount { files: usize, configs: usize },
+    #[error("cannot set up network interface {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: NetError,
     },
     #[error("cannot attach the devices")]
     Devices(#[source] DeviceManagerError),
@@ -181,11 +194,18 @@ pub fn build_vm(
         initrd,
         console,
         disks,
+        taps,
     } = files;
     if disks.len() != config.disks.len() {
         return Err(BuildVmError::DiskCount {
             files: disks.len(),
             configs: config.disks.len(),
+        });
+    }
+    if taps.len() != config.interfaces.len() {
+        return Err(BuildVmError::TapCount {
+            files: taps.len(),
+            configs: config.interfaces.len(),
         });
     }
     // SAFETY: `kvm` is an open /dev/kvm fd whose ownership moves into the Kvm object.
@@ -222,7 +242,7 @@ pub fn build_vm(
     let pio = Arc::new(pio);
     let mut manager = DeviceManager::new(vm_fd.clone(), memory.clone(), stop.clone(), worker_setup)
         .map_err(BuildVmError::Devices)?;
-    attach_virtio_devices(&mut manager, config, disks)?;
+    attach_virtio_devices(&mut manager, config, disks, taps)?;
     let attached = manager.finish().map_err(BuildVmError::Devices)?;
     let mmio = Arc::new(attached.mmio);
 
@@ -284,12 +304,13 @@ pub fn build_vm(
     })
 }
 
-/// The disks in order (`disk0` is the guest's first virtio-blk device), then the entropy
-/// source.
+/// The disks in order (`disk0` is the guest's first virtio-blk device), then the network
+/// interfaces, then the entropy source.
 fn attach_virtio_devices(
     manager: &mut DeviceManager,
     config: &MachineConfig,
     disks: Vec<DiskFiles>,
+    taps: Vec<File>,
 ) -> Result<(), BuildVmError> {
     for (index, (files, disk)) in disks.into_iter().zip(&config.disks).enumerate() {
         if files.bases.len() != disk.backing.len() {
@@ -305,6 +326,18 @@ fn attach_virtio_devices(
         let device = BlockDevice::new(format!("disk{index}"), image, disk.read_only, &disk.serial);
         manager
             .attach_virtio(device.description(), Box::new(device), WorkerKind::Block)
+            .map_err(BuildVmError::Devices)?;
+    }
+    for (index, (tap, interface)) in taps.into_iter().zip(&config.interfaces).enumerate() {
+        let device = NetDevice::new(
+            format!("net{index}"),
+            tap,
+            interface.mac.0,
+            interface.locked_lladdr,
+        )
+        .map_err(|source| BuildVmError::Net { index, source })?;
+        manager
+            .attach_virtio(device.description(), Box::new(device), WorkerKind::Net)
             .map_err(BuildVmError::Devices)?;
     }
     if config.entropy {

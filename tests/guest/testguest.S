@@ -110,6 +110,7 @@
 #define VSTAT_FEATURES_OK   0x08
 #define VSTAT_NEEDS_RESET   0x40
 #define VSTAT_FAILED        0x80
+#define VIRTIO_ID_NET       1
 #define VIRTIO_ID_BLOCK     2
 #define VIRTIO_ID_RNG       4
 #define VIRTIO_F_VERSION_1_HI 0x1           /* feature bit 32: bit 0 of feature word 1 */
@@ -118,6 +119,9 @@
 #define BLK_F_BLK_SIZE      6
 #define BLK_F_FLUSH         9
 #define BLK_FEATURES        ((1 << BLK_F_SEG_MAX) | (1 << BLK_F_RO) | (1 << BLK_F_BLK_SIZE) | (1 << BLK_F_FLUSH))
+#define NET_F_MAC           5
+#define NET_F_MRG_RXBUF     15
+#define NET_FEATURES        ((1 << NET_F_MAC) | (1 << NET_F_MRG_RXBUF))
 #define BLK_T_IN            0
 #define BLK_T_OUT           1
 #define BLK_T_FLUSH         4
@@ -140,6 +144,42 @@
 #define BLKBAD_OUTSIDE      0xf000000000    /* 960 GiB: beyond any test VM's RAM */
 #define BLKREAD_MAX_MIB     0x10000000000   /* keeps MIB << 20 within 64 bits */
 #define XORSHIFT_SEED       0x9e3779b97f4a7c15
+#define VRING_USED_F_NO_NOTIFY 1
+
+/* virtio-net and the frames the net scenarios answer. Multi-byte protocol fields are big
+ * endian; *_BE constants are their values as a little-endian load of the packet bytes. */
+#define NET_HDR_LEN         12              /* virtio_net_hdr_v1 (VERSION_1: always 12 bytes) */
+#define NET_HDR_NUM_BUFFERS 10
+#define NET_BUF_SIZE        2048            /* >= 1526: a whole frame, never merged */
+#define NET_BUF_SHIFT       11
+#define NET_DEFAULT_MAC_LO  0x00677402      /* 02:74:67:00:00:01 without VIRTIO_NET_F_MAC */
+#define NET_DEFAULT_MAC_HI  0x0100
+#define ETH_HLEN            14
+#define ETH_TYPE            12
+#define ETH_P_ARP_BE        0x0608          /* 0x0806 */
+#define ETH_P_IP_BE         0x0008          /* 0x0800 */
+#define ARP_LEN             28
+#define ARP_SHA             8
+#define ARP_SPA             14
+#define ARP_THA             18
+#define ARP_TPA             24
+#define ARP_ETH_IP_BE       0x00080100      /* htype 1, ptype 0x0800 */
+#define ARP_REQUEST_BE      0x01000406      /* hlen 6, plen 4, oper 1 */
+#define ARP_REPLY_BE        0x02000406      /* hlen 6, plen 4, oper 2 */
+#define IP_HLEN             20
+#define IP_TOTLEN           2
+#define IP_FRAG             6
+#define IP_MF_OFFSET_BE     0xff3f          /* MF and the fragment offset */
+#define IP_TTL              8
+#define IP_PROTO            9
+#define IP_CSUM             10
+#define IP_SADDR            12
+#define IP_DADDR            16
+#define IPPROTO_ICMP        1
+#define ICMP_HLEN           8
+#define ICMP_CSUM           2
+#define ICMP_ECHO           8
+#define ICMP_ECHOREPLY      0
 
 /* ======================================================================================= */
     .section .text.entry, "ax"
@@ -223,6 +263,12 @@ _start:
     lea     k_rng(%rip), %rdi
     call    str_is
     je      sc_rng
+    lea     k_net(%rip), %rdi
+    call    str_is
+    je      sc_net
+    lea     k_net_spoof(%rip), %rdi
+    call    str_is
+    je      sc_net_spoof
     jmp     sc_unknown
 
 /* PVH entry, continued in 64-bit mode from pvh_start32 (.pvh32) on pvh_gdt and pvh_pml4.
@@ -1014,6 +1060,147 @@ sc_rng:
     call    line_end
     jmp     poweroff
 
+/* net, net-spoof: answer ARP requests and ICMP echo requests for ip=A.B.C.D over virtio-net
+ * until the power button (PM1_STS), or net-seconds=N seconds if given. net-spoof sends every
+ * reply from its MAC with the last byte xor 0xff (Ethernet source and ARP sender). */
+sc_net:
+    lea     n_net(%rip), %rax
+    xor     %ebx, %ebx
+    jmp     net_main
+sc_net_spoof:
+    lea     n_net_spoof(%rip), %rax
+    mov     $1, %ebx
+net_main:
+    mov     %rax, cur_name(%rip)
+    mov     %ebx, net_spoof(%rip)
+    lea     k_ip(%rip), %rdi
+    call    cmdline_value
+    jc      1f
+    call    parse_ipv4
+    jnc     2f
+1:  lea     s_no_ip(%rip), %rsi
+    jmp     fail
+2:  mov     %eax, net_ip(%rip)
+    mov     $-1, %r15                   /* deadline: none */
+    lea     k_net_seconds(%rip), %rdi
+    call    cmdline_value
+    jc      3f
+    call    parse_dec
+    lea     s_bad_seconds(%rip), %rsi
+    jc      fail
+    mov     $TSC_SECOND, %edx
+    mul     %rdx
+    test    %rdx, %rdx
+    jnz     3f                          /* too far away: none */
+    mov     %rax, %r15
+    call    tsc_now
+    add     %rax, %r15
+    jnc     3f
+    mov     $-1, %r15
+3:  mov     $VIRTIO_ID_NET, %edi
+    call    virtio_find
+    lea     s_no_net(%rip), %rsi
+    call    virtio_open
+    call    net_setup
+    call    line_begin                  /* "<name> mac <reply MAC> ip <A.B.C.D>" */
+    mov     cur_name(%rip), %rsi
+    call    puts
+    lea     s_mac(%rip), %rsi
+    call    puts
+    lea     net_reply_mac(%rip), %rsi
+    call    put_mac
+    lea     s_ip(%rip), %rsi
+    call    puts
+    mov     net_ip(%rip), %eax
+    call    put_ipv4
+    call    line_end
+    xor     %r12d, %r12d                /* ARP replies sent */
+    xor     %r13d, %r13d                /* echo replies sent */
+    call    tsc_now
+    mov     %rax, %r14                  /* next PM1_STS poll: at once */
+
+.Lnet_loop:
+    lea     vq_area(%rip), %rbx         /* the receiveq */
+    movzwl  VQ_USED+2(%rbx), %eax
+    cmp     %ax, vq_used_last(%rip)
+    je      .Lnet_idle
+    /* every used rx buffer: answer it, post it again; then publish and notify once */
+1:  mov     vq_used_last(%rip), %ecx
+    movzwl  VQ_USED+2(%rbx), %eax
+    cmp     %cx, %ax
+    je      3f
+    mov     %ecx, %edx
+    and     vq_mask(%rip), %edx
+    mov     VQ_USED+4(%rbx,%rdx,8), %edi    /* id */
+    mov     VQ_USED+8(%rbx,%rdx,8), %esi    /* len */
+    inc     %ecx
+    mov     %ecx, vq_used_last(%rip)
+    cmp     vq_size(%rip), %edi
+    jae     1b                          /* not a descriptor of ours */
+    push    %rbx
+    push    %rdi
+    call    net_frame
+    pop     %rdi
+    pop     %rbx
+    mov     vq_avail_idx(%rip), %eax
+    mov     %eax, %edx
+    and     vq_mask(%rip), %edx
+    mov     %di, VQ_AVAIL+4(%rbx,%rdx,2)
+    inc     %eax
+    mov     %eax, vq_avail_idx(%rip)
+    jmp     1b
+3:  mov     vq_avail_idx(%rip), %eax
+    xchg    %ax, VQ_AVAIL+2(%rbx)       /* publish (xchg: a full barrier before the flags) */
+    mov     vdev_base(%rip), %rdx
+    testw   $VRING_USED_F_NO_NOTIFY, VQ_USED(%rbx)
+    jnz     4f
+    movl    $0, VMMIO_QUEUE_NOTIFY(%rdx)
+4:  cmpl    $0, net_tx_pending(%rip)
+    je      .Lnet_time
+    movl    $0, net_tx_pending(%rip)
+    testw   $VRING_USED_F_NO_NOTIFY, vq_area1+VQ_USED(%rip)
+    jnz     .Lnet_time
+    movl    $1, VMMIO_QUEUE_NOTIFY(%rdx)
+    jmp     .Lnet_time
+.Lnet_idle:
+    pause
+.Lnet_time:
+    call    tsc_now
+    cmp     %r15, %rax
+    jae     .Lnet_done
+    cmp     %r14, %rax
+    jb      .Lnet_loop
+    mov     $TSC_10MS, %r14d
+    add     %rax, %r14
+    mov     $PM1_STS_PORT, %edx
+    inw     %dx, %ax
+    cmp     $0xffff, %ax                /* no PM1 block there (QEMU microvm): stop polling */
+    je      .Lnet_no_pm1
+    test    $PM1_PWRBTN_STS, %ax
+    jz      .Lnet_loop
+    mov     $PM1_PWRBTN_STS, %eax
+    outw    %ax, %dx                    /* write 1 to clear */
+    jmp     .Lnet_done
+.Lnet_no_pm1:
+    mov     $-1, %r14
+    jmp     .Lnet_loop
+.Lnet_done:
+    call    line_begin                  /* "<name> answered <A> arp <E> echo" */
+    mov     cur_name(%rip), %rsi
+    call    puts
+    lea     s_answered(%rip), %rsi
+    call    puts
+    mov     %r12, %rax
+    call    putdec
+    lea     s_arp(%rip), %rsi
+    call    puts
+    mov     %r13, %rax
+    call    putdec
+    lea     s_echo(%rip), %rsi
+    call    puts
+    call    line_end
+    jmp     poweroff
+
 /* blk-bad: malformed requests, one at a time, then a good one. Each case prints the used
  * length and the status byte (pre-set to 0xff), or "no answer" after ~0.5 s. A device that
  * sets DEVICE_NEEDS_RESET is reset and set up again before the next case. */
@@ -1357,11 +1544,30 @@ delay:
 /* parse_cmdline: find the last "testguest=" token of the command line; set scen_ptr and
  * scen_len to its value (scen_ptr stays 0 if there is none). */
 parse_cmdline:
-    push    %rax
     push    %rcx
-    push    %rdx
     push    %rsi
     push    %rdi
+    lea     k_testguest(%rip), %rdi
+    call    cmdline_value
+    jc      1f
+    mov     %rsi, scen_ptr(%rip)
+    mov     %rcx, scen_len(%rip)
+1:  pop     %rdi
+    pop     %rsi
+    pop     %rcx
+    ret
+
+/* cmdline_value: the value of the last command-line token that starts with the NUL-terminated
+ * rdi: rsi = its first byte after that prefix, rcx = its length; CF = 1 (rsi = rcx = 0) if
+ * there is no such token. */
+cmdline_value:
+    push    %rax
+    push    %rdx
+    push    %r8
+    push    %r9
+    push    %r10
+    xor     %r8d, %r8d                  /* the value found */
+    xor     %r9d, %r9d
     mov     boot_params(%rip), %rax
     mov     BP_CMD_LINE_PTR(%rax), %esi
     test    %esi, %esi
@@ -1373,29 +1579,32 @@ parse_cmdline:
     ja      2f
     inc     %rsi
     jmp     1b
-2:  mov     %rsi, %rdi                  /* token [rsi, rdi) */
-3:  movzbl  (%rdi), %eax
+2:  mov     %rsi, %r10                  /* token [rsi, r10) */
+3:  movzbl  (%r10), %eax
     cmp     $' ', %al
     jbe     4f
-    inc     %rdi
+    inc     %r10
     jmp     3b
-4:  mov     %rdi, %rcx
+4:  mov     %r10, %rcx
     sub     %rsi, %rcx
-    push    %rdi
-    lea     k_testguest(%rip), %rdi
     call    str_prefix
-    pop     %rdi
     jne     5f
-    lea     (%rsi,%rdx), %rax
-    mov     %rax, scen_ptr(%rip)
-    sub     %rdx, %rcx
-    mov     %rcx, scen_len(%rip)
-5:  mov     %rdi, %rsi
+    lea     (%rsi,%rdx), %r8
+    mov     %rcx, %r9
+    sub     %rdx, %r9
+5:  mov     %r10, %rsi
     jmp     1b
-9:  pop     %rdi
-    pop     %rsi
+9:  mov     %r8, %rsi
+    mov     %r9, %rcx
+    test    %rsi, %rsi
+    jnz     10f
+    stc
+    jmp     11f
+10: clc
+11: pop     %r10
+    pop     %r9
+    pop     %r8
     pop     %rdx
-    pop     %rcx
     pop     %rax
     ret
 
@@ -1667,19 +1876,26 @@ virtio_open:
     jmp     fail
 1:  mov     %rax, vdev_base(%rip)
     movl    $0, vdev_want(%rip)
+    movl    $1, vdev_nq(%rip)
     cmp     $VIRTIO_ID_BLOCK, %edi
     jne     2f
     movl    $BLK_FEATURES, vdev_want(%rip)
-2:  call    virtio_init
+2:  cmp     $VIRTIO_ID_NET, %edi
+    jne     3f
+    movl    $NET_FEATURES, vdev_want(%rip)
+    movl    $2, vdev_nq(%rip)           /* receiveq and transmitq */
+3:  call    virtio_init
     jc      fail
     ret
 
 /* virtio_init: reset the device at vdev_base and set it up: features (VERSION_1 and those of
- * vdev_want it offers), queue 0 in vq_area. CF = 1 and rsi = a message on failure. */
+ * vdev_want it offers), queue 0 in vq_area and, if vdev_nq is 2, queue 1 in vq_area1.
+ * CF = 1 and rsi = a message on failure. */
 virtio_init:
     push    %rax
     push    %rbx
     push    %rcx
+    push    %rdx
     push    %rdi
     mov     vdev_base(%rip), %rbx
     movl    $0, VMMIO_STATUS(%rbx)      /* reset, and wait (bounded) until it reads 0 */
@@ -1712,49 +1928,28 @@ virtio_init:
     test    $VSTAT_FEATURES_OK, %eax
     lea     s_vi_features(%rip), %rsi
     jz      8f
-    movl    $0, VMMIO_QUEUE_SEL(%rbx)
-    mov     VMMIO_QUEUE_READY(%rbx), %eax
-    test    %eax, %eax
-    lea     s_vi_queue_ready(%rip), %rsi
-    jnz     8f
-    mov     VMMIO_QUEUE_NUM_MAX(%rbx), %eax
-    test    %eax, %eax
-    lea     s_vi_no_queue(%rip), %rsi
-    jz      8f
-    mov     $VQ_MAX_SIZE, %ecx          /* the largest power of 2 <= min(max, 16) */
-3:  cmp     %eax, %ecx
-    jbe     4f
-    shr     $1, %ecx
-    jmp     3b
-4:  cmp     $4, %ecx                    /* a blk request takes 3 descriptors */
-    lea     s_vi_small_queue(%rip), %rsi
-    jb      8f
+    xor     %edi, %edi                  /* queue 0 */
+    lea     vq_area(%rip), %rdx
+    call    vq_setup
+    jc      8f
     mov     %ecx, vq_size(%rip)
-    mov     %ecx, VMMIO_QUEUE_NUM(%rbx)
     dec     %ecx
     mov     %ecx, vq_mask(%rip)
-    lea     vq_area(%rip), %rdi         /* fresh rings */
-    mov     $(4096 / 8), %ecx
-    xor     %eax, %eax
-    rep stosq
     movl    $0, vq_cursor(%rip)
     movl    $0, vq_avail_idx(%rip)
     movl    $0, vq_used_last(%rip)
-    movw    $VRING_AVAIL_F_NO_INTERRUPT, vq_area+VQ_AVAIL(%rip)
-    lea     vq_area+VQ_DESC(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DESC(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DESC+4(%rbx)
-    lea     vq_area+VQ_AVAIL(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DRIVER(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DRIVER+4(%rbx)
-    lea     vq_area+VQ_USED(%rip), %rax
-    mov     %eax, VMMIO_QUEUE_DEVICE(%rbx)
-    shr     $32, %rax
-    mov     %eax, VMMIO_QUEUE_DEVICE+4(%rbx)
-    movl    $1, VMMIO_QUEUE_READY(%rbx)
-    movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK), VMMIO_STATUS(%rbx)
+    cmpl    $2, vdev_nq(%rip)
+    jb      3f
+    mov     $1, %edi                    /* queue 1 */
+    lea     vq_area1(%rip), %rdx
+    call    vq_setup
+    jc      8f
+    mov     %ecx, txq_size(%rip)
+    dec     %ecx
+    mov     %ecx, txq_mask(%rip)
+    movl    $0, txq_avail_idx(%rip)
+    movl    $0, txq_used_last(%rip)
+3:  movl    $(VSTAT_ACK | VSTAT_DRIVER | VSTAT_FEATURES_OK | VSTAT_DRIVER_OK), VMMIO_STATUS(%rbx)
     clc
     jmp     9f
 8:  mov     VMMIO_STATUS(%rbx), %eax    /* give up: FAILED */
@@ -1762,11 +1957,65 @@ virtio_init:
     mov     %eax, VMMIO_STATUS(%rbx)
     stc
 9:  pop     %rdi
+    pop     %rdx
     pop     %rcx
     pop     %rbx
     pop     %rax
     ret
 
+/* vq_setup: set up queue edi of the device at rbx with its rings in the 4 KiB page at rdx
+ * (zeroed here: descriptors at +0, avail ring at +0x100 with VRING_AVAIL_F_NO_INTERRUPT, used
+ * ring at +0x200) and make it ready. ecx = its size (the largest power of 2 <= min(QueueNumMax,
+ * 16), at least 4); CF = 1 and rsi = a message on failure. Clobbers rax. */
+vq_setup:
+    push    %rdi
+    mov     %edi, VMMIO_QUEUE_SEL(%rbx)
+    mov     VMMIO_QUEUE_READY(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_queue_ready(%rip), %rsi
+    jnz     7f
+    mov     VMMIO_QUEUE_NUM_MAX(%rbx), %eax
+    test    %eax, %eax
+    lea     s_vi_no_queue(%rip), %rsi
+    jz      7f
+    mov     $VQ_MAX_SIZE, %ecx          /* the largest power of 2 <= min(max, 16) */
+1:  cmp     %eax, %ecx
+    jbe     2f
+    shr     $1, %ecx
+    jmp     1b
+2:  cmp     $4, %ecx                    /* a blk request takes 3 descriptors */
+    lea     s_vi_small_queue(%rip), %rsi
+    jb      7f
+    mov     %ecx, VMMIO_QUEUE_NUM(%rbx)
+    push    %rcx
+    mov     %rdx, %rdi                  /* fresh rings */
+    mov     $(4096 / 8), %ecx
+    xor     %eax, %eax
+    rep stosq
+    pop     %rcx
+    movw    $VRING_AVAIL_F_NO_INTERRUPT, VQ_AVAIL(%rdx)
+    lea     VQ_DESC(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DESC(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DESC+4(%rbx)
+    lea     VQ_AVAIL(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DRIVER+4(%rbx)
+    lea     VQ_USED(%rdx), %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE(%rbx)
+    shr     $32, %rax
+    mov     %eax, VMMIO_QUEUE_DEVICE+4(%rbx)
+    movl    $1, VMMIO_QUEUE_READY(%rbx)
+    pop     %rdi
+    clc
+    ret
+7:  test    %edi, %edi                  /* queue 1: the same messages with "queue 1" */
+    jz      8f
+    add     $(s_vi1_queue_ready - s_vi_queue_ready), %rsi
+8:  pop     %rdi
+    stc
+    ret
 /* vq_alloc: eax = the next descriptor index (round robin: after a request that got no
  * answer, the next ones use other descriptors for a while) */
 vq_alloc:
@@ -1968,6 +2217,441 @@ blk_request_ok:
     jmp     fail
 2:  lea     s_req_status(%rip), %rsi
     jmp     fail_hex
+
+/* ---- virtio-net: queue 0 receiveq, queue 1 transmitq ----------------------------------- */
+
+/* net_setup: after virtio_open: the MAC (config offset 0, if VIRTIO_NET_F_MAC was
+ * negotiated, else NET_DEFAULT_MAC) and the reply MAC; every receiveq descriptor i is the
+ * 2 KiB device-writable buffer i of net_rx_bufs, all posted; every transmitq descriptor i is
+ * buffer i of net_tx_bufs, all free. Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8. */
+net_setup:
+    mov     vdev_base(%rip), %rsi
+    testl   $(1 << NET_F_MAC), vdev_feat(%rip)
+    jz      2f
+1:  mov     VMMIO_CONFIG_GEN(%rsi), %ecx    /* six byte reads, one generation */
+    movzbl  VMMIO_CONFIG+0(%rsi), %eax
+    mov     %al, net_mac+0(%rip)
+    movzbl  VMMIO_CONFIG+1(%rsi), %eax
+    mov     %al, net_mac+1(%rip)
+    movzbl  VMMIO_CONFIG+2(%rsi), %eax
+    mov     %al, net_mac+2(%rip)
+    movzbl  VMMIO_CONFIG+3(%rsi), %eax
+    mov     %al, net_mac+3(%rip)
+    movzbl  VMMIO_CONFIG+4(%rsi), %eax
+    mov     %al, net_mac+4(%rip)
+    movzbl  VMMIO_CONFIG+5(%rsi), %eax
+    mov     %al, net_mac+5(%rip)
+    cmp     VMMIO_CONFIG_GEN(%rsi), %ecx
+    jne     1b
+    jmp     3f
+2:  movl    $NET_DEFAULT_MAC_LO, net_mac(%rip)
+    movw    $NET_DEFAULT_MAC_HI, net_mac+4(%rip)
+3:  mov     net_mac(%rip), %eax
+    mov     %eax, net_reply_mac(%rip)
+    movzwl  net_mac+4(%rip), %eax
+    cmpl    $0, net_spoof(%rip)
+    je      4f
+    xor     $0xff00, %eax               /* the last byte */
+4:  mov     %ax, net_reply_mac+4(%rip)
+
+    lea     vq_area(%rip), %rbx         /* receiveq: post every buffer */
+    xor     %edi, %edi
+5:  mov     %edi, %eax
+    shl     $NET_BUF_SHIFT, %eax
+    lea     net_rx_bufs(%rip), %rdx
+    add     %rdx, %rax
+    mov     $NET_BUF_SIZE, %ecx
+    mov     $VRING_DESC_F_WRITE, %edx
+    call    vq_set_desc
+    mov     %di, VQ_AVAIL+4(%rbx,%rdi,2)
+    inc     %edi
+    cmp     vq_size(%rip), %edi
+    jb      5b
+    mov     %edi, vq_avail_idx(%rip)
+    mov     %di, VQ_AVAIL+2(%rbx)
+    mov     vdev_base(%rip), %rsi
+    movl    $0, VMMIO_QUEUE_NOTIFY(%rsi)
+
+    xor     %edi, %edi                  /* transmitq: every descriptor free */
+    lea     txq_free(%rip), %rsi
+    lea     txq_busy(%rip), %r8
+6:  mov     %dil, (%rsi,%rdi)
+    movb    $0, (%r8,%rdi)
+    inc     %edi
+    cmp     txq_size(%rip), %edi
+    jb      6b
+    mov     %edi, txq_nfree(%rip)
+    movl    $0, net_rx_skip(%rip)
+    movl    $0, net_tx_pending(%rip)
+    ret
+
+/* net_frame: the used receiveq buffer edi (< vq_size) with used length esi: answer it if it
+ * is an ARP request or an ICMP echo request for net_ip (r12 / r13 count the ARP / echo
+ * replies queued). Clobbers rax, rbx, rcx, rdx, rsi, rdi, r8-r11. */
+net_frame:
+    cmpl    $0, net_rx_skip(%rip)       /* the rest of a frame that did not fit one buffer */
+    je      1f
+    decl    net_rx_skip(%rip)
+    ret
+1:  cmp     $NET_BUF_SIZE, %esi
+    ja      9f                          /* more than the buffer: the device is wrong */
+    mov     %edi, %r8d
+    shl     $NET_BUF_SHIFT, %r8d
+    lea     net_rx_bufs(%rip), %rax
+    add     %rax, %r8                   /* the virtio_net_hdr_v1, then the frame */
+    testl   $(1 << NET_F_MRG_RXBUF), vdev_feat(%rip)
+    jz      2f
+    movzwl  NET_HDR_NUM_BUFFERS(%r8), %eax
+    cmp     $1, %eax
+    jbe     2f
+    dec     %eax                        /* drop the frame and the buffers it goes on in */
+    mov     %eax, net_rx_skip(%rip)
+    ret
+2:  sub     $NET_HDR_LEN, %esi          /* esi = frame length */
+    jb      9f
+    cmp     $ETH_HLEN, %esi
+    jb      9f
+    lea     NET_HDR_LEN(%r8), %r9       /* r9 = frame */
+    mov     (%r9), %eax                 /* destination: broadcast, our MAC or the reply MAC */
+    movzwl  4(%r9), %edx
+    cmp     $-1, %eax
+    jne     3f
+    cmp     $0xffff, %edx
+    je      5f
+3:  cmp     net_mac(%rip), %eax
+    jne     4f
+    cmp     net_mac+4(%rip), %dx
+    je      5f
+4:  cmp     net_reply_mac(%rip), %eax
+    jne     9f
+    cmp     net_reply_mac+4(%rip), %dx
+    jne     9f
+5:  movzwl  ETH_TYPE(%r9), %eax
+    cmp     $ETH_P_ARP_BE, %eax
+    je      net_arp
+    cmp     $ETH_P_IP_BE, %eax
+    je      net_ipv4
+9:  ret
+
+/* net_arp: net_frame's ARP frame (r9, length esi) */
+net_arp:
+    cmp     $(ETH_HLEN + ARP_LEN), %esi
+    jb      9f
+    cmpl    $ARP_ETH_IP_BE, ETH_HLEN(%r9)       /* htype 1, ptype 0x0800 */
+    jne     9f
+    cmpl    $ARP_REQUEST_BE, ETH_HLEN+4(%r9)    /* hlen 6, plen 4, oper 1 */
+    jne     9f
+    mov     ETH_HLEN+ARP_TPA(%r9), %eax
+    cmp     net_ip(%rip), %eax
+    jne     9f
+    call    tx_get
+    jc      9f
+    mov     ETH_HLEN+ARP_SHA(%r9), %eax         /* to the asker */
+    movzwl  ETH_HLEN+ARP_SHA+4(%r9), %edx
+    mov     %eax, 0(%r10)
+    mov     %dx, 4(%r10)
+    mov     %eax, ETH_HLEN+ARP_THA(%r10)
+    mov     %dx, ETH_HLEN+ARP_THA+4(%r10)
+    mov     net_reply_mac(%rip), %eax           /* from the reply MAC */
+    movzwl  net_reply_mac+4(%rip), %edx
+    mov     %eax, 6(%r10)
+    mov     %dx, 10(%r10)
+    mov     %eax, ETH_HLEN+ARP_SHA(%r10)
+    mov     %dx, ETH_HLEN+ARP_SHA+4(%r10)
+    movw    $ETH_P_ARP_BE, ETH_TYPE(%r10)
+    movl    $ARP_ETH_IP_BE, ETH_HLEN(%r10)
+    movl    $ARP_REPLY_BE, ETH_HLEN+4(%r10)
+    mov     net_ip(%rip), %eax
+    mov     %eax, ETH_HLEN+ARP_SPA(%r10)
+    mov     ETH_HLEN+ARP_SPA(%r9), %eax
+    mov     %eax, ETH_HLEN+ARP_TPA(%r10)
+    mov     $(ETH_HLEN + ARP_LEN), %ecx
+    call    tx_put
+    inc     %r12
+9:  ret
+
+/* net_ipv4: net_frame's IPv4 frame (r9, length esi). Only 20-byte headers (no options),
+ * unfragmented, ICMP echo request to net_ip, the whole datagram in the frame. The reply is
+ * the datagram with the addresses swapped, TTL 64, a new header checksum, type 0 and the
+ * ICMP checksum updated (RFC 1624); Ethernet padding is not copied. */
+net_ipv4:
+    cmp     $(ETH_HLEN + IP_HLEN + ICMP_HLEN), %esi
+    jb      9f
+    cmpb    $0x45, ETH_HLEN(%r9)                /* version 4, IHL 5 */
+    jne     9f
+    mov     ETH_HLEN+IP_DADDR(%r9), %eax
+    cmp     net_ip(%rip), %eax
+    jne     9f
+    cmpb    $IPPROTO_ICMP, ETH_HLEN+IP_PROTO(%r9)
+    jne     9f
+    testw   $IP_MF_OFFSET_BE, ETH_HLEN+IP_FRAG(%r9)
+    jnz     9f                                  /* a fragment */
+    cmpb    $ICMP_ECHO, ETH_HLEN+IP_HLEN(%r9)
+    jne     9f
+    movzwl  ETH_HLEN+IP_TOTLEN(%r9), %ecx
+    rol     $8, %cx                             /* big endian */
+    cmp     $(IP_HLEN + ICMP_HLEN), %ecx
+    jb      9f
+    add     $ETH_HLEN, %ecx                     /* ecx = reply frame length */
+    cmp     %esi, %ecx
+    ja      9f                                  /* truncated */
+    call    tx_get
+    jc      9f
+    push    %rcx
+    mov     %r9, %rsi
+    mov     %r10, %rdi
+    add     $7, %ecx                            /* whole qwords: the buffers are 2 KiB */
+    shr     $3, %ecx
+    rep movsq
+    pop     %rcx
+    mov     6(%r9), %eax                        /* Ethernet: to the sender, ... */
+    movzwl  10(%r9), %edx
+    mov     %eax, 0(%r10)
+    mov     %dx, 4(%r10)
+    mov     net_reply_mac(%rip), %eax           /* ... from the reply MAC */
+    movzwl  net_reply_mac+4(%rip), %edx
+    mov     %eax, 6(%r10)
+    mov     %dx, 10(%r10)
+    lea     ETH_HLEN(%r10), %rdi                /* IPv4 header */
+    mov     IP_SADDR(%rdi), %eax
+    mov     IP_DADDR(%rdi), %edx
+    mov     %edx, IP_SADDR(%rdi)
+    mov     %eax, IP_DADDR(%rdi)
+    movb    $64, IP_TTL(%rdi)
+    movw    $0, IP_CSUM(%rdi)
+    xor     %eax, %eax
+    xor     %edx, %edx
+1:  movzwl  (%rdi,%rdx,2), %esi
+    add     %esi, %eax
+    inc     %edx
+    cmp     $(IP_HLEN / 2), %edx
+    jb      1b
+    call    csum_fold
+    mov     %ax, IP_CSUM(%rdi)
+    add     $IP_HLEN, %rdi                      /* ICMP: HC' = ~(~HC + ~m + m') */
+    movzwl  (%rdi), %edx                        /* m: type 8 and the code */
+    movb    $ICMP_ECHOREPLY, (%rdi)
+    movzwl  ICMP_CSUM(%rdi), %eax
+    not     %eax
+    and     $0xffff, %eax
+    not     %edx
+    and     $0xffff, %edx
+    add     %edx, %eax
+    movzwl  (%rdi), %edx                        /* m': type 0 and the code */
+    add     %edx, %eax
+    call    csum_fold
+    mov     %ax, ICMP_CSUM(%rdi)
+    call    tx_put
+    inc     %r13
+9:  ret
+
+/* csum_fold: eax = a sum of 16-bit words (below 2^31) -> ax = its one's complement sum,
+ * complemented (the Internet checksum of those words) */
+csum_fold:
+    push    %rdx
+    mov     %eax, %edx
+    shr     $16, %edx
+    and     $0xffff, %eax
+    add     %edx, %eax
+    mov     %eax, %edx
+    shr     $16, %edx
+    add     %edx, %eax
+    not     %eax
+    pop     %rdx
+    ret
+
+/* tx_get: a free transmitq descriptor (used ones are reclaimed first): r11d = its index,
+ * r10 = its buffer's frame, after the virtio_net_hdr_v1 (zeroed here); CF = 1 if all are in
+ * flight. Clobbers rax, rdx. */
+tx_get:
+    call    tx_reclaim
+    mov     txq_nfree(%rip), %eax
+    test    %eax, %eax
+    jz      8f
+    dec     %eax
+    mov     %eax, txq_nfree(%rip)
+    lea     txq_free(%rip), %rdx
+    movzbl  (%rdx,%rax), %r11d
+    lea     txq_busy(%rip), %rdx
+    movb    $1, (%rdx,%r11)
+    mov     %r11d, %r10d
+    shl     $NET_BUF_SHIFT, %r10d
+    lea     net_tx_bufs(%rip), %rax
+    add     %rax, %r10
+    movq    $0, (%r10)
+    movl    $0, 8(%r10)
+    add     $NET_HDR_LEN, %r10
+    clc
+    ret
+8:  stc
+    ret
+
+/* tx_reclaim: every used transmitq entry frees its descriptor (ids out of range or not in
+ * flight are skipped). Clobbers rax, rdx. */
+tx_reclaim:
+    push    %rbx
+    push    %rcx
+    push    %rsi
+    lea     vq_area1(%rip), %rbx
+1:  mov     txq_used_last(%rip), %ecx
+    movzwl  VQ_USED+2(%rbx), %eax
+    cmp     %cx, %ax
+    je      9f
+    mov     %ecx, %edx
+    and     txq_mask(%rip), %edx
+    mov     VQ_USED+4(%rbx,%rdx,8), %edx    /* id */
+    inc     %ecx
+    mov     %ecx, txq_used_last(%rip)
+    cmp     txq_size(%rip), %edx
+    jae     1b
+    lea     txq_busy(%rip), %rsi
+    cmpb    $0, (%rsi,%rdx)
+    je      1b
+    movb    $0, (%rsi,%rdx)
+    mov     txq_nfree(%rip), %eax
+    lea     txq_free(%rip), %rsi
+    mov     %dl, (%rsi,%rax)
+    inc     %eax
+    mov     %eax, txq_nfree(%rip)
+    jmp     1b
+9:  pop     %rsi
+    pop     %rcx
+    pop     %rbx
+    ret
+
+/* tx_put: send the frame of ecx bytes at r10 of descriptor r11d (from tx_get): descriptor
+ * {header and frame, device-readable}, avail ring entry, avail idx. The notification comes
+ * later (net_tx_pending). Clobbers rax, rdx. */
+tx_put:
+    push    %rbx
+    lea     vq_area1(%rip), %rbx
+    mov     %r11d, %edx
+    shl     $4, %edx
+    lea     -NET_HDR_LEN(%r10), %rax
+    mov     %rax, VQ_DESC(%rbx,%rdx)
+    lea     NET_HDR_LEN(%rcx), %eax
+    mov     %eax, VQ_DESC+8(%rbx,%rdx)
+    movl    $0, VQ_DESC+12(%rbx,%rdx)       /* flags 0, next 0 */
+    mov     txq_avail_idx(%rip), %eax
+    mov     %eax, %edx
+    and     txq_mask(%rip), %edx
+    mov     %r11w, VQ_AVAIL+4(%rbx,%rdx,2)
+    inc     %eax
+    mov     %eax, txq_avail_idx(%rip)
+    mov     %ax, VQ_AVAIL+2(%rbx)
+    movl    $1, net_tx_pending(%rip)
+    pop     %rbx
+    ret
+
+/* parse_ipv4: (rsi, length rcx) is exactly A.B.C.D (decimal, 1-3 digits, 0-255 each) ->
+ * eax = the address as it lies in a packet (A in the low byte); CF = 1 if not */
+parse_ipv4:
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %r8
+    push    %r9
+    xor     %eax, %eax
+    xor     %r8d, %r8d                  /* octets done */
+1:  xor     %ebx, %ebx                  /* this octet */
+    xor     %r9d, %r9d                  /* its digits */
+2:  test    %rcx, %rcx
+    jz      3f
+    movzbl  (%rsi), %edx
+    sub     $'0', %edx
+    cmp     $9, %edx
+    ja      3f
+    imul    $10, %ebx, %ebx
+    add     %edx, %ebx
+    inc     %r9d
+    inc     %rsi
+    dec     %rcx
+    cmp     $3, %r9d
+    jbe     2b
+    jmp     8f                          /* four digits */
+3:  test    %r9d, %r9d
+    jz      8f
+    cmp     $255, %ebx
+    ja      8f
+    push    %rcx
+    lea     (,%r8,8), %ecx
+    shl     %cl, %ebx
+    pop     %rcx
+    or      %ebx, %eax
+    inc     %r8d
+    cmp     $4, %r8d
+    je      4f
+    test    %rcx, %rcx
+    jz      8f
+    cmpb    $'.', (%rsi)
+    jne     8f
+    inc     %rsi
+    dec     %rcx
+    jmp     1b
+4:  test    %rcx, %rcx
+    jnz     8f
+    clc
+    jmp     9f
+8:  stc
+9:  pop     %r9
+    pop     %r8
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    ret
+
+/* put_mac: the 6 bytes at rsi as xx:xx:xx:xx:xx:xx */
+put_mac:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    push    %rdx
+    lea     hexdigits(%rip), %rdx
+    xor     %ecx, %ecx
+1:  test    %ecx, %ecx
+    jz      2f
+    mov     $':', %al
+    call    putc
+2:  movzbl  (%rsi,%rcx), %ebx
+    mov     %ebx, %eax
+    shr     $4, %eax
+    movzbl  (%rdx,%rax), %eax
+    call    putc
+    and     $15, %ebx
+    movzbl  (%rdx,%rbx), %eax
+    call    putc
+    inc     %ecx
+    cmp     $6, %ecx
+    jb      1b
+    pop     %rdx
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
+
+/* put_ipv4: eax (as parse_ipv4 gives it) as A.B.C.D */
+put_ipv4:
+    push    %rax
+    push    %rbx
+    push    %rcx
+    mov     %eax, %ebx
+    xor     %ecx, %ecx
+1:  test    %ecx, %ecx
+    jz      2f
+    mov     $'.', %al
+    call    putc
+2:  movzbl  %bl, %eax
+    call    putdec
+    shr     $8, %ebx
+    inc     %ecx
+    cmp     $4, %ecx
+    jb      1b
+    pop     %rcx
+    pop     %rbx
+    pop     %rax
+    ret
 
 /* fail: print "testguest: <cur_name>: FAIL <rsi>" and power off */
 fail:
@@ -2430,7 +3114,13 @@ k_blk_id:           .asciz "blk-id"
 k_blk_ro:           .asciz "blk-ro"
 k_blk_bad:          .asciz "blk-bad"
 k_rng:              .asciz "rng"
+k_net:              .asciz "net"
+k_net_spoof:        .asciz "net-spoof"
+k_ip:               .asciz "ip="
+k_net_seconds:      .asciz "net-seconds="
 k_virtio_mmio:      .asciz "virtio_mmio.device="
+n_net:              .asciz "net"
+n_net_spoof:        .asciz "net-spoof"
 n_blk_fill:         .asciz "blk-fill"
 n_blk_check:        .asciz "blk-check"
 n_blk_id:           .asciz "blk-id"
@@ -2442,6 +3132,14 @@ n_rng:              .asciz "rng"
 s_fail:             .asciz ": FAIL "
 s_no_blk:           .asciz "no virtio-blk device"
 s_no_rng:           .asciz "no virtio-rng device"
+s_no_net:           .asciz "no virtio-net device"
+s_no_ip:            .asciz "no ip=A.B.C.D on the command line"
+s_bad_seconds:      .asciz "bad net-seconds=N"
+s_mac:              .asciz " mac "
+s_ip:               .asciz " ip "
+s_answered:         .asciz " answered "
+s_arp:              .asciz " arp "
+s_echo:             .asciz " echo"
 s_legacy:           .asciz "legacy (version 1) virtio-mmio transport, version 2 needed"
 s_vi_reset:         .asciz "device status does not reset to 0"
 s_vi_version_1:     .asciz "VIRTIO_F_VERSION_1 not offered"
@@ -2449,6 +3147,16 @@ s_vi_features:      .asciz "FEATURES_OK not kept: features refused"
 s_vi_queue_ready:   .asciz "queue 0 already ready after reset"
 s_vi_no_queue:      .asciz "queue 0 not available (QueueNumMax 0)"
 s_vi_small_queue:   .asciz "queue 0 too small (QueueNumMax < 4)"
+/* the same three for queue 1, in the same order (vq_setup adds one offset to all three) */
+s_vi1_queue_ready:  .asciz "queue 1 already ready after reset"
+s_vi1_no_queue:     .asciz "queue 1 not available (QueueNumMax 0)"
+s_vi1_small_queue:  .asciz "queue 1 too small (QueueNumMax < 4)"
+    .if (s_vi1_no_queue - s_vi_no_queue) != (s_vi1_queue_ready - s_vi_queue_ready)
+    .error "the queue 1 messages must mirror the queue 0 ones"
+    .endif
+    .if (s_vi1_small_queue - s_vi_small_queue) != (s_vi1_queue_ready - s_vi_queue_ready)
+    .error "the queue 1 messages must mirror the queue 0 ones"
+    .endif
 s_timeout:          .asciz "request timed out"
 s_req_status:       .asciz "request status "
 s_write_status:     .asciz "write status (IOERR expected) "
@@ -2509,6 +3217,21 @@ vq_mask:            .long 0             /* vq_size - 1 */
 vq_cursor:          .long 0             /* next descriptor to hand out (round robin) */
 vq_avail_idx:       .long 0             /* our avail idx (its low 16 bits are published) */
 vq_used_last:       .long 0             /* used ring entries consumed */
+vdev_nq:            .long 0             /* queues set up: 1, or 2 (virtio-net) */
+txq_size:           .long 0             /* queue 1 (virtio-net transmitq): size, ... */
+txq_mask:           .long 0
+txq_avail_idx:      .long 0
+txq_used_last:      .long 0
+txq_nfree:          .long 0             /* entries of txq_free */
+txq_free:           .skip VQ_MAX_SIZE   /* free transmitq descriptors (a stack) */
+txq_busy:           .skip VQ_MAX_SIZE   /* 1: descriptor in flight */
+    .p2align 3
+net_mac:            .skip 8             /* the device's MAC (6 bytes) */
+net_reply_mac:      .skip 8             /* the source MAC of replies (net-spoof: not ours) */
+net_ip:             .long 0             /* ip=, as in a packet */
+net_spoof:          .long 0             /* 1 in net-spoof */
+net_rx_skip:        .long 0             /* rx buffers still to drop (MRG_RXBUF, num_buffers > 1) */
+net_tx_pending:     .long 0             /* frames queued since the last transmitq notification */
 
     .bss
     .p2align 4
@@ -2523,7 +3246,10 @@ pvh_pdpt:           .skip 4096
 pvh_pd:             .skip 4 * 4096
 pvh_boot_params:    .skip 4096          /* ... and the boot_params it builds */
 vq_area:            .skip 4096          /* queue 0: descriptors, avail ring, used ring */
+vq_area1:           .skip 4096          /* queue 1 (virtio-net only), the same layout */
 blk_buf:            .skip BLK_BUF_SIZE  /* request data */
+net_rx_bufs:        .skip VQ_MAX_SIZE * NET_BUF_SIZE    /* receiveq buffer i: descriptor i */
+net_tx_bufs:        .skip VQ_MAX_SIZE * NET_BUF_SIZE    /* transmitq buffer i: descriptor i */
 blk_hdr:            .skip 16            /* virtio-blk request header */
 blk_status:         .skip 16            /* its status byte */
 

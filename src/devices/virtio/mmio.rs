@@ -41,6 +41,7 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_select: u32,
     status: u32,
+    activations: u64,
 }
 
 /// Errors from [`MmioTransport::new`].
@@ -82,6 +83,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_select: 0,
             status: 0,
+            activations: 0,
         })
     }
 
@@ -252,9 +254,11 @@ impl MmioTransport {
             .map(|queue| Queue::try_from(queue.state()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot copy a queue: {e}"))?;
+        self.activations += 1;
         *self.shared.lock_active() = Some(ActiveQueues {
             queues,
             features: self.driver_features,
+            generation: self.activations,
         });
         for event in &self.queue_events {
             let _ = event.write(1);

@@ -13,7 +13,10 @@
 pub mod block;
 pub mod chain;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -56,6 +59,18 @@ pub enum DeviceError {
         #[source]
         source: virtio_queue::Error,
     },
+    #[error("the host side of the device failed: {0}")]
+    Backend(#[source] std::io::Error),
+}
+
+impl DeviceError {
+    /// Makes a queue error of queue `index` (for `map_err`).
+    pub fn in_queue(index: usize) -> impl Fn(virtio_queue::Error) -> DeviceError + Copy {
+        move |source| DeviceError::Queue {
+            queue: index,
+            source,
+        }
+    }
 }
 
 /// Serves the queues of one device on its worker thread.
@@ -73,6 +88,27 @@ pub trait QueueHandler: Send {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// The driver activated the device with `features` (called on the worker, before any
+    /// queue of this activation is served). A failure marks the device NEEDS_RESET.
+    fn activate(&mut self, _features: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// An fd of the device's host side (a tap) the worker waits on besides the queues, when
+    /// the device wants to hear from it now (e.g. not while the guest has no receive buffers).
+    fn backend_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    /// [`QueueHandler::backend_fd`] is readable: move what arrived into `queues`.
+    fn process_backend(
+        &mut self,
+        _queues: &mut [Queue],
+        _memory: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 }
 
 /// Serves every available chain of `queue` with `serve` (which gets the parsed chain, or why
@@ -84,10 +120,7 @@ pub fn drain_queue(
     memory: &GuestMemoryMmap,
     mut serve: impl FnMut(u16, Result<chain::Request, chain::ChainError>) -> u32,
 ) -> Result<bool, DeviceError> {
-    let queue_error = |source| DeviceError::Queue {
-        queue: index,
-        source,
-    };
+    let queue_error = DeviceError::in_queue(index);
     let mut used_any = false;
     loop {
         let next = queue.iter(memory).map_err(queue_error)?.next();
@@ -114,6 +147,8 @@ pub struct ActiveQueues {
     pub queues: Vec<Queue>,
     /// The features the driver accepted.
     pub features: u64,
+    /// Counts activations, so the worker tells a new one from the one it already saw.
+    pub generation: u64,
 }
 
 /// What a device's transport (vCPU threads) and worker share.

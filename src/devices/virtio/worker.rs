@@ -24,6 +24,8 @@ pub enum WorkerKind {
     Block,
     /// getrandom(2).
     Entropy,
+    /// Frames to and from a tap.
+    Net,
 }
 
 /// Runs first on every worker thread (the helper installs the thread's seccomp filter).
@@ -38,6 +40,12 @@ pub struct Worker {
     pub memory: GuestMemoryMmap,
     /// One per queue, in queue order.
     pub queue_events: Vec<EventFd>,
+}
+
+/// What woke the worker.
+enum Wake {
+    Exit,
+    Ready { queues: Vec<usize>, backend: bool },
 }
 
 /// A running worker.
@@ -73,32 +81,46 @@ impl Worker {
     }
 
     fn run(mut self, exit: &EventFd) {
+        // The activation the handler was last told about, and whether the device is active
+        // and healthy (only then is the backend fd worth waiting on).
+        let mut seen_generation = 0;
+        let mut serving = false;
         loop {
-            let ready = match self.wait(exit) {
-                Ok(Some(ready)) => ready,
-                Ok(None) => break,
+            let (queues, backend) = match self.wait(exit, serving) {
+                Ok(Wake::Ready { queues, backend }) => (queues, backend),
+                Ok(Wake::Exit) => break,
                 Err(err) => {
                     tracing::error!("{}: waiting for the guest failed: {err}", self.name);
                     break;
                 }
             };
-            for index in ready {
-                self.serve(index);
+            for &index in &queues {
+                if let Some(event) = self.queue_events.get(index) {
+                    // Clear the notification before looking at the ring, so a later one is
+                    // never lost.
+                    let _ = event.read();
+                }
             }
+            serving = self.serve(&mut seen_generation, &queues, backend);
         }
         if let Err(err) = self.handler.flush() {
             tracing::error!("{}: flushing before exit failed: {err}", self.name);
         }
     }
 
-    /// Waits for queue notifications; `None` when told to exit.
-    fn wait(&self, exit: &EventFd) -> nix::Result<Option<Vec<usize>>> {
+    /// Waits for queue notifications and the backend fd.
+    fn wait(&self, exit: &EventFd, serving: bool) -> nix::Result<Wake> {
+        let backend = self.handler.backend_fd().filter(|_| serving);
         let mut fds: Vec<PollFd<'_>> = self
             .queue_events
             .iter()
             .chain(std::iter::once(exit))
             .map(|event| PollFd::new(borrow_event(event), PollFlags::POLLIN))
             .collect();
+        let queue_count = self.queue_events.len();
+        if let Some(fd) = backend {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
         loop {
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => break,
@@ -107,24 +129,23 @@ impl Worker {
             }
         }
         let readable = |fd: &PollFd<'_>| fd.any().unwrap_or(false);
-        if fds.last().is_some_and(readable) {
-            return Ok(None);
+        if readable(&fds[queue_count]) {
+            return Ok(Wake::Exit);
         }
-        let ready = fds
+        let queues = fds[..queue_count]
             .iter()
             .enumerate()
             .filter(|(_, fd)| readable(fd))
             .map(|(index, _)| index)
             .collect();
-        Ok(Some(ready))
+        let backend = fds.get(queue_count + 1).is_some_and(readable);
+        Ok(Wake::Ready { queues, backend })
     }
 
-    /// Serves queue `index` if the device is active and healthy.
-    fn serve(&mut self, index: usize) {
-        if let Some(event) = self.queue_events.get(index) {
-            // Clear the notification before looking at the ring, so a later one is never lost.
-            let _ = event.read();
-        }
+    /// Serves the notified queues and the backend if the device is active and healthy;
+    /// returns whether it is.
+    fn serve(&mut self, seen_generation: &mut u64, queues: &[usize], backend: bool) -> bool {
+        let mut serving = false;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut active = self.shared.lock_active();
             let Some(active) = active.as_mut() else {
@@ -133,18 +154,33 @@ impl Worker {
             if self.shared.needs_reset() {
                 return Ok(false);
             }
-            let Some(queue) = active.queues.get_mut(index) else {
-                return Ok(false);
-            };
-            if !virtio_queue::QueueT::ready(queue) {
-                return Ok(false);
+            if active.generation != *seen_generation {
+                *seen_generation = active.generation;
+                self.handler.activate(active.features)?;
             }
-            self.handler.process_queue(index, queue, &self.memory)
+            serving = true;
+            let mut used = false;
+            for &index in queues {
+                let Some(queue) = active.queues.get_mut(index) else {
+                    continue;
+                };
+                if virtio_queue::QueueT::ready(queue) {
+                    used |= self.handler.process_queue(index, queue, &self.memory)?;
+                }
+            }
+            if backend {
+                used |= self
+                    .handler
+                    .process_backend(&mut active.queues, &self.memory)?;
+            }
+            Ok(used)
         }));
         match outcome {
             Ok(Ok(true)) => self.shared.interrupt.raise(INTERRUPT_USED_BUFFER),
             Ok(Ok(false)) => {}
             Ok(Err(err)) => {
+                let err: super::DeviceError = err;
+                serving = false;
                 tracing::error!(
                     "{}: {}; the device needs a reset by the guest",
                     self.name,
@@ -154,12 +190,14 @@ impl Worker {
             }
             Err(_) => {
                 tracing::error!(
-                    "{}: serving queue {index} panicked; the device needs a reset by the guest",
+                    "{}: serving the device panicked; it needs a reset by the guest",
                     self.name
                 );
                 self.shared.set_needs_reset();
+                serving = false;
             }
         }
+        serving
     }
 }
 

@@ -216,11 +216,7 @@ impl BlockDevice {
     }
 
     fn log_bad(&self, head: u16, why: &str) {
-        if let Some(suppressed) = self.bad_requests.admit() {
-            let more = match suppressed {
-                0 => String::new(),
-                n => format!(" ({n} more bad requests in the last second not logged)"),
-            };
+        if let Some(more) = self.bad_requests.admit_note("bad requests") {
             tracing::warn!(
                 "{}: refusing the guest's request at descriptor {head}: {why}{more}",
                 self.name
@@ -254,81 +250,48 @@ impl QueueHandler for BlockDevice {
 mod tests {
     use std::io::{Read, Seek, SeekFrom, Write};
 
-    use virtio_queue::QueueT;
-    use vm_memory::{Address, Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::protocol::ImageFormat;
 
-    const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
-    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    use crate::devices::virtio::testing::{self, NEXT, TestQueue, WRITE};
+
     const QUEUE: u16 = 16;
-    const DESC_TABLE: u64 = 0x0;
-    const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
     const HEADERS: u64 = 0x3000;
     const DATA: u64 = 0x10000;
     const MEMORY: u64 = 1 << 20;
 
-    /// A guest's side of one queue, written straight into guest memory.
+    /// A guest's side of the disk's queue.
     struct Driver {
         memory: GuestMemoryMmap,
-        queue: Queue,
-        avail_idx: u16,
+        ring: TestQueue,
     }
 
     impl Driver {
         fn new() -> Self {
-            let memory =
-                GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap();
-            let mut queue = Queue::new(QUEUE).unwrap();
-            queue.set_size(QUEUE);
-            queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-            queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-            queue.set_used_ring_address(Some(USED as u32), Some(0));
-            queue.set_ready(true);
-            assert!(queue.is_valid(&memory));
-            Driver {
-                memory,
-                queue,
-                avail_idx: 0,
-            }
+            let memory = testing::memory();
+            let ring = TestQueue::new(&memory, 0, QUEUE);
+            Driver { memory, ring }
         }
 
         fn set_descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let at = GuestAddress(DESC_TABLE + u64::from(index) * 16);
-            self.memory.write_obj(addr, at).unwrap();
-            self.memory.write_obj(len, at.unchecked_add(8)).unwrap();
-            self.memory.write_obj(flags, at.unchecked_add(12)).unwrap();
-            self.memory.write_obj(next, at.unchecked_add(14)).unwrap();
+            self.ring
+                .set_descriptor(&self.memory, index, addr, len, flags, next);
         }
 
-        /// Offers the chain starting at `head`.
-        fn offer(&mut self, head: u16) {
-            let slot = u64::from(self.avail_idx % QUEUE);
-            self.memory
-                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.memory
-                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-                .unwrap();
+        fn offer(&mut self, head: u16) -> u16 {
+            self.ring.offer(&self.memory, head)
         }
 
-        /// The used element for the `n`-th request: (id, len).
-        fn used(&self, n: u16) -> (u32, u32) {
-            let at = GuestAddress(USED + 4 + u64::from(n % QUEUE) * 8);
-            (
-                self.memory.read_obj(at).unwrap(),
-                self.memory.read_obj(at.unchecked_add(4)).unwrap(),
-            )
+        fn used(&self, position: u16) -> (u32, u32) {
+            self.ring.used(&self.memory, position)
         }
 
         fn used_idx(&self) -> u16 {
-            self.memory.read_obj(GuestAddress(USED + 2)).unwrap()
+            self.ring.used_idx(&self.memory)
         }
 
-        /// A standard three-part request at descriptors 0..3: header, data, status.
         fn request(&mut self, kind: u32, sector: u64, data: (u64, u32), data_flags: u16) -> u16 {
             self.memory.write_obj(kind, GuestAddress(HEADERS)).unwrap();
             self.memory
@@ -340,8 +303,7 @@ mod tests {
             self.set_descriptor(0, HEADERS, 16, NEXT, 1);
             self.set_descriptor(1, data.0, data.1, data_flags | NEXT, 2);
             self.set_descriptor(2, HEADERS + 16, 1, WRITE, 0);
-            self.offer(0);
-            self.avail_idx - 1
+            self.offer(0)
         }
 
         fn status(&self) -> u8 {
@@ -350,7 +312,7 @@ mod tests {
 
         fn run(&mut self, device: &mut BlockDevice) -> bool {
             device
-                .process_queue(0, &mut self.queue, &self.memory)
+                .process_queue(0, &mut self.ring.queue, &self.memory)
                 .unwrap()
         }
     }
@@ -549,12 +511,9 @@ mod tests {
         let (_file, image) = raw_disk(8);
         let mut disk = device(image, false);
         let mut driver = Driver::new();
-        driver
-            .memory
-            .write_obj(QUEUE + 1, GuestAddress(AVAIL + 2))
-            .unwrap();
+        driver.ring.set_avail_idx(&driver.memory, QUEUE + 1);
         assert!(matches!(
-            disk.process_queue(0, &mut driver.queue, &driver.memory),
+            disk.process_queue(0, &mut driver.ring.queue, &driver.memory),
             Err(DeviceError::Queue { queue: 0, .. })
         ));
     }
