@@ -1641,6 +1641,9 @@ fn disks_from_vmctl_create_to_the_guest_and_back_through_the_daemon() {
     assert!(created.status.success(), "{}", stderr_of(&created));
     vmd.call("holder", "Start");
     assert_eq!(vmd.property("holder", "State"), "running");
+    // A restarted daemon adopts holder, and still knows which files it holds.
+    vmd.ok(&["systemctl", "restart", "vmd.service"]);
+    vmd.wait_state("holder", "running", LIMIT);
     let start = |name: &str| {
         vmd.run(&[
             "gdbus",

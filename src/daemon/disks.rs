@@ -413,32 +413,11 @@ fn open_and_lock(
     rights: &Rights,
     claim: &mut dyn FnMut(&[Claim]) -> Option<FileId>,
 ) -> Result<OpenedDisks, DiskOpenError> {
-    let mut open = |path: &Path, writable: bool| host_files::open_image(path, rights, writable);
-    let mut resolved = Vec::with_capacity(disks.len());
-    for (disk, spec) in disks.iter().enumerate() {
-        let image = match &spec.source {
-            DiskSource::Path(path) => DiskImage::Path(path.clone()),
-            DiskSource::Passed(passed) => {
-                let fd = passed
-                    .fd
-                    .as_ref()
-                    .ok_or(DiskOpenError::PassedGone { disk })?;
-                let (file, location) =
-                    share(fd).map_err(|source| DiskOpenError::Passed { disk, source })?;
-                let dir = location
-                    .parent()
-                    .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
-                DiskImage::Opened {
-                    file,
-                    name: location,
-                    dir,
-                }
-            }
-        };
-        let chain = images::resolve(image, spec.format, spec.read_only, &mut open)
-            .map_err(|source| DiskOpenError::Chain { disk, source })?;
-        resolved.push(chain);
-    }
+    let resolved = disks
+        .iter()
+        .enumerate()
+        .map(|(disk, spec)| resolve_disk(disk, spec, rights, spec.read_only))
+        .collect::<Result<Vec<_>, _>>()?;
     // Every file of every chain, with its disk and path, in claim order.
     let mut files: Vec<(usize, &Path)> = Vec::new();
     let mut claims: Vec<Claim> = Vec::new();
@@ -501,6 +480,63 @@ fn open_and_lock(
         opened.fds.push(chain.into_fds());
     }
     Ok(opened)
+}
+
+/// Opens disk `disk` and its backing chain with `rights`; the image read-write unless
+/// `read_only`.
+fn resolve_disk(
+    disk: usize,
+    spec: &DiskSpec,
+    rights: &Rights,
+    read_only: bool,
+) -> Result<images::ResolvedDisk, DiskOpenError> {
+    let mut open = |path: &Path, writable: bool| host_files::open_image(path, rights, writable);
+    let image = match &spec.source {
+        DiskSource::Path(path) => DiskImage::Path(path.clone()),
+        DiskSource::Passed(passed) => {
+            let fd = passed
+                .fd
+                .as_ref()
+                .ok_or(DiskOpenError::PassedGone { disk })?;
+            let (file, location) =
+                share(fd).map_err(|source| DiskOpenError::Passed { disk, source })?;
+            let dir = location
+                .parent()
+                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+            DiskImage::Opened {
+                file,
+                name: location,
+                dir,
+            }
+        }
+    };
+    images::resolve(image, spec.format, read_only, &mut open)
+        .map_err(|source| DiskOpenError::Chain { disk, source })
+}
+
+/// What a helper started by an earlier daemon holds, as far as its definition tells: each
+/// disk's chain is followed again (read-only, with `rights`, nothing locked). A disk that
+/// cannot be followed any more is left out: the locks still guard it, only the message for a
+/// start that collides with it cannot name this VM.
+pub fn claims_of(disks: &[DiskSpec], rights: &Rights) -> Vec<Claim> {
+    disks
+        .iter()
+        .enumerate()
+        .filter_map(|(disk, spec)| {
+            let chain = resolve_disk(disk, spec, rights, true).ok()?;
+            let claims: Vec<Claim> = chain
+                .ids()
+                .into_iter()
+                .enumerate()
+                .map(|(layer, id)| Claim {
+                    id,
+                    writes: layer == 0 && !spec.read_only,
+                })
+                .collect();
+            Some(claims)
+        })
+        .flatten()
+        .collect()
 }
 
 /// The passed description itself (a new fd for it), and where its file lies now.

@@ -439,8 +439,22 @@ impl Vm {
             runtime.leader_pid = pid as u32;
             runtime.unit = scope::unit_name(&self.name);
         }
-        let disk_claims = self.adopted_disk_claims();
-        self.runtime().disk_claims = disk_claims;
+        // Which files it holds, to name it to a start that collides with it: following the
+        // chains reads files, so off the async workers.
+        let (vm, pidfd) = (self.clone(), helper.pidfd.clone());
+        tokio::task::spawn_blocking(move || {
+            let definition = vm.definition();
+            let claims = disks::claims_of(&definition.disks, &Rights::unattended(&definition));
+            let mut runtime = vm.runtime();
+            // Unless that helper has ended meanwhile.
+            if runtime
+                .pidfd
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, &pidfd))
+            {
+                runtime.disk_claims = claims;
+            }
+        });
         self.state.send_replace(VmState::Running);
         manager.announce(
             self,
@@ -470,30 +484,6 @@ impl Vm {
                     .any(|held| held.conflicts_with(want))
             })
             .map(|want| want.id)
-    }
-
-    /// What an adopted helper holds, as far as the definition tells: each disk's image by path
-    /// (its backing files are not followed again, and a passed disk's fd did not survive the
-    /// daemon's restart: such files are left to the locks alone).
-    fn adopted_disk_claims(&self) -> Vec<disks::Claim> {
-        use std::os::unix::fs::MetadataExt;
-        self.definition()
-            .disks
-            .iter()
-            .filter_map(|disk| match &disk.source {
-                disks::DiskSource::Path(path) => {
-                    let metadata = std::fs::metadata(path).ok()?;
-                    Some(disks::Claim {
-                        id: FileId {
-                            dev: metadata.dev(),
-                            ino: metadata.ino(),
-                        },
-                        writes: !disk.read_only,
-                    })
-                }
-                disks::DiskSource::Passed(_) => None,
-            })
-            .collect()
     }
 
     pub fn kill(&self) -> Result<(), LifecycleError> {
