@@ -274,6 +274,14 @@ impl NewVm {
             if !wanted.is_empty() {
                 compare("disks", Some(wanted.join(" ")), actual);
             }
+        } else if !self.disks.is_empty() {
+            // Passed disks show where their files lay, which need not be the path given here:
+            // only their number says something.
+            compare(
+                "disks",
+                Some(self.disks.len().to_string()),
+                current.disks().map(|disks| disks.len().to_string()),
+            );
         }
         compare(
             "cmdline",
@@ -879,6 +887,46 @@ mod tests {
             "vm web already exists with vcpus \"1\", not \"2\", memory \"512M\", not \"1.0G\"; \
              remove it first to change its definition"
         );
+
+        // Disks: by path for root, by number for passed ones.
+        let one_disk = NewVm {
+            disks: vec![(None, "/srv/a.qcow2".into())],
+            ..NewVm::default()
+        };
+        let entry = |path: &str| {
+            HashMap::from([(
+                "Path".to_owned(),
+                OwnedVariant::from(zbus::Str::from(path.to_owned())),
+            )])
+        };
+        let with = |paths: &[&str]| {
+            let disks: Vec<HashMap<String, OwnedVariant>> =
+                paths.iter().map(|path| entry(path)).collect();
+            properties(&[("Disks", Variant::from(disks))])
+        };
+        assert!(
+            one_disk
+                .check_matches("d", &with(&["/srv/a.qcow2"]), true)
+                .is_ok()
+        );
+        let error = one_disk
+            .check_matches("d", &with(&["/srv/b.qcow2"]), true)
+            .expect_err("differs")
+            .to_string();
+        assert!(
+            error.contains("disks \"/srv/b.qcow2\", not \"/srv/a.qcow2\""),
+            "{error}"
+        );
+        assert!(
+            one_disk
+                .check_matches("d", &with(&["/home/u/a.qcow2"]), false)
+                .is_ok()
+        );
+        let error = one_disk
+            .check_matches("d", &with(&[]), false)
+            .expect_err("differs")
+            .to_string();
+        assert!(error.contains("disks \"0\", not \"1\""), "{error}");
     }
 
     #[test]
