@@ -8,11 +8,10 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::NetNs;
-use common::{Lines, TESTGUEST, VMD};
+use common::{Lines, TESTGUEST, VMD, qemu_tool};
 use vmd::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
 use vmd::protocol::{
     DiskConfig, DiskFds, Event, HelperFds, ImageFormat, InterfaceConfig, Request, RunState,
@@ -183,41 +182,26 @@ fn next_event(helper: &HelperProcess) -> Event {
         .expect("control socket open")
 }
 
-/// Runs a QEMU tool, failing the test with its output if it fails.
-fn tool(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (apt-get install qemu-utils): {e}"));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{text}"
-    );
-    text
-}
-
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
 fn raw_image(dir: &Path, name: &str, size: &str, pattern: Option<u8>) -> PathBuf {
     let path = dir.join(name);
-    tool(
+    qemu_tool(
         "qemu-img",
         &["create", "-q", "-f", "raw", path_str(&path), size],
     );
     if let Some(byte) = pattern {
         let command = format!("write -P {byte:#x} 0 {size}");
-        tool("qemu-io", &["-f", "raw", "-c", &command, path_str(&path)]);
+        qemu_tool("qemu-io", &["-f", "raw", "-c", &command, path_str(&path)]);
     }
     path
 }
 
 fn assert_pattern(path: &Path, format: &str, byte: u8, offset: u64, len: u64) {
     let command = format!("read -P {byte:#x} {offset} {len}");
-    tool(
+    qemu_tool(
         "qemu-io",
         &["-f", format, "-r", "-c", &command, path_str(path)],
     );
@@ -252,7 +236,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
     let base = raw_image(dir.path(), "base.raw", "1M", Some(0x11));
     let middle = dir.path().join("middle.qcow2");
     let top = dir.path().join("top.qcow2");
-    tool(
+    qemu_tool(
         "qemu-img",
         &[
             "create",
@@ -266,7 +250,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
             path_str(&middle),
         ],
     );
-    tool(
+    qemu_tool(
         "qemu-io",
         &[
             "-f",
@@ -276,7 +260,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
             path_str(&middle),
         ],
     );
-    tool(
+    qemu_tool(
         "qemu-img",
         &[
             "create",
@@ -311,7 +295,7 @@ fn writes_go_to_the_top_of_a_qcow2_chain_and_the_bases_are_unchanged() {
         console.contains("testguest: blk-fill done 2048 sectors"),
         "{console}"
     );
-    tool("qemu-img", &["check", path_str(&top)]);
+    qemu_tool("qemu-img", &["check", path_str(&top)]);
     assert_pattern(&top, "qcow2", 0x5a, 0, 1 << 20);
     assert_pattern(&middle, "qcow2", 0x22, 0, 64 << 10);
     assert_pattern(&middle, "qcow2", 0x11, 64 << 10, (1 << 20) - (64 << 10));
@@ -353,7 +337,7 @@ fn malformed_requests_do_not_hurt_the_device_or_the_helper() {
     );
     // Nothing the bad requests did reached the image.
     assert_pattern(&image, "raw", 0x44, 0, 64 << 10);
-    tool("qemu-img", &["info", path_str(&image)]);
+    qemu_tool("qemu-img", &["info", path_str(&image)]);
 }
 
 #[test]
@@ -379,7 +363,7 @@ fn a_stop_before_the_guest_is_done_still_flushes_what_it_wrote() {
     let top = dir.path().join("stop.qcow2");
     // Large enough that the guest is still writing when the stop comes (it writes tens of
     // MiB a second here); only what it wrote before the stop takes room.
-    tool(
+    qemu_tool(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", path_str(&top), "4G"],
     );
@@ -407,7 +391,7 @@ fn a_stop_before_the_guest_is_done_still_flushes_what_it_wrote() {
         "the guest finished before the stop; make the disk larger:\n{console}"
     );
     // What the guest wrote before the stop is there, and the image is consistent.
-    tool("qemu-img", &["check", path_str(&top)]);
+    qemu_tool("qemu-img", &["check", path_str(&top)]);
     assert_pattern(&top, "qcow2", 0x77, 0, 64 << 10);
 }
 

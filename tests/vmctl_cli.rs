@@ -1,6 +1,9 @@
 //! vmctl's command line, checked from outside without a daemon: help, usage errors (exit 2) and
 //! a clean `vmctl: ...` failure (exit 1) when the bus or the socket is not there.
 
+mod common;
+
+use common::qemu_tool;
 use std::process::{Command, Output};
 
 fn vmctl(args: &[&str]) -> Output {
@@ -362,35 +365,15 @@ fn start_passes_files_as_fds_unless_root() {
     assert!(calls.is_empty(), "{calls:?}");
 }
 
-/// Runs a QEMU tool that must succeed; `None` (after saying why) when it is not installed.
-fn qemu(tool: &str, args: &[&str]) -> Option<String> {
-    let output = match Command::new(tool).args(args).output() {
-        Ok(output) => output,
-        Err(_) => {
-            eprintln!("SKIPPED: {tool} is not installed (apt install qemu-utils)");
-            return None;
-        }
-    };
-    assert!(
-        output.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 #[test]
 fn create_makes_images_qemu_img_accepts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let at = |name: &str| dir.path().join(name).display().to_string();
-    if qemu("qemu-img", &["--version"]).is_none() {
-        return;
-    }
+    qemu_tool("qemu-img", &["--version"]);
     let created = vmctl(&["create", "-s", "64M", &at("disk.qcow2")]);
     assert_eq!(created.status.code(), Some(0), "{}", stderr(&created));
-    qemu("qemu-img", &["check", &at("disk.qcow2")]);
-    let info = qemu("qemu-img", &["info", &at("disk.qcow2")]).unwrap_or_default();
+    qemu_tool("qemu-img", &["check", &at("disk.qcow2")]);
+    let info = qemu_tool("qemu-img", &["info", &at("disk.qcow2")]);
     assert!(
         info.contains("file format: qcow2") && info.contains("(67108864 bytes)"),
         "{info}"
@@ -399,8 +382,8 @@ fn create_makes_images_qemu_img_accepts() {
     // An overlay: the base recorded as given, the size the base's.
     let overlay = vmctl(&["create", "-b", "disk.qcow2", &at("overlay.qcow2")]);
     assert_eq!(overlay.status.code(), Some(0), "{}", stderr(&overlay));
-    qemu("qemu-img", &["check", &at("overlay.qcow2")]);
-    let info = qemu("qemu-img", &["info", &at("overlay.qcow2")]).unwrap_or_default();
+    qemu_tool("qemu-img", &["check", &at("overlay.qcow2")]);
+    let info = qemu_tool("qemu-img", &["info", &at("overlay.qcow2")]);
     assert!(
         info.contains("backing file: disk.qcow2")
             && info.contains("backing file format: qcow2")
@@ -409,13 +392,13 @@ fn create_makes_images_qemu_img_accepts() {
     );
 
     // A copy of the overlay's contents, converted to raw, then back to a larger qcow2.
-    qemu(
+    qemu_tool(
         "qemu-io",
         &["-c", "write -P 0x5a 1M 3M", &at("overlay.qcow2")],
     );
     let raw = vmctl(&["create", "-i", &at("overlay.qcow2"), &at("copy.img")]);
     assert_eq!(raw.status.code(), Some(0), "{}", stderr(&raw));
-    qemu(
+    qemu_tool(
         "qemu-img",
         &[
             "compare",
@@ -441,19 +424,19 @@ fn create_makes_images_qemu_img_accepts() {
         &at("grown.qcow2"),
     ]);
     assert_eq!(grown.status.code(), Some(0), "{}", stderr(&grown));
-    qemu("qemu-img", &["check", &at("grown.qcow2")]);
-    let info = qemu("qemu-img", &["info", &at("grown.qcow2")]).unwrap_or_default();
+    qemu_tool("qemu-img", &["check", &at("grown.qcow2")]);
+    let info = qemu_tool("qemu-img", &["info", &at("grown.qcow2")]);
     assert!(
         info.contains("(1610612736 bytes)") && !info.contains("backing"),
         "{info}"
     );
-    let read = qemu("qemu-io", &["-c", "read -P 0x5a 1M 3M", &at("grown.qcow2")]);
-    assert!(read.unwrap_or_default().contains("read 3145728/3145728"));
+    let read = qemu_tool("qemu-io", &["-c", "read -P 0x5a 1M 3M", &at("grown.qcow2")]);
+    assert!(read.contains("read 3145728/3145728"));
 
     // The format from a prefix: raw despite the name.
     let prefixed = vmctl(&["create", "-s", "1", &format!("raw:{}", at("plain.qcow2"))]);
     assert_eq!(prefixed.status.code(), Some(0), "{}", stderr(&prefixed));
-    let info = qemu("qemu-img", &["info", &at("plain.qcow2")]).unwrap_or_default();
+    let info = qemu_tool("qemu-img", &["info", &at("plain.qcow2")]);
     assert!(
         info.contains("file format: raw") && info.contains("(1048576 bytes)"),
         "{info}"

@@ -5,30 +5,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{RunningVm, run_scenario};
+use common::{RunningVm, qemu_tool, run_scenario};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Runs a QEMU tool; `None` (after saying why) when it is not installed.
-fn qemu(tool: &str, args: &[&str]) -> Option<String> {
-    let output = match Command::new(tool).args(args).output() {
-        Ok(output) => output,
-        Err(_) => {
-            eprintln!("SKIPPED: {tool} is not installed (apt install qemu-utils)");
-            return None;
-        }
-    };
-    assert!(
-        output.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(String::from_utf8_lossy(&output.stdout).into_owned())
-}
 
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
@@ -38,10 +19,8 @@ fn path(dir: &Path, name: &str) -> String {
 fn a_guest_writes_the_top_of_a_chain_and_reads_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (base, top) = (path(dir.path(), "base.raw"), path(dir.path(), "top.qcow2"));
-    if qemu("qemu-img", &["create", "-q", "-f", "raw", &base, "2M"]).is_none() {
-        return;
-    }
-    qemu(
+    qemu_tool("qemu-img", &["create", "-q", "-f", "raw", &base, "2M"]);
+    qemu_tool(
         "qemu-img",
         &[
             "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", &top,
@@ -57,16 +36,12 @@ fn a_guest_writes_the_top_of_a_chain_and_reads_it_back() {
         fill.stderr
     );
     assert_eq!(fill.code, Some(0), "{}", fill.stderr);
-    qemu("qemu-img", &["check", &top]);
-    let read = qemu("qemu-io", &["-c", "read -P 0xa5 0 2M", &top]).unwrap_or_default();
+    qemu_tool("qemu-img", &["check", &top]);
+    let read = qemu_tool("qemu-io", &["-c", "read -P 0xa5 0 2M", &top]);
     assert!(read.contains("read 2097152/2097152"), "{read}");
     // The base is untouched: still all zeroes.
-    let base_read = qemu("qemu-io", &["-f", "raw", "-c", "read -P 0 0 2M", &base]);
-    assert!(
-        base_read
-            .unwrap_or_default()
-            .contains("read 2097152/2097152")
-    );
+    let base_read = qemu_tool("qemu-io", &["-f", "raw", "-c", "read -P 0 0 2M", &base]);
+    assert!(base_read.contains("read 2097152/2097152"));
 
     let check = run_scenario("blk-check=0xa5", &["--disk", &format!("{top},ro")], LIMIT);
     assert!(
@@ -98,10 +73,8 @@ fn a_disk_in_use_is_refused_until_its_vm_ends() {
         path(dir.path(), "base.qcow2"),
         path(dir.path(), "top.qcow2"),
     );
-    if qemu("qemu-img", &["create", "-q", "-f", "qcow2", &base, "1M"]).is_none() {
-        return;
-    }
-    qemu(
+    qemu_tool("qemu-img", &["create", "-q", "-f", "qcow2", &base, "1M"]);
+    qemu_tool(
         "qemu-img",
         &[
             "create",
@@ -151,7 +124,7 @@ fn a_disk_in_use_is_refused_until_its_vm_ends() {
 fn bad_disks_are_clear_errors_before_anything_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let looped = path(dir.path(), "loop.qcow2");
-    if qemu(
+    qemu_tool(
         "qemu-img",
         &[
             "create",
@@ -166,13 +139,9 @@ fn bad_disks_are_clear_errors_before_anything_runs() {
             &looped,
             "1M",
         ],
-    )
-    .is_none()
-    {
-        return;
-    }
+    );
     let protocol = path(dir.path(), "protocol.qcow2");
-    qemu(
+    qemu_tool(
         "qemu-img",
         &[
             "create",

@@ -263,3 +263,19 @@ pub fn status_field(status: &[(String, String)], name: &str) -> String {
 pub fn exists(path: &str) -> bool {
     Path::new(path).exists()
 }
+
+/// Runs one of QEMU's image tools (`qemu-img`, `qemu-io`), which the suite installs
+/// (`tests/run-all.sh`); fails the test with the tool's output if it is missing or fails.
+pub fn qemu_tool(tool: &str, args: &[&str]) -> String {
+    let output = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} (apt-get install qemu-utils): {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{tool} {args:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
