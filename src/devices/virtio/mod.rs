@@ -75,9 +75,15 @@ pub trait QueueHandler: Send {
     }
 }
 
-/// Serves every available chain of `queue` with `serve` (which gets the parsed chain, or why
+/// Serves the available chains of `queue` with `serve` (which gets the parsed chain, or why
 /// it could not be parsed, and returns the used length), then returns whether the driver must
 /// be interrupted. A used ring or avail index the driver broke is a [`DeviceError`].
+///
+/// One call serves at most `queue size` chains. A driver never has more than that available at
+/// once (virtio 1.x, 2.7.13: it only reuses a descriptor the device has used), and whatever it
+/// adds during the drain comes with a notification of its own, so nothing is lost; but a driver
+/// that keeps adding, or whose used ring overlaps its avail ring (so that each used element
+/// the device writes looks like a new available one), cannot keep the worker here for ever.
 pub fn drain_queue(
     index: usize,
     queue: &mut Queue,
@@ -89,7 +95,7 @@ pub fn drain_queue(
         source,
     };
     let mut used_any = false;
-    loop {
+    for _ in 0..queue.size() {
         let next = queue.iter(memory).map_err(queue_error)?.next();
         let Some(descriptors) = next else {
             break;
