@@ -579,6 +579,29 @@ mod tests {
     }
 
     #[test]
+    fn no_interrupt_when_the_driver_suppresses_them() {
+        let (_file, image) = raw_disk(8);
+        let mut disk = device(image, false);
+        let mut driver = Driver::new();
+        driver.request(VIRTIO_BLK_T_IN, 0, (DATA, 512), WRITE);
+        assert!(driver.run(&mut disk));
+        // VRING_AVAIL_F_NO_INTERRUPT: the request is served, the driver is not interrupted.
+        driver.memory.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        driver.request(VIRTIO_BLK_T_IN, 1, (DATA, 512), WRITE);
+        assert!(!driver.run(&mut disk));
+        assert_eq!(driver.status(), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(driver.used_idx(), 2);
+        // With EVENT_IDX the flag means nothing: used_event asks for the third used element.
+        driver.queue.set_event_idx(true);
+        driver
+            .memory
+            .write_obj(2u16, GuestAddress(AVAIL + 4 + 2 * u64::from(QUEUE)))
+            .unwrap();
+        driver.request(VIRTIO_BLK_T_IN, 2, (DATA, 512), WRITE);
+        assert!(driver.run(&mut disk));
+    }
+
+    #[test]
     fn raw_tail_shorter_than_a_sector_is_not_visible() {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(&[1u8; 1000]).unwrap();
