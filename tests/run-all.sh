@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit and end-to-end tests (real /dev/kvm, the
-# project's test guest), a short fuzz run of the control-protocol decoder, and a build of the
-# benchmarks. Installs what it needs first (Debian packages, cargo-fuzz). Run as root on a
-# Debian 12 machine with /dev/kvm.
+# project's test guest), short fuzz runs of the control-protocol decoder and the virtio-blk
+# request path, and a build of the benchmarks. Installs what it needs first (Debian packages,
+# cargo-fuzz). Run as root on a Debian 12 machine with /dev/kvm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,10 +32,12 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo bench --locked --no-run
 
-# The control-protocol decoder under libFuzzer for a short while (stable toolchain: -s none).
+# The control-protocol decoder and the virtio-blk request path under libFuzzer for a short while
+# each (stable toolchain: -s none).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 (cd fuzz && cargo fuzz run -s none decode_control -- -max_total_time=20 -dict=decode_control.dict 2>&1 |
     tail -n 3)
+(cd fuzz && cargo fuzz run -s none virtio_blk -- -max_total_time=20 -timeout=10 2>&1 | tail -n 3)
 
 # The main job of the README, end to end, exactly as the README runs it: the example packages the
 # binaries cargo built next to it, so they are built first.

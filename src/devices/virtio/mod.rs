@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit 32: the device follows virtio 1.x (the only kind this transport offers).
@@ -111,9 +111,15 @@ pub trait QueueHandler: Send {
     }
 }
 
-/// Serves every available chain of `queue` with `serve` (which gets the parsed chain, or why
+/// Serves the available chains of `queue` with `serve` (which gets the parsed chain, or why
 /// it could not be parsed, and returns the used length), then returns whether the driver must
 /// be interrupted. A used ring or avail index the driver broke is a [`DeviceError`].
+///
+/// One call serves at most `queue size` chains. A driver never has more than that available at
+/// once (virtio 1.x, 2.7.13: it only reuses a descriptor the device has used), and whatever it
+/// adds during the drain comes with a notification of its own, so nothing is lost; but a driver
+/// that keeps adding, or whose used ring overlaps its avail ring (so that each used element
+/// the device writes looks like a new available one), cannot keep the worker here for ever.
 pub fn drain_queue(
     index: usize,
     queue: &mut Queue,
@@ -122,7 +128,7 @@ pub fn drain_queue(
 ) -> Result<bool, DeviceError> {
     let queue_error = DeviceError::in_queue(index);
     let mut used_any = false;
-    loop {
+    for _ in 0..queue.size() {
         let next = queue.iter(memory).map_err(queue_error)?.next();
         let Some(descriptors) = next else {
             break;
@@ -139,8 +145,25 @@ pub fn drain_queue(
             .map_err(queue_error)?;
         used_any = true;
     }
-    Ok(used_any && queue.needs_notification(memory).map_err(queue_error)?)
+    if !used_any || !queue.needs_notification(memory).map_err(queue_error)? {
+        return Ok(false);
+    }
+    // virtio-queue leaves VRING_AVAIL_F_NO_INTERRUPT to us (virtio 1.2, 2.7.7.2 Used Buffer
+    // Notification Suppression): "If the VIRTIO_F_EVENT_IDX feature bit is not negotiated: [...]
+    // If flags is 1, the device SHOULD NOT send a notification." A polling driver sets it, and
+    // an interrupt it did not ask for still costs it a VM exit per request. needs_notification
+    // has already fenced the used ring's writes against this read.
+    if queue.event_idx_enabled() {
+        return Ok(true);
+    }
+    let flags: u16 = memory
+        .read_obj(GuestAddress(queue.avail_ring()))
+        .map_err(|e| queue_error(virtio_queue::Error::GuestMemory(e)))?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
 }
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 =
+    virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// The queues of an activated device: set when the driver writes DRIVER_OK, taken on reset.
 pub struct ActiveQueues {

@@ -73,6 +73,11 @@ impl TestQueue {
         position
     }
 
+    /// Where the available ring is (flags, idx, ring[size], used_event).
+    pub fn avail_addr(&self) -> u64 {
+        self.avail
+    }
+
     /// Sets the available index directly (a driver that runs ahead).
     pub fn set_avail_idx(&self, memory: &GuestMemoryMmap, idx: u16) {
         memory.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
