@@ -2087,7 +2087,15 @@ fn kill_while_starting_leaves_no_scope_and_the_vm_starts_again() {
             vmd.property("quick", "FailureReason")
         );
         if state == "running" {
-            vmd.call("quick", "Kill");
+            // (Unless the script's Kill is just taking effect.)
+            let _ = vmd.run(&[
+                "busctl",
+                "call",
+                "org.vmd.vmd1",
+                &path,
+                "org.vmd.vmd1.VM",
+                "Kill",
+            ]);
             vmd.wait_state("quick", "stopped", LIMIT);
         }
         wait_unit_gone(&vmd, "vmd-quick.scope");
@@ -2096,13 +2104,32 @@ fn kill_while_starting_leaves_no_scope_and_the_vm_starts_again() {
     assert_eq!(vmd.property("quick", "State"), "running");
 }
 
+/// `machinectl poweroff|reboot|terminate NAME`, or where machinectl is not installed what it
+/// does: the same signal to the leader, or a stop of the scope.
+fn machinectl(vmd: &Vmd, verb: &str, name: &str) {
+    if vmd
+        .run(&["sh", "-c", "command -v machinectl"])
+        .status
+        .success()
+    {
+        vmd.ok(&["machinectl", verb, name]);
+        return;
+    }
+    let unit = format!("vmd-{name}.scope");
+    match verb {
+        "poweroff" => vmd.ok(&["systemctl", "kill", "-s", "SIGRTMIN+4", &unit]),
+        "reboot" => vmd.ok(&["systemctl", "kill", "-s", "SIGINT", &unit]),
+        _ => vmd.ok(&["systemctl", "stop", &unit]),
+    };
+}
+
 /// machinectl's lifecycle commands, as systemd sends them to a VM's leader.
 #[test]
 fn machinectl_poweroff_reboot_and_terminate_end_where_they_should() {
     let Some(vmd) = Vmd::boot() else { return };
     vmd.create("mach", "spin", &[]);
     vmd.call("mach", "Start");
-    vmd.ok(&["machinectl", "poweroff", "mach"]);
+    machinectl(&vmd, "poweroff", "mach");
     vmd.wait_state("mach", "stopped", LIMIT);
     assert_eq!(vmd.property("mach", "FailureReason"), "");
 
@@ -2112,7 +2139,7 @@ fn machinectl_poweroff_reboot_and_terminate_end_where_they_should() {
     let mut console = vmd.systemd.spawn(&["vmctl", "console", "mach"]);
     let lines = Lines::collect(console.stdout.take().expect("stdout"));
     lines.wait_for("testguest: spin heartbeat", LIMIT);
-    vmd.ok(&["machinectl", "reboot", "mach"]);
+    machinectl(&vmd, "reboot", "mach");
     let start = Instant::now();
     while vmd.property("mach", "Restarts") != "1" || vmd.property("mach", "State") != "running" {
         assert!(start.elapsed() < LIMIT, "the VM did not come back");
@@ -2127,7 +2154,7 @@ fn machinectl_poweroff_reboot_and_terminate_end_where_they_should() {
     let _ = console.kill();
     let _ = console.wait();
 
-    vmd.ok(&["machinectl", "terminate", "mach"]);
+    machinectl(&vmd, "terminate", "mach");
     vmd.wait_state("mach", "stopped", LIMIT);
 }
 
