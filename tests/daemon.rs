@@ -675,7 +675,9 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
     // Defining a VM takes no pseudo-terminal (the host's are shared and few): starting it
     // does, and a start that cannot have one fails and leaves the VM as it was. The box has
     // its own devpts instance: cap it at the ptys in use, so that the next allocation fails
-    // with ENOSPC.
+    // with ENOSPC (a running VM holds one: devpts takes max=0 for no limit).
+    vmd.create("holder", "spin", &[]);
+    vmd.call("holder", "Start");
     vmd.ok(&[
         "sh",
         "-c",
@@ -693,6 +695,9 @@ fn bad_input_gets_named_errors_and_creates_nothing() {
     assert!(failed.contains("cannot create the console"), "{failed}");
     assert_eq!(vmd.property("nopty", "State"), "defined");
     vmd.call("nopty", "Remove");
+    vmd.call("holder", "Kill");
+    vmd.wait_state("holder", "stopped", LIMIT);
+    vmd.call("holder", "Remove");
     let only_one = |vmd: &Vmd| {
         assert_eq!(
             vmd.ok(&[
