@@ -317,8 +317,8 @@ impl VmObject {
         VmObject { vm, manager }
     }
 
-    /// Root passes; the owner (or a member of the owner group) passes for the everyday
-    /// lifecycle (`owner_may`); everyone else needs org.vmd.vmd1.manage.
+    /// Root passes; the owner (or a member of the owner group) passes for what is theirs to do
+    /// (`owner_may`: every VM method and Autostart); everyone else needs org.vmd.vmd1.manage.
     async fn permit(
         &self,
         header: &Header<'_>,
@@ -412,7 +412,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
-        self.permit(&header, connection, false).await?;
+        self.permit(&header, connection, true).await?;
         self.manager.remove(&self.vm).await
     }
 
@@ -426,12 +426,12 @@ impl VmObject {
         Ok(zbus::OwnedFd::from(self.vm.open_console()?))
     }
 
-    #[zbus(property, name = "Name")]
+    #[zbus(property(emits_changed_signal = "const"), name = "Name")]
     async fn name(&self) -> String {
         self.vm.name.clone()
     }
 
-    #[zbus(property, name = "UUID")]
+    #[zbus(property(emits_changed_signal = "const"), name = "UUID")]
     async fn uuid(&self) -> String {
         self.vm.definition().uuid.to_string()
     }
@@ -505,12 +505,13 @@ impl VmObject {
     ) -> Result<(), VmdError> {
         let header =
             header.ok_or_else(|| VmdError::NotPermitted("cannot tell who is calling".into()))?;
-        self.permit(&header, connection, false).await?;
+        self.permit(&header, connection, true).await?;
         let mut changed = self.vm.definition();
         changed.autostart = value;
         self.manager.save(&self.vm, &changed)?;
         self.vm.set_autostart(value);
-        self.manager.announce(&self.vm, vec![Property::Autostart]);
+        self.manager
+            .announce(&self.vm, vec![Property::Autostart], self.vm.snapshot());
         Ok(())
     }
 

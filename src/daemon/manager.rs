@@ -2,21 +2,29 @@
 //! definition store and the helper launcher. Property changes of VMs are announced on every
 //! connection from one task, so lifecycle code never waits on D-Bus.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
+use zbus::zvariant::Variant;
 use zbus::{Connection, OwnedObjectPath};
+
+/// The VM objects' interface, as PropertiesChanged names it.
+const VM_INTERFACE: InterfaceName<'static> =
+    InterfaceName::from_static_str_unchecked("org.vmd.vmd1.VM");
 
 use super::dbus::{MANAGER_PATH, ManagerObject, VmObject, vm_object_path};
 use super::definition::VmDefinition;
 use super::errors::VmdError;
 use super::host_files::Rights;
 use super::notify;
+use super::state_file::{StateFiles, StateRecord};
 use super::store::{Origin, Store};
-use super::vm::{Change, LifecycleError, Property, Vm, VmState};
+use super::vm::{Change, LifecycleError, Property, Shown, Vm, VmState};
 use crate::helper::error_chain;
 use crate::launch::Launcher;
 
@@ -28,18 +36,26 @@ pub struct Manager {
     servers: Mutex<Vec<Connection>>,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
     store: Store,
+    /// Each VM's last state, for the next daemon.
+    states: StateFiles,
     launcher: Launcher,
     changes: mpsc::UnboundedSender<Change>,
 }
 
 impl Manager {
-    pub fn new(bus: Connection, store: Store, launcher: Launcher) -> Arc<Manager> {
+    pub fn new(
+        bus: Connection,
+        store: Store,
+        states: StateFiles,
+        launcher: Launcher,
+    ) -> Arc<Manager> {
         let (changes, receiver) = mpsc::unbounded_channel();
         let manager = Arc::new(Manager {
             bus,
             servers: Mutex::new(Vec::new()),
             vms: Mutex::new(BTreeMap::new()),
             store,
+            states,
             launcher,
             changes,
         });
@@ -142,9 +158,7 @@ impl Manager {
             // the last step that can: a failed creation must leave no file that the next
             // daemon would load.
             let store = origin == Origin::Api && !definition.transient;
-            let vm = Vm::new(definition, origin).map_err(|e| {
-                VmdError::Failed(format!("cannot create the console: {}", error_chain(&e)))
-            })?;
+            let vm = Vm::new(definition, origin);
             if store {
                 self.store.save(&vm.definition()).map_err(|e| {
                     VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))
@@ -214,6 +228,7 @@ impl Manager {
             }
         }
         self.vms().remove(&vm.name);
+        self.states.remove(&vm.name);
         notify::forget_passed_disks(&vm.name);
         if vm.origin == Origin::Api {
             self.store.remove_files(&vm.definition().uuid);
@@ -245,21 +260,75 @@ impl Manager {
         notify::status(self);
     }
 
-    /// Queues a PropertiesChanged for `properties` of `vm` on every connection.
-    pub fn announce(&self, vm: &Arc<Vm>, properties: Vec<Property>) {
+    /// Queues one PropertiesChanged for `properties` of `vm`, with their values in `shown`,
+    /// on every connection.
+    pub fn announce(&self, vm: &Arc<Vm>, properties: Vec<Property>, shown: Shown) {
         let _ = self.changes.send(Change {
             vm: vm.clone(),
             properties,
+            shown,
         });
     }
 
-    /// Loads stored and administrator definitions.
+    /// Records a VM's new state for the next daemon (transient VMs end with their helper:
+    /// nothing to record).
+    pub fn record_state(&self, vm: &Vm, shown: &Shown) {
+        if vm.definition().transient {
+            return;
+        }
+        self.states.save(
+            &vm.name,
+            StateRecord::new(shown.state, &shown.failure_reason, shown.restarts),
+        );
+    }
+
+    /// Loads stored and administrator definitions, each in the state its previous daemon
+    /// recorded last when that was stopped or failed (a VM that was running is adopted, or
+    /// settled by [`Manager::settle_unadopted`]).
     pub async fn load_definitions(self: &Arc<Self>) {
         for (definition, origin) in self.store.load_all() {
             let name = definition.name.clone();
-            if let Err(err) = self.add(definition, origin).await {
-                tracing::warn!("cannot load VM {name}: {err}");
+            match self.add(definition, origin).await {
+                Ok(vm) => {
+                    let record = self.states.load(&name);
+                    if let Some(state) = record.as_ref().and_then(StateRecord::state)
+                        && matches!(state, VmState::Stopped | VmState::Failed)
+                        && let Some(record) = &record
+                    {
+                        vm.restore(state, record.failure_reason(), record.restarts());
+                    }
+                }
+                Err(err) => tracing::warn!("cannot load VM {name}: {err}"),
             }
+        }
+    }
+
+    /// After adoption: a VM recorded as having a helper that did not come back ended while no
+    /// daemon watched it. It is shown failed, since how it ended is unknown, and announced.
+    pub fn settle_unadopted(self: &Arc<Self>) {
+        for vm in self.all() {
+            if vm.state().is_active() {
+                continue;
+            }
+            let Some(state) = self.states.load(&vm.name).and_then(|r| r.state()) else {
+                continue;
+            };
+            if !state.is_active() {
+                continue;
+            }
+            tracing::warn!("VM {}: its helper ended while vmd was not running", vm.name);
+            vm.restore(
+                VmState::Failed,
+                "its helper ended while vmd was not running (how is unknown)",
+                0,
+            );
+            let shown = vm.snapshot();
+            self.record_state(&vm, &shown);
+            self.announce(
+                &vm,
+                vec![Property::State, Property::FailureReason, Property::Restarts],
+                shown,
+            );
         }
     }
 
@@ -317,20 +386,33 @@ async fn announce_changes(
             else {
                 continue;
             };
-            let object = iface.get().await;
             let emitter = iface.signal_emitter();
-            for property in &change.properties {
-                let result = match property {
-                    Property::State => object.state_changed(emitter).await,
-                    Property::Unit => object.unit_changed(emitter).await,
-                    Property::LeaderPid => object.leader_p_i_d_changed(emitter).await,
-                    Property::Restarts => object.restarts_changed(emitter).await,
-                    Property::FailureReason => object.failure_reason_changed(emitter).await,
-                    Property::Autostart => object.autostart_changed(emitter).await,
-                };
-                if let Err(err) = result {
-                    tracing::debug!("cannot announce a change of VM {}: {err}", change.vm.name);
-                }
+            let shown = &change.shown;
+            let autostart = change.vm.definition().autostart;
+            let changed: HashMap<&str, Variant<'_>> = change
+                .properties
+                .iter()
+                .map(|property| match property {
+                    Property::State => ("State", Variant::from(shown.state.as_str())),
+                    Property::Unit => ("Unit", Variant::from(shown.unit.as_str())),
+                    Property::LeaderPid => ("LeaderPID", Variant::from(shown.leader_pid)),
+                    Property::Restarts => ("Restarts", Variant::from(shown.restarts)),
+                    Property::FailureReason => (
+                        "FailureReason",
+                        Variant::from(shown.failure_reason.as_str()),
+                    ),
+                    Property::Autostart => ("Autostart", Variant::from(autostart)),
+                })
+                .collect();
+            let result = zbus::fdo::Properties::properties_changed(
+                emitter,
+                VM_INTERFACE,
+                changed,
+                Cow::Borrowed(&[]),
+            )
+            .await;
+            if let Err(err) = result {
+                tracing::debug!("cannot announce a change of VM {}: {err}", change.vm.name);
             }
         }
     }

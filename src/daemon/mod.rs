@@ -2,7 +2,9 @@
 //! peer-to-peer on vmd.sock when socket-activated. It starts each VM as a helper process in a
 //! transient scope of its own (DESIGN.md, "Processes").
 //!
-//! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor;
+//! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor, whose
+//!   states and their transitions are [`lifecycle`]'s, and [`state_file`] keeps them across
+//!   daemon restarts;
 //! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
 //! - [`definition`] and [`store`] are VM definitions and their TOML files, [`disks`] their
 //!   disks (parsed, shown, and opened with their backing chains and locked at start);
@@ -18,10 +20,12 @@ pub mod disks;
 pub mod errors;
 pub mod files;
 pub mod host_files;
+pub mod lifecycle;
 pub mod machined;
 pub mod manager;
 pub mod notify;
 pub mod scope;
+pub mod state_file;
 pub mod store;
 pub mod vm;
 
@@ -51,6 +55,9 @@ pub struct DaemonOptions {
     /// Where VMs created over D-Bus are stored.
     #[arg(long, default_value = "/var/lib/vmd/vms")]
     pub state_dir: PathBuf,
+    /// Where each VM's last state (and failure reason) is recorded.
+    #[arg(long, default_value = "/var/lib/vmd/state")]
+    pub vm_state_dir: PathBuf,
     /// How many Autostart VMs start at once.
     #[arg(long, default_value_t = 2)]
     pub autostart_parallel: usize,
@@ -102,6 +109,8 @@ struct StoredVm {
     pidfd: Option<OwnedFd>,
     /// Transient VMs only: their definition, which no file holds.
     definition: Option<OwnedFd>,
+    /// The console's pty master.
+    console: Option<OwnedFd>,
     /// Disk index → the fd a caller passed for it.
     disks: BTreeMap<usize, OwnedFd>,
 }
@@ -128,6 +137,7 @@ fn take_activation_fds() -> Activation {
                 StoredFd::Control => &mut stored.control,
                 StoredFd::Pidfd => &mut stored.pidfd,
                 StoredFd::Definition => &mut stored.definition,
+                StoredFd::Console => &mut stored.console,
             };
             *slot = Some(owned);
         } else {
@@ -159,13 +169,17 @@ async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, Store
                 pending_disks.insert(name.clone(), fds.disks);
             }
         }
-        if fds.control.is_none() && fds.pidfd.is_none() && fds.definition.is_none() {
+        if fds.control.is_none()
+            && fds.pidfd.is_none()
+            && fds.definition.is_none()
+            && fds.console.is_none()
+        {
             continue;
         }
         let adopted = match (fds.control, fds.pidfd) {
             (Some(control), Some(pidfd)) => vm_to_adopt(manager, &name, fds.definition)
                 .await
-                .and_then(|vm| vm.adopt(manager, control, pidfd)),
+                .and_then(|vm| vm.adopt(manager, control, pidfd, fds.console)),
             _ => Err("the fd store holds only part of it".to_string()),
         };
         match adopted {
@@ -220,9 +234,11 @@ async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<(
         .await
         .context("cannot subscribe to systemd's job signals")?;
     let store = Store::new(options.config_dir.clone(), options.state_dir.clone());
-    let manager = Manager::new(bus.clone(), store, launcher);
+    let states = state_file::StateFiles::new(options.vm_state_dir.clone());
+    let manager = Manager::new(bus.clone(), store, states, launcher);
     manager.load_definitions().await;
     adopt_stored_vms(&manager, activation.stored_vms).await;
+    manager.settle_unadopted();
     manager
         .serve_on(bus.clone())
         .await

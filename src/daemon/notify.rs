@@ -50,17 +50,20 @@ pub enum StoredFd {
     Pidfd,
     /// A transient VM's definition (no file holds it).
     Definition,
+    /// The console's pty master.
+    Console,
 }
 
 /// The fd store name of each kind of fd, before the VM's name.
-const STORED_FD_PREFIXES: [(StoredFd, &str); 3] = [
+const STORED_FD_PREFIXES: [(StoredFd, &str); 4] = [
     (StoredFd::Control, "vmctl-"),
     (StoredFd::Pidfd, "vmpid-"),
     (StoredFd::Definition, "vmdef-"),
+    (StoredFd::Console, "vmcon-"),
 ];
 
 /// The fd store names of a VM's fds, in the order of [`StoredFd`].
-pub fn stored_fd_names(vm_name: &str) -> [String; 3] {
+pub fn stored_fd_names(vm_name: &str) -> [String; 4] {
     STORED_FD_PREFIXES.map(|(_, prefix)| format!("{prefix}{vm_name}"))
 }
 
@@ -71,18 +74,24 @@ pub fn parse_stored_fd_name(name: &str) -> Option<(StoredFd, &str)> {
         .find_map(|(kind, prefix)| Some((*kind, name.strip_prefix(prefix)?)))
 }
 
-/// Keeps a running VM's control socket and helper pidfd in systemd's fd store, so a restarted
-/// daemon can adopt the VM instead of the VM losing its manager. A transient VM's definition
-/// goes along as a sealed memfd of its TOML: nothing else remembers it.
+/// Keeps a running VM's control socket, helper pidfd and console in systemd's fd store, so a
+/// restarted daemon can adopt the VM instead of the VM losing its manager. A transient VM's
+/// definition goes along as a sealed memfd of its TOML: nothing else remembers it.
 pub fn store_vm_fds(
     vm_name: &str,
     control: BorrowedFd<'_>,
     pidfd: BorrowedFd<'_>,
+    console: Option<BorrowedFd<'_>>,
     transient_definition: Option<&str>,
 ) {
-    let [control_name, pid_name, definition_name] = stored_fd_names(vm_name);
+    let [control_name, pid_name, definition_name, console_name] = stored_fd_names(vm_name);
     let definition = transient_definition.map(|toml| definition_memfd(vm_name, toml));
     let mut stored = vec![(control_name, control, true), (pid_name, pidfd, true)];
+    // Not polled: a pty master hangs up whenever nobody holds the terminal side, which is the
+    // case exactly while the daemon restarts.
+    if let Some(console) = console {
+        stored.push((console_name, console, false));
+    }
     match &definition {
         Some(Ok(memfd)) => stored.push((definition_name, memfd.as_fd(), false)),
         Some(Err(err)) => {
@@ -91,7 +100,8 @@ pub fn store_vm_fds(
         None => {}
     }
     for (name, fd, pollable) in stored {
-        // systemd drops a polled fd on POLLHUP (the helper gone); a memfd cannot be polled.
+        // systemd drops a polled fd on POLLHUP (the helper gone); a memfd cannot be polled,
+        // and a console must not be.
         let poll = if pollable { "FDPOLL=1" } else { "FDPOLL=0" };
         let state = [
             NotifyState::FdStore,
@@ -200,7 +210,12 @@ mod tests {
 
     #[test]
     fn stored_fd_names_read_back_as_what_they_name() {
-        let [control, pidfd, definition] = stored_fd_names("web-1");
+        let [control, pidfd, definition, console] = stored_fd_names("web-1");
+        assert_eq!(console, "vmcon-web-1");
+        assert_eq!(
+            parse_stored_fd_name(&console),
+            Some((StoredFd::Console, "web-1"))
+        );
         assert_eq!(
             parse_stored_fd_name(&control),
             Some((StoredFd::Control, "web-1"))

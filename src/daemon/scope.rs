@@ -41,6 +41,14 @@ pub enum ScopeError {
     JobFailed { unit: String, result: String },
     #[error("systemd did not finish creating {unit} within {JOB_TIMEOUT:?}")]
     Timeout { unit: String },
+    #[error("systemd refused to stop the stale {unit}")]
+    Stop {
+        unit: String,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("systemd did not finish stopping the stale {unit} within {JOB_TIMEOUT:?}")]
+    StopTimeout { unit: String },
 }
 
 /// The scope's unit name for a VM (VM names need no escaping: DESIGN.md's name rule only
@@ -104,9 +112,12 @@ pub async fn start_scope(
             variant(Variant::from("strict"))?,
         ),
     ];
-    // After a guest reboot the previous helper's scope of the same name may still be on its
-    // way out (systemd collects it asynchronously): give it a moment to go.
+    // The VM runs no helper now, so a scope of the same name is stale: a previous helper's on
+    // its way out (systemd collects it asynchronously), or one that stayed (its helper died
+    // before systemd moved it in, or a daemon died while starting it). It is stopped, once,
+    // and given a moment to go.
     let deadline = tokio::time::Instant::now() + UNIT_GONE_TIMEOUT;
+    let mut stopped_stale = false;
     let job = loop {
         let started = systemd
             .start_transient_unit(
@@ -121,7 +132,13 @@ pub async fn start_scope(
                 if name.as_str() == "org.freedesktop.systemd1.UnitExists"
                     && tokio::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !stopped_stale {
+                    stopped_stale = true;
+                    tracing::warn!("{unit} outlived its helper; stopping it");
+                    stop_scope(bus, request.vm_name).await?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             other => {
                 break other.map_err(|source| ScopeError::Start {
@@ -139,6 +156,34 @@ pub async fn start_scope(
         Ok(Some(result)) if result == "done" => Ok(unit),
         Ok(Some(result)) => Err(ScopeError::JobFailed { unit, result }),
         Ok(None) | Err(_) => Err(ScopeError::Timeout { unit }),
+    }
+}
+
+/// Stops VM `vm_name`'s scope if there is one, and waits (bounded) until systemd has stopped
+/// it; it is then collected (CollectMode=inactive-or-failed).
+pub async fn stop_scope(bus: &Connection, vm_name: &str) -> Result<(), ScopeError> {
+    let unit = unit_name(vm_name);
+    let systemd = ManagerProxy::new(bus).await.map_err(ScopeError::Bus)?;
+    let mut removed = systemd
+        .receive_job_removed()
+        .await
+        .map_err(ScopeError::Bus)?;
+    let job = match systemd.stop_unit(unit.clone(), "replace".to_string()).await {
+        Ok(job) => job,
+        Err(zbus::Error::MethodError(name, _, _))
+            if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+        {
+            return Ok(());
+        }
+        Err(source) => return Err(ScopeError::Stop { unit, source }),
+    };
+    let wait = next_matching(&mut removed, |signal| {
+        let args = signal.args().ok()?;
+        (args.job.as_str() == job.as_str()).then_some(())
+    });
+    match tokio::time::timeout(JOB_TIMEOUT, wait).await {
+        Ok(Some(())) => Ok(()),
+        Ok(None) | Err(_) => Err(ScopeError::StopTimeout { unit }),
     }
 }
 

@@ -1,5 +1,7 @@
 //! One VM as the daemon sees it: its definition, its state, its console, and the supervisor
-//! task that runs a helper for it (and a fresh one after each guest reboot).
+//! task that runs a helper for it (and a fresh one after each guest reboot). Every change of its
+//! state goes through [`lifecycle::transition`], under the runtime lock, and is announced with
+//! the other properties it changed in one PropertiesChanged ([`Vm::change`]).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -14,6 +16,7 @@ use super::console::Console;
 use super::definition::VmDefinition;
 use super::disks::{self, DiskOpenError};
 use super::host_files::{self, Rights};
+use super::lifecycle::{self, Event as Lifecycle, Refused};
 use super::manager::Manager;
 use super::scope::{self, ScopeRequest};
 use super::store::Origin;
@@ -32,39 +35,9 @@ const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_QUICK_RESTARTS: u32 = 3;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(6);
 
-/// The states of DESIGN.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmState {
-    Defined,
-    Starting,
-    Running,
-    Paused,
-    Stopping,
-    Stopped,
-    Failed,
-}
-
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Defined => "defined",
-            VmState::Starting => "starting",
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopping => "stopping",
-            VmState::Stopped => "stopped",
-            VmState::Failed => "failed",
-        }
-    }
-
-    /// A helper exists in these states.
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
-        )
-    }
-}
+pub use super::lifecycle::VmState;
+/// How long the events a helper sent before it exited may take to arrive after its exit.
+const LAST_EVENTS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// D-Bus properties of a VM, for change notifications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,10 +50,45 @@ pub enum Property {
     Autostart,
 }
 
-/// A change the D-Bus side must announce.
+/// What the bus shows of a VM's lifecycle at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub state: VmState,
+    pub unit: String,
+    pub leader_pid: u32,
+    pub restarts: u32,
+    pub failure_reason: String,
+}
+
+impl Shown {
+    /// The properties in which `after` differs from `self`.
+    fn changed(&self, after: &Shown) -> Vec<Property> {
+        let mut changed = Vec::new();
+        if self.state != after.state {
+            changed.push(Property::State);
+        }
+        if self.unit != after.unit {
+            changed.push(Property::Unit);
+        }
+        if self.leader_pid != after.leader_pid {
+            changed.push(Property::LeaderPid);
+        }
+        if self.restarts != after.restarts {
+            changed.push(Property::Restarts);
+        }
+        if self.failure_reason != after.failure_reason {
+            changed.push(Property::FailureReason);
+        }
+        changed
+    }
+}
+
+/// A change the D-Bus side must announce: `properties` with their values in `shown` (and the
+/// definition's Autostart), in one PropertiesChanged.
 pub struct Change {
     pub vm: Arc<Vm>,
     pub properties: Vec<Property>,
+    pub shown: Shown,
 }
 
 /// How a stop was asked for, which decides what a helper's death means.
@@ -110,14 +118,20 @@ struct Runtime {
     disk_claims: Vec<disks::Claim>,
     /// The last start failed because a disk image was busy.
     disk_busy: bool,
+    /// The console, from Start until the VM ends (kept across guest reboots and daemon
+    /// restarts).
+    console: Option<Arc<Console>>,
+    /// What the guest wrote on its console that nobody read, when the VM ended (its last
+    /// words, for `vmctl console` after the fact).
+    last_output: Option<Arc<[u8]>>,
 }
 
 pub struct Vm {
     pub name: String,
     pub origin: Origin,
     definition: Mutex<VmDefinition>,
-    console: Console,
     runtime: Mutex<Runtime>,
+    /// Written only under the runtime lock (see [`Vm::change`]).
     state: watch::Sender<VmState>,
 }
 
@@ -140,18 +154,69 @@ pub enum LifecycleError {
 }
 
 impl Vm {
-    pub fn new(
-        definition: VmDefinition,
-        origin: Origin,
-    ) -> Result<Arc<Vm>, super::console::ConsoleError> {
-        Ok(Arc::new(Vm {
+    pub fn new(definition: VmDefinition, origin: Origin) -> Arc<Vm> {
+        Arc::new(Vm {
             name: definition.name.clone(),
             origin,
             definition: Mutex::new(definition),
-            console: Console::new()?,
             runtime: Mutex::new(Runtime::default()),
             state: watch::Sender::new(VmState::Defined),
-        }))
+        })
+    }
+
+    /// Shows the VM as its previous daemon last recorded it (stopped or failed, with the
+    /// reason), before it is served.
+    pub fn restore(&self, state: VmState, failure_reason: &str, restarts: u32) {
+        let mut runtime = self.runtime();
+        runtime.failure_reason = failure_reason.to_string();
+        runtime.restarts = restarts;
+        self.state.send_replace(state);
+    }
+
+    fn shown(&self, runtime: &Runtime) -> Shown {
+        Shown {
+            state: *self.state.borrow(),
+            unit: runtime.unit.clone(),
+            leader_pid: runtime.leader_pid,
+            restarts: runtime.restarts,
+            failure_reason: runtime.failure_reason.clone(),
+        }
+    }
+
+    /// What the bus shows of the VM now.
+    pub fn snapshot(&self) -> Shown {
+        self.shown(&self.runtime())
+    }
+
+    /// The one way a VM's lifecycle changes: under the runtime lock, `event` (if any) moves the
+    /// state as [`lifecycle::transition`] says, or is refused and nothing changes; `update`
+    /// changes the rest. Everything that changed is announced in one PropertiesChanged, and
+    /// a new state is recorded for the next daemon.
+    fn change(
+        self: &Arc<Self>,
+        manager: &Manager,
+        event: Option<Lifecycle>,
+        update: impl FnOnce(&mut Runtime),
+    ) -> Result<VmState, Refused> {
+        let (before, after) = {
+            let mut runtime = self.runtime();
+            let before = self.shown(&runtime);
+            let state = match event {
+                Some(event) => lifecycle::transition(before.state, event)?,
+                None => before.state,
+            };
+            update(&mut runtime);
+            self.state.send_replace(state);
+            (before, self.shown(&runtime))
+        };
+        let properties = before.changed(&after);
+        if properties.contains(&Property::State) {
+            manager.record_state(self, &after);
+        }
+        if !properties.is_empty() {
+            manager.announce(self, properties, after.clone());
+        }
+        Ok(after.state)
     }
 
     fn runtime(&self) -> MutexGuard<'_, Runtime> {
@@ -207,15 +272,24 @@ impl Vm {
         self.runtime().failure_reason.clone()
     }
 
+    /// The terminal side of the console while the VM has one (from Start until it ends);
+    /// once it ended, a pipe with what its guest wrote last that nobody read.
     pub fn open_console(&self) -> Result<OwnedFd, LifecycleError> {
-        self.console
-            .client_end()
-            .map_err(|e| LifecycleError::Failed(error_chain(&e)))
-    }
-
-    fn set_state(self: &Arc<Self>, manager: &Manager, state: VmState) {
-        self.state.send_replace(state);
-        manager.announce(self, vec![Property::State]);
+        let (console, last_output) = {
+            let runtime = self.runtime();
+            (runtime.console.clone(), runtime.last_output.clone())
+        };
+        match (console, last_output) {
+            (Some(console), _) => console
+                .client_end()
+                .map_err(|e| LifecycleError::Failed(error_chain(&e))),
+            (None, Some(output)) => last_words(&output)
+                .map_err(|e| LifecycleError::Failed(format!("cannot open the console: {e}"))),
+            (None, None) => Err(self.invalid(
+                "OpenConsole",
+                "starting, running, paused or stopping (or to have run)",
+            )),
+        }
     }
 
     fn invalid(&self, what: &'static str, needs: &'static str) -> LifecycleError {
@@ -238,26 +312,32 @@ impl Vm {
         self.state()
     }
 
-    /// Claims the VM for a Start: refused while a helper exists or once it is being removed.
-    /// Check and claim happen under the runtime lock, the one claim_removal decides under, so
-    /// two Starts cannot both launch and a Remove cannot slip in between.
-    fn claim_start(&self, file_rights: Rights) -> Result<(), LifecycleError> {
+    /// Claims the VM for a Start, with a console of its own: refused while a helper exists
+    /// or once it is being removed. Check and claim happen under the runtime lock, the one
+    /// claim_removal decides under, so two Starts cannot both launch and a Remove cannot slip
+    /// in between. Returns what the bus showed before.
+    fn claim_start(&self, file_rights: Rights) -> Result<Shown, LifecycleError> {
         let mut runtime = self.runtime();
         if runtime.removed {
             return Err(LifecycleError::Removed {
                 name: self.name.clone(),
             });
         }
-        if self.state().is_active() {
-            return Err(self.invalid("Start", "defined, stopped or failed"));
-        }
-        self.state.send_replace(VmState::Starting);
+        let before = self.shown(&runtime);
+        let state = lifecycle::transition(before.state, Lifecycle::Start)
+            .map_err(|_| self.invalid("Start", "defined, stopped or failed"))?;
+        let console = Console::new().map_err(|e| {
+            LifecycleError::Failed(format!("cannot create the console: {}", error_chain(&e)))
+        })?;
+        runtime.console = Some(Arc::new(console));
+        runtime.last_output = None;
         runtime.failure_reason.clear();
         runtime.restarts = 0;
         runtime.stop_request = None;
         runtime.file_rights = Some(file_rights);
         runtime.disk_busy = false;
-        Ok(())
+        self.state.send_replace(state);
+        Ok(before)
     }
 
     /// Claims the VM for removal: refused while a helper exists; once claimed, every Start is
@@ -288,16 +368,18 @@ impl Vm {
         manager: &Arc<Manager>,
         file_rights: Rights,
     ) -> Result<(), LifecycleError> {
-        self.claim_start(file_rights)?;
-        manager.announce(
-            self,
-            vec![Property::State, Property::FailureReason, Property::Restarts],
-        );
+        let before = self.claim_start(file_rights)?;
+        let after = self.snapshot();
+        manager.record_state(self, &after);
+        manager.announce(self, before.changed(&after), after);
         tokio::spawn(supervise(manager.clone(), self.clone(), None));
         let state = self
             .wait_for_state(CREATE_TIMEOUT * 2, |s| s != VmState::Starting)
             .await;
         match state {
+            VmState::Stopped if self.runtime().stop_request == Some(StopRequest::Kill) => Err(
+                LifecycleError::Failed(format!("VM {} was killed while it started", self.name)),
+            ),
             VmState::Failed if self.runtime().disk_busy => Err(LifecycleError::DiskBusy(format!(
                 "VM {} cannot start: {}",
                 self.name,
@@ -344,7 +426,8 @@ impl Vm {
     /// the helper if even that does not happen.
     pub fn shutdown(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
         self.request_shutdown()?;
-        self.set_state(manager, VmState::Stopping);
+        // Refused only if the VM ended meanwhile: then there is nothing left to stop.
+        let _ = self.change(manager, Some(Lifecycle::Shutdown), |_| {});
         let vm = self.clone();
         let pidfd = self.runtime().pidfd.clone();
         tokio::spawn(async move {
@@ -410,35 +493,47 @@ impl Vm {
         })
     }
 
-    /// Takes over a helper that a previous daemon started (its control socket and pidfd come
-    /// back from systemd's fd store).
+    /// Takes over a helper that a previous daemon started (its control socket, pidfd and
+    /// console come back from systemd's fd store).
     pub fn adopt(
         self: &Arc<Self>,
         manager: &Arc<Manager>,
         control: OwnedFd,
         pidfd: OwnedFd,
+        console: Option<OwnedFd>,
     ) -> Result<(), String> {
         let pid = pid_of(&pidfd).ok_or("its helper has already exited")?;
-        if self.state().is_active() {
-            return Err(format!(
-                "VM {} is already {}",
-                self.name,
-                self.state().as_str()
-            ));
-        }
+        let console = match console.map(Console::from_master) {
+            Some(Ok(console)) => Some(Arc::new(console)),
+            Some(Err(err)) => {
+                tracing::warn!(
+                    "VM {}: cannot take its console back: {}",
+                    self.name,
+                    error_chain(&err)
+                );
+                None
+            }
+            None => {
+                tracing::warn!("VM {}: no console was kept for it", self.name);
+                None
+            }
+        };
         let helper = Helper {
             control: Arc::new(ControlChannel::from_fd(control)),
             pidfd: Arc::new(pidfd),
             pid: nix::unistd::Pid::from_raw(pid),
             child: false,
         };
-        {
-            let mut runtime = self.runtime();
+        self.change(manager, Some(Lifecycle::Adopt), |runtime| {
             runtime.control = Some(helper.control.clone());
             runtime.pidfd = Some(helper.pidfd.clone());
             runtime.leader_pid = pid as u32;
             runtime.unit = scope::unit_name(&self.name);
-        }
+            runtime.console = console;
+            runtime.stop_request = None;
+            runtime.file_rights = None;
+        })
+        .map_err(|_| format!("VM {} is already {}", self.name, self.state().as_str()))?;
         // Which files it holds, to name it to a start that collides with it: following the
         // chains reads files, so off the async workers.
         let (vm, pidfd) = (self.clone(), helper.pidfd.clone());
@@ -455,11 +550,6 @@ impl Vm {
                 runtime.disk_claims = claims;
             }
         });
-        self.state.send_replace(VmState::Running);
-        manager.announce(
-            self,
-            vec![Property::State, Property::LeaderPid, Property::Unit],
-        );
         tokio::spawn(supervise(manager.clone(), self.clone(), Some(helper)));
         Ok(())
     }
@@ -486,19 +576,39 @@ impl Vm {
             .map(|want| want.id)
     }
 
+    /// Kills the helper. Without one yet (starting, or between a guest reboot and the next
+    /// helper) the Kill is recorded, and the supervisor kills what it launches, or launches
+    /// nothing: the VM ends stopped either way. Under the runtime lock, where the supervisor
+    /// records a launched helper, so no helper slips between the two.
     pub fn kill(&self) -> Result<(), LifecycleError> {
+        let mut runtime = self.runtime();
         if !self.state().is_active() {
             return Err(self.invalid("Kill", "starting, running, paused or stopping"));
         }
-        let mut runtime = self.runtime();
-        // No helper yet (starting, or between a guest reboot and the next helper): refused,
-        // and nothing recorded, or the next reboot or crash would count as this Kill.
-        let pidfd = runtime
-            .pidfd
-            .clone()
-            .ok_or_else(|| self.invalid("Kill", "to have a running helper"))?;
-        self.kill_helper(&mut runtime, &pidfd)
+        match runtime.pidfd.clone() {
+            Some(pidfd) => self.kill_helper(&mut runtime, &pidfd),
+            None => {
+                runtime.stop_request = Some(StopRequest::Kill);
+                Ok(())
+            }
+        }
     }
+}
+
+/// How much of a VM's unread console output is kept when it ends: what a pipe takes without
+/// blocking.
+const LAST_OUTPUT_BYTES: usize = 60 * 1024;
+
+/// A pipe to read `output` from, then end of file.
+fn last_words(output: &[u8]) -> nix::Result<OwnedFd> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // At most LAST_OUTPUT_BYTES: fits in the pipe's buffer, so this never blocks.
+    let mut rest = output;
+    while !rest.is_empty() {
+        let written = nix::unistd::write(&write, rest)?;
+        rest = &rest[written..];
+    }
+    Ok(read)
 }
 
 /// The pid behind a pidfd (`Pid:` in its fdinfo; -1 once the process is gone).
@@ -545,6 +655,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
     let mut quick_restarts = 0;
     loop {
         let started = Instant::now();
+        let killed = vm.runtime().stop_request == Some(StopRequest::Kill);
         let outcome = match adopted.take() {
             Some(helper) => {
                 let events = read_events(helper.control.clone());
@@ -552,22 +663,27 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
                 let _ = helper.control.send_request(&Request::Query);
                 follow_helper(&manager, &vm, &helper, events, true).await
             }
+            // Killed between two helpers: no next one.
+            None if killed => HelperOutcome::Stopped,
             None => run_helper(&manager, &vm).await,
         };
         notify::forget_vm_fds(&vm.name);
         tracing::info!("VM {}: helper ended: {outcome:?}", vm.name);
-        {
-            let mut runtime = vm.runtime();
+        // A scope whose helper died before systemd moved it there stays active with no task
+        // (and would refuse the next start with UnitExists): make sure it goes.
+        if let Err(err) = scope::stop_scope(manager.bus(), &vm.name).await {
+            tracing::warn!("VM {}: {}", vm.name, error_chain(&err));
+        }
+        // The helper is gone: so must be its locks on passed images, which the daemon's own
+        // copies of their descriptions would otherwise keep.
+        disks::release_passed(&vm.definition().disks);
+        let helper_gone = |runtime: &mut Runtime| {
             runtime.control = None;
             runtime.pidfd = None;
             runtime.leader_pid = 0;
             runtime.unit.clear();
             runtime.disk_claims.clear();
-        }
-        // The helper is gone: so must be its locks on passed images, which the daemon's own
-        // copies of their descriptions would otherwise keep.
-        disks::release_passed(&vm.definition().disks);
-        manager.announce(&vm, vec![Property::LeaderPid, Property::Unit]);
+        };
         let stop_request = vm.runtime().stop_request;
         let (state, reason) = match outcome {
             HelperOutcome::Reboot if stop_request.is_none() => {
@@ -585,11 +701,22 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
                         ),
                     )
                 } else {
-                    vm.runtime().restarts += 1;
-                    manager.announce(&vm, vec![Property::Restarts]);
-                    vm.set_state(&manager, VmState::Starting);
-                    continue;
+                    let restarted = vm.change(&manager, Some(Lifecycle::Restart), |runtime| {
+                        helper_gone(runtime);
+                        runtime.restarts += 1;
+                    });
+                    // Refused only while stopping: then the reboot ends the VM.
+                    if restarted.is_ok() {
+                        continue;
+                    }
+                    (VmState::Stopped, String::new())
                 }
+            }
+            // Whatever the helper died of, a Kill asked for its death.
+            _ if stop_request == Some(StopRequest::Kill)
+                && !matches!(outcome, HelperOutcome::DiskBusy(_)) =>
+            {
+                (VmState::Stopped, String::new())
             }
             HelperOutcome::PowerOff | HelperOutcome::Reboot | HelperOutcome::Stopped => {
                 (VmState::Stopped, String::new())
@@ -603,9 +730,23 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
         if !reason.is_empty() {
             tracing::warn!("VM {}: {reason}", vm.name);
         }
-        vm.runtime().failure_reason = reason;
-        manager.announce(&vm, vec![Property::FailureReason]);
-        vm.set_state(&manager, state);
+        let failed = state == VmState::Failed;
+        let last_output = vm
+            .runtime()
+            .console
+            .as_ref()
+            .map(|console| Arc::from(console.take_unread_output(LAST_OUTPUT_BYTES)));
+        let ended = vm.change(&manager, Some(Lifecycle::Ended { failed }), |runtime| {
+            helper_gone(runtime);
+            runtime.failure_reason = reason;
+            // The pty goes with the VM (the host's ptys are few); clients holding its
+            // terminal see it hang up.
+            runtime.console = None;
+            runtime.last_output = last_output;
+        });
+        if let Err(refused) = ended {
+            tracing::error!("VM {}: {refused}", vm.name);
+        }
         manager.vm_ended(&vm).await;
         return;
     }
@@ -628,13 +769,26 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     let control = Arc::new(launched.control);
     let pidfd = Arc::new(launched.pidfd);
     let pid = launched.pid;
-    {
-        let mut runtime = vm.runtime();
+    // Under the lock Kill decides under: a Kill recorded before is seen here, and one after
+    // finds the pidfd.
+    let mut killed = false;
+    let _ = vm.change(manager, None, |runtime| {
         runtime.control = Some(control.clone());
         runtime.pidfd = Some(pidfd.clone());
         runtime.leader_pid = pid.as_raw() as u32;
+        killed = runtime.stop_request == Some(StopRequest::Kill);
+    });
+    if killed {
+        let _ = send_signal(&pidfd, libc::SIGKILL);
+        let helper = Helper {
+            control,
+            pidfd,
+            pid,
+            child: true,
+        };
+        let _ = wait_for_exit(&helper).await;
+        return HelperOutcome::Stopped;
     }
-    manager.announce(vm, vec![Property::LeaderPid]);
 
     let request = ScopeRequest {
         vm_name: &vm.name,
@@ -644,8 +798,7 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     };
     match scope::start_scope(manager.bus(), &request).await {
         Ok(unit) => {
-            vm.runtime().unit = unit;
-            manager.announce(vm, vec![Property::Unit]);
+            let _ = vm.change(manager, None, |runtime| runtime.unit = unit);
         }
         Err(err) => {
             let _ = send_signal(&pidfd, libc::SIGKILL);
@@ -718,8 +871,10 @@ async fn follow_helper(
             }
         }
     };
-    // Events sent just before exit.
-    while let Ok(event) = events.try_recv() {
+    // Events sent just before the exit (its reason, above all) may still be on their way
+    // from the reader thread: take every one, until the helper's end of the socket is closed.
+    let until = tokio::time::Instant::now() + LAST_EVENTS_TIMEOUT;
+    while let Ok(Some(event)) = tokio::time::timeout_at(until, events.recv()).await {
         handle_event(manager, vm, helper, event, &mut created, &mut last).await;
     }
     let stop_request = vm.runtime().stop_request;
@@ -772,10 +927,12 @@ async fn handle_event(
                 .transient
                 .then(|| definition.to_toml().ok())
                 .flatten();
+            let console = vm.runtime().console.clone();
             notify::store_vm_fds(
                 &vm.name,
                 helper.control.as_fd(),
                 helper.pidfd.as_fd(),
+                console.as_ref().map(|c| c.master()),
                 transient_toml.as_deref(),
             );
             if machined::available(manager.bus()).await
@@ -789,12 +946,12 @@ async fn handle_event(
             }
         }
         Event::State { state } => {
-            if vm.state() != VmState::Stopping {
-                let state = match state {
-                    RunState::Running => VmState::Running,
-                    RunState::Paused => VmState::Paused,
-                };
-                vm.set_state(manager, state);
+            let event = match state {
+                RunState::Running => Lifecycle::HelperRunning,
+                RunState::Paused => Lifecycle::HelperPaused,
+            };
+            // Refused (ignored) only in states no helper reports from.
+            if vm.change(manager, Some(event), |_| {}).is_ok() {
                 notify::status(manager);
             }
         }
@@ -869,7 +1026,14 @@ fn launch(
         initrd,
         disks: disks.fds,
         nets: Vec::new(),
-        console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
+        console: Some(
+            vm.runtime()
+                .console
+                .clone()
+                .ok_or_else(|| "the VM has no console".to_string())?
+                .helper_end()
+                .map_err(|e| error_chain(&e))?,
+        ),
     };
     // The helper inherits the locked open file descriptions: the locks last as long as it.
     let helper = manager
@@ -1001,7 +1165,7 @@ mod tests {
 
     fn vm_in(state: VmState) -> Arc<Vm> {
         let definition = VmDefinition::parse_dbus("t", &Default::default()).expect("defaults");
-        let vm = Vm::new(definition, Origin::Api).expect("console");
+        let vm = Vm::new(definition, Origin::Api);
         vm.state.send_replace(state);
         vm
     }
@@ -1057,21 +1221,47 @@ mod tests {
     }
 
     #[test]
-    fn kill_without_a_helper_is_refused_and_records_nothing() {
+    fn a_kill_before_the_helper_exists_is_recorded_for_the_supervisor() {
         // Starting, before the helper is launched (also between a guest reboot and the next
-        // helper).
+        // helper): the supervisor kills what it launches, or launches nothing.
         let vm = vm_in(VmState::Starting);
-        assert!(matches!(
-            vm.kill(),
-            Err(LifecycleError::InvalidState { .. })
-        ));
-        assert_eq!(vm.runtime().stop_request, None);
+        vm.kill().expect("kill while starting");
+        assert_eq!(vm.runtime().stop_request, Some(StopRequest::Kill));
+    }
+
+    #[test]
+    fn kill_without_a_vm_running_is_refused_and_records_nothing() {
+        for state in [VmState::Defined, VmState::Stopped, VmState::Failed] {
+            let vm = vm_in(state);
+            assert!(matches!(
+                vm.kill(),
+                Err(LifecycleError::InvalidState { .. })
+            ));
+            assert_eq!(vm.runtime().stop_request, None);
+        }
+    }
+
+    #[test]
+    fn a_console_exists_from_start_on_only() {
         let vm = vm_in(VmState::Stopped);
+        assert!(vm.runtime().console.is_none());
         assert!(matches!(
-            vm.kill(),
+            vm.open_console(),
             Err(LifecycleError::InvalidState { .. })
         ));
-        assert_eq!(vm.runtime().stop_request, None);
+        vm.claim_start(Rights::Daemon).expect("start");
+        vm.open_console().expect("a console while starting");
+    }
+
+    #[test]
+    fn an_ended_vms_console_reads_its_last_output() {
+        let vm = vm_in(VmState::Stopped);
+        vm.runtime().last_output = Some(Arc::from(&b"bye\n"[..]));
+        let console = vm.open_console().expect("last words");
+        let mut buf = [0u8; 16];
+        let n = nix::unistd::read(console.as_fd(), &mut buf).expect("read");
+        assert_eq!(&buf[..n], b"bye\n");
+        assert_eq!(nix::unistd::read(console.as_fd(), &mut buf), Ok(0));
     }
 
     #[test]

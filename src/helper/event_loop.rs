@@ -22,6 +22,10 @@ use crate::vmm::vm::Vm;
 pub const SIGTERM_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// How often console input is retried while the guest's receive FIFO is full.
 const CONSOLE_RETRY: Duration = Duration::from_millis(20);
+/// How often a hung-up console (a pty master whose terminal side nobody holds, e.g. while the
+/// daemon restarts) is looked at again. Such a master polls ready at once, forever: watching it
+/// without a pause would spin the main thread.
+const CONSOLE_HUNG_UP_RETRY: Duration = Duration::from_millis(250);
 
 /// What a signal to the helper asks for, following systemd's conventions for machines
 /// (`machinectl poweroff` sends SIGRTMIN+4, `machinectl reboot` SIGINT, `systemctl stop`
@@ -83,6 +87,48 @@ pub struct EventLoop<'a> {
     state: RunState,
     shutdown_deadline: Option<Instant>,
     console_open: bool,
+    /// The console hung up: it is not watched before this instant.
+    console_hung_up_until: Option<Instant>,
+}
+
+/// What one round of the main loop does with the console input.
+#[derive(Debug, PartialEq, Eq)]
+struct ConsolePlan {
+    watch: bool,
+    /// Wake up after this long at the latest, to look at the console again.
+    retry: Option<Duration>,
+}
+
+/// Whether to watch the console this round: only while it is open, the guest has room for
+/// input and it has not just hung up; otherwise when to look again.
+fn console_plan(
+    open: bool,
+    has_room: bool,
+    hung_up_until: Option<Instant>,
+    now: Instant,
+) -> ConsolePlan {
+    if !open {
+        return ConsolePlan {
+            watch: false,
+            retry: None,
+        };
+    }
+    if let Some(until) = hung_up_until.filter(|until| *until > now) {
+        return ConsolePlan {
+            watch: false,
+            retry: Some(until - now),
+        };
+    }
+    if !has_room {
+        return ConsolePlan {
+            watch: false,
+            retry: Some(CONSOLE_RETRY),
+        };
+    }
+    ConsolePlan {
+        watch: true,
+        retry: None,
+    }
 }
 
 /// Which fd a poll slot watches.
@@ -106,6 +152,7 @@ impl<'a> EventLoop<'a> {
             state: RunState::Paused,
             shutdown_deadline: None,
             console_open,
+            console_hung_up_until: None,
         }
     }
 
@@ -189,11 +236,13 @@ impl<'a> EventLoop<'a> {
     fn wait_and_dispatch(&mut self) -> Result<(), String> {
         let console_has_room =
             self.console_open && lock_device(&self.vm.devices.serial).input_capacity() > 0;
-        let mut timeout = if self.console_open && !console_has_room {
-            Some(CONSOLE_RETRY)
-        } else {
-            None
-        };
+        let console = console_plan(
+            self.console_open,
+            console_has_room,
+            self.console_hung_up_until,
+            Instant::now(),
+        );
+        let mut timeout = console.retry;
         if let Some(deadline) = self.shutdown_deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(left, |t| t.min(left)));
@@ -208,9 +257,9 @@ impl<'a> EventLoop<'a> {
         if self.control_open {
             fds.watch(Source::Control, self.control.as_fd(), PollFlags::POLLIN);
         }
-        let console = self.vm.devices.console_input.as_ref().map(OwnedFd::as_fd);
-        if let (Some(console), true) = (console, console_has_room) {
-            fds.watch(Source::Console, console, PollFlags::POLLIN);
+        let console_fd = self.vm.devices.console_input.as_ref().map(OwnedFd::as_fd);
+        if let (Some(console_fd), true) = (console_fd, console.watch) {
+            fds.watch(Source::Console, console_fd, PollFlags::POLLIN);
         }
 
         let poll_timeout = match timeout {
@@ -338,11 +387,15 @@ impl<'a> EventLoop<'a> {
                 self.console_open = false;
             }
             Ok(len) => {
+                self.console_hung_up_until = None;
                 serial.enqueue_input(&buf[..len]);
             }
             Err(Errno::EAGAIN | Errno::EINTR) => {}
-            // A pty master reads EIO while no client has the terminal open: wait for one.
-            Err(Errno::EIO) => {}
+            // A pty master reads EIO (and polls ready) while nobody has the terminal side open,
+            // e.g. while the daemon restarts: look again later, not in a busy loop.
+            Err(Errno::EIO) => {
+                self.console_hung_up_until = Some(Instant::now() + CONSOLE_HUNG_UP_RETRY);
+            }
             Err(err) => {
                 tracing::warn!("cannot read console input: {err}; ignoring it from now on");
                 self.console_open = false;
@@ -363,5 +416,57 @@ impl<'a> EventLoop<'a> {
             tracing::info!("cannot send {event:?} to the launcher: {err}");
             self.control_open = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hung_up_console_is_not_watched_until_its_retry() {
+        let now = Instant::now();
+        let later = now + CONSOLE_HUNG_UP_RETRY;
+        assert_eq!(
+            console_plan(true, true, Some(later), now),
+            ConsolePlan {
+                watch: false,
+                retry: Some(CONSOLE_HUNG_UP_RETRY)
+            }
+        );
+        // Once the retry is due it is watched again.
+        assert_eq!(
+            console_plan(true, true, Some(later), later),
+            ConsolePlan {
+                watch: true,
+                retry: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_or_closed_console_is_not_watched() {
+        let now = Instant::now();
+        assert_eq!(
+            console_plan(true, false, None, now),
+            ConsolePlan {
+                watch: false,
+                retry: Some(CONSOLE_RETRY)
+            }
+        );
+        assert_eq!(
+            console_plan(false, true, None, now),
+            ConsolePlan {
+                watch: false,
+                retry: None
+            }
+        );
+        assert_eq!(
+            console_plan(true, true, None, now),
+            ConsolePlan {
+                watch: true,
+                retry: None
+            }
+        );
     }
 }

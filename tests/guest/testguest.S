@@ -19,6 +19,7 @@
 #define COM1_LSR            0x3fd
 #define COM1_SCR            0x3ff           /* scratch register */
 #define LSR_THR_EMPTY       0x20
+#define LSR_DATA_READY      0x01
 #define PM1_STS_PORT        0x600
 #define PM1_PWRBTN_STS      0x100
 #define PM1_CNT_PORT        0x604
@@ -423,7 +424,8 @@ sc_badio:
     call    say
     jmp     poweroff
 
-/* spin: heartbeat about once a second, poll the ACPI power button every ~10 ms */
+/* spin: heartbeat about once a second, poll the ACPI power button and COM1 input every
+ * ~10 ms; each byte received is printed back as "spin input <decimal>" */
 sc_spin:
     xor     %r12d, %r12d                /* heartbeat number */
     call    tsc_now
@@ -440,7 +442,20 @@ sc_spin:
     call    putdec
     call    line_end
     inc     %r12
-2:  mov     $PM1_STS_PORT, %edx
+2:  mov     $COM1_LSR, %edx
+    inb     %dx, %al
+    test    $LSR_DATA_READY, %al
+    jz      4f
+    mov     $COM1_THR, %edx             /* RBR on reads */
+    inb     %dx, %al
+    movzbl  %al, %eax
+    call    line_begin
+    lea     s_spin_input(%rip), %rsi
+    call    puts
+    call    putdec
+    call    line_end
+    jmp     2b                          /* the next byte, if any */
+4:  mov     $PM1_STS_PORT, %edx
     inw     %dx, %ax
     test    $PM1_PWRBTN_STS, %ax
     jnz     3f
@@ -3076,6 +3091,7 @@ s_badio_pio32:      .asciz " pio32 "
 s_badio_mmio32:     .asciz " mmio32 "
 s_badio_survived:   .asciz "badio: survived"
 s_heartbeat:        .asciz "spin heartbeat "
+s_spin_input:       .asciz "spin input "
 s_pwrbtn:           .asciz "power button pressed, powering off"
 s_stringio_outs:    .ascii "stringio: rep outsb to COM1"
 s_stringio_outs_end:
