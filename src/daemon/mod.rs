@@ -8,7 +8,8 @@
 //!   disks (parsed, shown, and opened with their backing chains and locked at start);
 //! - [`authority`] decides who may do what; [`files`] checks and copies callers' fds, and
 //!   [`host_files`] opens definitions' paths with the rights of whoever starts the VM;
-//! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
+//! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys;
+//!   [`signal`] signals helpers.
 
 pub mod authority;
 pub mod console;
@@ -22,6 +23,7 @@ pub mod machined;
 pub mod manager;
 pub mod notify;
 pub mod scope;
+pub mod signal;
 pub mod store;
 pub mod vm;
 

@@ -521,21 +521,7 @@ fn pid_of(pidfd: &OwnedFd) -> Option<i32> {
 }
 
 fn send_signal(pidfd: &OwnedFd, signal: i32) -> nix::Result<()> {
-    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        Err(nix::Error::last())
-    } else {
-        Ok(())
-    }
+    super::signal::send_signal(pidfd, signal)
 }
 
 /// How one helper ended.
