@@ -17,7 +17,7 @@ use super::host_files::{self, Rights};
 use super::manager::Manager;
 use super::scope::{self, ScopeRequest};
 use super::store::Origin;
-use super::{machined, notify};
+use super::{machined, network, notify};
 use crate::helper::{EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
 use crate::images::FileId;
 use crate::launch::{HelperProcess, HelperSpawn};
@@ -775,8 +775,14 @@ async fn handle_event(
                 transient_toml.as_deref(),
             );
             if machined::available(manager.bus()).await
-                && let Err(err) =
-                    machined::register(manager.bus(), &vm.name, definition.uuid, leader).await
+                && let Err(err) = machined::register(
+                    manager.bus(),
+                    &vm.name,
+                    definition.uuid,
+                    leader,
+                    network::ifindices(&vm.name, &definition.interfaces),
+                )
+                .await
             {
                 tracing::warn!(
                     "VM {}: cannot register with systemd-machined: {err}",
@@ -857,6 +863,7 @@ fn launch(
         .transpose()?;
     let kernel = open("kernel", &definition.kernel)?;
     let disks = open_disks(manager, vm, definition, &file_rights)?;
+    let nets = network::open_all(&vm.name, &definition.interfaces).map_err(|e| error_chain(&e))?;
     let mut config = definition.vm_config();
     config.disks = disks.configs;
     let fds = HelperFds {
@@ -864,7 +871,7 @@ fn launch(
         kernel: kernel.into(),
         initrd,
         disks: disks.fds,
-        nets: Vec::new(),
+        nets,
         console: Some(vm.console.helper_end().map_err(|e| error_chain(&e))?),
     };
     // The helper inherits the locked open file descriptions: the locks last as long as it.
