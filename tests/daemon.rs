@@ -2260,3 +2260,78 @@ fn only_root_the_switch_group_or_polkit_may_attach_a_vm_to_a_switch() {
     vmd.wait_state("a1", "running", LIMIT);
     assert!(ports_of_the_bridge(&vmd).contains(" vt-a1:"));
 }
+
+/// Opens a tap (or, for "file", a plain file) itself and passes it to CreateVMWithFiles as
+/// net0, with the test guest as the kernel (dbus-python, as a caller that is not vmd's).
+const TAP_CLIENT: &str = r#"
+import dbus, fcntl, os, struct, sys
+kind, name, cmdline = sys.argv[1], sys.argv[2], sys.argv[3]
+if kind == "tap":
+    tap = os.open("/dev/net/tun", os.O_RDWR)
+    # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; TUNSETIFF
+    fcntl.ioctl(tap, 0x400454ca, struct.pack("16sH", b"mytap0", 0x0002 | 0x1000 | 0x4000))
+else:
+    tap = os.open("/etc/hostname", os.O_RDONLY)
+kernel = os.open("/var/lib/vmd-test/testguest.elf", os.O_RDONLY)
+bus = dbus.SystemBus()
+manager = dbus.Interface(bus.get_object("org.vmd.vmd1", "/org/vmd/vmd1"), "org.vmd.vmd1.Manager")
+try:
+    manager.CreateVMWithFiles(name, {"MemoryBytes": dbus.UInt64(64 << 20), "Cmdline": cmdline},
+                              {"kernel": dbus.types.UnixFd(kernel), "net0": dbus.types.UnixFd(tap)})
+    print("accepted")
+except dbus.DBusException as e:
+    print(e.get_dbus_name(), e.get_dbus_message())
+    sys.exit(1)
+"#;
+
+#[test]
+fn a_tap_the_caller_opened_is_the_vms_interface() {
+    let Some(vmd) = Vmd::boot() else { return };
+    let refused = vmd.run(&[
+        "/usr/bin/python3",
+        "-c",
+        TAP_CLIENT,
+        "file",
+        "notap",
+        "testguest=net ip=10.200.10.2",
+    ]);
+    let printed = String::from_utf8_lossy(&refused.stdout).into_owned();
+    assert!(
+        printed.contains("org.vmd.vmd1.Error.InvalidArgument") && printed.contains("net0"),
+        "{printed}"
+    );
+    vmd.ok(&[
+        "/usr/bin/python3",
+        "-c",
+        TAP_CLIENT,
+        "tap",
+        "own",
+        "testguest=net ip=10.200.10.2",
+    ]);
+    // The caller is gone; the daemon keeps the tap for the VM.
+    vmd.ok(&["ip", "addr", "add", "10.200.10.1/24", "dev", "mytap0"]);
+    vmd.ok(&["ip", "link", "set", "mytap0", "up"]);
+    let interfaces = vmd.ok(&[
+        "busctl",
+        "get-property",
+        "org.vmd.vmd1",
+        &Vmd::vm_path("own"),
+        "org.vmd.vmd1.VM",
+        "Interfaces",
+    ]);
+    assert!(
+        interfaces.contains("\"mytap0\"") && interfaces.contains("\"Passed\" b true"),
+        "{interfaces}"
+    );
+    vmd.call("own", "Start");
+    vmd.wait_state("own", "running", LIMIT);
+    wait_for_answers(&vmd, "10.200.10.2");
+    assert!(!vmd.run(&["ip", "link", "show", "vt-own"]).status.success());
+    // Stopped, the VM keeps its tap for the next start.
+    vmd.call("own", "Kill");
+    vmd.wait_state("own", "stopped", LIMIT);
+    vmd.ok(&["ip", "link", "show", "mytap0"]);
+    vmd.call("own", "Start");
+    vmd.wait_state("own", "running", LIMIT);
+    wait_for_answers(&vmd, "10.200.10.2");
+}
