@@ -2083,6 +2083,15 @@ fn vms_on_a_switch_answer_the_host_and_a_spoofing_guest_reaches_nobody() {
         vmd.call(name, "Start");
         vmd.wait_state(name, "running", LIMIT);
     }
+    // vmd.service has CAP_NET_ADMIN now; its helpers still keep no capability at all.
+    let leader = vmd.property("web", "LeaderPID");
+    let status = vmd.ok(&["cat", &format!("/proc/{leader}/status")]);
+    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{field}:\t0000000000000000")),
+            "{field} of the helper: {status}"
+        );
+    }
     let ports = ports_of_the_bridge(&vmd);
     for tap in ["vt-web", "vt-db", "vt-spoof"] {
         assert!(
