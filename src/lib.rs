@@ -10,6 +10,7 @@
 //! - [`vmm`] builds and runs the VM on KVM, with the [`devices`] it emulates;
 //! - [`daemon`] is the D-Bus service that runs VMs in systemd scopes;
 //! - [`cli`] holds the user-facing commands;
+//! - [`tap`] opens, checks and creates the host side of network interfaces;
 //! - [`poll_set`] is the poll(2) loop shape the helper and `vmd run` share.
 
 pub mod cli;
@@ -22,4 +23,5 @@ pub mod logging;
 pub mod poll_set;
 pub mod protocol;
 pub mod sandbox;
+pub mod tap;
 pub mod vmm;

@@ -2212,3 +2212,411 @@ fn a_failure_reason_is_never_lost_to_the_exit() {
     }
     assert_eq!(generic, 0, "the reason was lost {generic} times in 30");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Networking: switches, taps, interfaces
+
+/// The box's network namespace is its own: the bridge and its address exist only in there.
+const BRIDGE: &str = "vmdbr0";
+
+/// A bridge with the address 10.200.9.1/24 (the host's side), and the switch `lan` on it,
+/// whose group `vmnet` may attach VMs.
+fn switch_lan(vmd: &Vmd) {
+    vmd.ok(&[
+        "ip",
+        "link",
+        "add",
+        BRIDGE,
+        "type",
+        "bridge",
+        "forward_delay",
+        "0",
+    ]);
+    vmd.ok(&["ip", "addr", "add", "10.200.9.1/24", "dev", BRIDGE]);
+    vmd.ok(&["ip", "link", "set", BRIDGE, "up"]);
+    vmd.ok(&["groupadd", "vmnet"]);
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "mkdir -p /etc/vmd/switches && printf 'bridge = \"{BRIDGE}\"\\ngroup = \"vmnet\"\\n' > /etc/vmd/switches/lan.toml"
+        ),
+    ]);
+}
+
+/// CreateVM with the test guest answering for `ip`, and `interfaces` after `Interfaces aa{sv}`.
+fn create_networked(vmd: &Vmd, name: &str, scenario: &str, ip: &str, interfaces: &[&str]) {
+    let cmdline = format!("testguest={scenario} ip={ip}");
+    let mut argv = vec![
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "CreateVM",
+        "sa{sv}",
+        name,
+        "4",
+        "Kernel",
+        "s",
+        GUEST,
+        "Cmdline",
+        "s",
+        &cmdline,
+        "MemoryBytes",
+        "t",
+        "67108864",
+        "Interfaces",
+        "aa{sv}",
+    ];
+    argv.extend(interfaces);
+    vmd.ok(&argv);
+}
+
+/// Pings `ip` three times from the box (the host side of the bridge); ping's summary.
+fn ping(vmd: &Vmd, ip: &str) -> String {
+    let output = vmd.run(&["ping", "-c", "3", "-W", "2", "-i", "0.3", ip]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until `ip` answers a ping (the guest has set up its device).
+fn wait_for_answers(vmd: &Vmd, ip: &str) {
+    let start = Instant::now();
+    while !vmd
+        .run(&["ping", "-c", "1", "-W", "1", ip])
+        .status
+        .success()
+    {
+        assert!(start.elapsed() < LIMIT, "{ip} never answered");
+    }
+}
+
+/// Stops the VM from the way `stop` says (with its console attached) and returns the guest's
+/// `answered` line.
+fn answered_at_stop(vmd: &Vmd, name: &str, stop: &[&str]) -> String {
+    let mut console = vmd.systemd.spawn(&["vmctl", "console", name]);
+    let lines = Lines::collect(console.stdout.take().expect("stdout"));
+    // The console is attached once vmctl has said so on stderr; a moment is enough here.
+    std::thread::sleep(Duration::from_millis(500));
+    vmd.ok(stop);
+    let line = lines.wait_for(" answered ", LIMIT);
+    let _ = console.kill();
+    let _ = console.wait();
+    line
+}
+
+fn ports_of_the_bridge(vmd: &Vmd) -> String {
+    vmd.ok(&["ip", "-o", "link", "show", "master", BRIDGE])
+}
+
+#[test]
+fn vms_on_a_switch_answer_the_host_and_a_spoofing_guest_reaches_nobody() {
+    let Some(vmd) = Vmd::boot() else { return };
+    switch_lan(&vmd);
+    create_networked(
+        &vmd,
+        "web",
+        "net",
+        "10.200.9.2",
+        &["1", "1", "Switch", "s", "lan"],
+    );
+    create_networked(
+        &vmd,
+        "db",
+        "net",
+        "10.200.9.3",
+        &[
+            "1",
+            "2",
+            "Switch",
+            "s",
+            "lan",
+            "MAC",
+            "s",
+            "52:54:00:00:09:03",
+        ],
+    );
+    create_networked(
+        &vmd,
+        "spoof",
+        "net-spoof",
+        "10.200.9.4",
+        &["1", "1", "Switch", "s", "lan"],
+    );
+    // The property says where each interface goes, before anything runs.
+    let interfaces = vmd.ok(&[
+        "busctl",
+        "get-property",
+        "org.vmd.vmd1",
+        &Vmd::vm_path("db"),
+        "org.vmd.vmd1.VM",
+        "Interfaces",
+    ]);
+    for expected in ["\"vt-db\"", "\"lan\"", "\"52:54:00:00:09:03\""] {
+        assert!(interfaces.contains(expected), "{interfaces}");
+    }
+    for name in ["web", "db", "spoof"] {
+        vmd.call(name, "Start");
+        vmd.wait_state(name, "running", LIMIT);
+    }
+    // vmd.service has CAP_NET_ADMIN now; its helpers still keep no capability at all.
+    let leader = vmd.property("web", "LeaderPID");
+    let status = vmd.ok(&["cat", &format!("/proc/{leader}/status")]);
+    for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{field}:\t0000000000000000")),
+            "{field} of the helper: {status}"
+        );
+    }
+    let ports = ports_of_the_bridge(&vmd);
+    for tap in ["vt-web", "vt-db", "vt-spoof"] {
+        assert!(
+            ports.contains(&format!(" {tap}:")),
+            "{tap} not on the bridge: {ports}"
+        );
+    }
+
+    wait_for_answers(&vmd, "10.200.9.2");
+    wait_for_answers(&vmd, "10.200.9.3");
+    let web = ping(&vmd, "10.200.9.2");
+    assert!(web.contains("3 received"), "{web}");
+    let db = ping(&vmd, "10.200.9.3");
+    assert!(db.contains("3 received"), "{db}");
+    // db answers from the MAC it was given.
+    let neighbour = vmd.ok(&["ip", "neigh", "show", "10.200.9.3"]);
+    assert!(neighbour.contains("52:54:00:00:09:03"), "{neighbour}");
+    // The spoofing guest, booted as long as the others, answers, but from another MAC: the
+    // device drops that, so nobody hears it.
+    let spoof = ping(&vmd, "10.200.9.4");
+    assert!(spoof.contains(" 0 received"), "{spoof}");
+    let spoofed = answered_at_stop(&vmd, "spoof", &["systemctl", "stop", "vmd-spoof.scope"]);
+    assert!(!spoofed.contains("answered 0 arp"), "{spoofed}");
+    vmd.wait_state("spoof", "stopped", LIMIT);
+
+    // machined knows the VM's interface.
+    let machine = vmd.ok(&["machinectl", "status", "web", "--no-pager"]);
+    assert!(
+        machine
+            .lines()
+            .any(|line| line.contains("Iface:") && line.contains("vt-web")),
+        "{machine}"
+    );
+    // vmctl shows the interfaces.
+    let status = vmd.ok(&["vmctl", "status", "db"]);
+    assert!(
+        status.contains("net0: vt-db (52:54:00:00:09:03, switch lan)"),
+        "{status}"
+    );
+
+    // A stopped VM's tap is gone, and the others keep theirs.
+    let answered = answered_at_stop(&vmd, "web", &["systemctl", "stop", "vmd-web.scope"]);
+    assert!(
+        answered.contains(" 3 echo") || answered.contains(" 4 echo"),
+        "{answered}"
+    );
+    vmd.wait_state("web", "stopped", LIMIT);
+    assert!(
+        !vmd.run(&["ip", "link", "show", "vt-web"]).status.success(),
+        "vt-web outlived its VM"
+    );
+    assert!(ports_of_the_bridge(&vmd).contains(" vt-db:"));
+    // And a restart makes it again, under the same name, with the same MAC.
+    vmd.call("web", "Start");
+    vmd.wait_state("web", "running", LIMIT);
+    wait_for_answers(&vmd, "10.200.9.2");
+    for name in ["web", "db"] {
+        vmd.call(name, "Kill");
+        vmd.wait_state(name, "stopped", LIMIT);
+    }
+    let left = vmd.ok(&["ip", "-o", "link", "show"]);
+    assert!(!left.contains("vt-"), "taps left behind: {left}");
+}
+
+#[test]
+fn only_root_the_switch_group_or_polkit_may_attach_a_vm_to_a_switch() {
+    let Some(vmd) = Vmd::boot() else { return };
+    switch_lan(&vmd);
+    vmd.ok(&["useradd", "-m", "alice"]);
+    vmd.ok(&["useradd", "-m", "-G", "vmnet", "bob"]);
+    for user in ["alice", "bob"] {
+        vmd.ok(&[
+            "install",
+            "-o",
+            user,
+            "-m",
+            "0644",
+            GUEST,
+            &format!("/home/{user}/guest.elf"),
+        ]);
+    }
+    grant(
+        &vmd,
+        "50-create.rules",
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.vmd.vmd1.create\" && (subject.user == \"alice\" || subject.user == \"bob\")) return polkit.Result.YES;\n});\n",
+        "alice",
+        "org.vmd.vmd1.create",
+    );
+    let start = |user: &str, name: &str, ip: &str| {
+        let kernel = format!("/home/{user}/guest.elf");
+        let cmdline = format!("testguest=net ip={ip}");
+        as_user(
+            &vmd,
+            user,
+            &[
+                "vmctl",
+                "start",
+                name,
+                "-k",
+                &kernel,
+                "-m",
+                "64M",
+                "--cmdline",
+                &cmdline,
+                "-n",
+                "lan",
+            ],
+        )
+    };
+
+    // alice is not in the switch's group and has no polkit right: refused, nothing created.
+    let refused = start("alice", "a1", "10.200.9.5");
+    assert!(!refused.status.success(), "alice attached a VM to lan");
+    let error = stderr_of(&refused);
+    assert!(
+        error.contains("org.vmd.vmd1.network") && error.contains("switch lan"),
+        "{error}"
+    );
+    let refused = gdbus_as(
+        &vmd,
+        "alice",
+        MANAGER,
+        "org.vmd.vmd1.Manager.CreateVM",
+        &[
+            "a2",
+            &format!("{{'Kernel': <'{GUEST}'>, 'Interfaces': <[{{'Switch': <'lan'>}}]>}}"),
+        ],
+    );
+    assert_not_permitted(&refused, "org.vmd.vmd1.network", "CreateVM on lan as alice");
+    let listed = vmd.ok(&[
+        "busctl",
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    assert_eq!(listed.trim(), "a(sso) 0");
+    // A switch that does not exist is an invalid argument, for anyone.
+    let unknown = gdbus_as(
+        &vmd,
+        "bob",
+        MANAGER,
+        "org.vmd.vmd1.Manager.CreateVM",
+        &[
+            "b0",
+            &format!("{{'Kernel': <'{GUEST}'>, 'Interfaces': <[{{'Switch': <'wan'>}}]>}}"),
+        ],
+    );
+    assert!(
+        stderr_of(&unknown).contains("org.vmd.vmd1.Error.InvalidArgument")
+            && stderr_of(&unknown).contains("no switch \"wan\""),
+        "{}",
+        stderr_of(&unknown)
+    );
+
+    // bob is in the switch's group.
+    let started = start("bob", "b1", "10.200.9.6");
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    vmd.wait_state("b1", "running", LIMIT);
+    assert!(ports_of_the_bridge(&vmd).contains(" vt-b1:"));
+    let reply = ping(&vmd, "10.200.9.6");
+    assert!(reply.contains("3 received"), "{reply}");
+
+    // alice with the polkit action.
+    grant(
+        &vmd,
+        "50-network.rules",
+        "polkit.addRule(function(action, subject) {\n  if (action.id == \"org.vmd.vmd1.network\" && subject.user == \"alice\") return polkit.Result.YES;\n});\n",
+        "alice",
+        "org.vmd.vmd1.network",
+    );
+    let started = start("alice", "a1", "10.200.9.5");
+    assert!(started.status.success(), "{}", stderr_of(&started));
+    vmd.wait_state("a1", "running", LIMIT);
+    assert!(ports_of_the_bridge(&vmd).contains(" vt-a1:"));
+}
+
+/// Opens a tap (or, for "file", a plain file) itself and passes it to CreateVMWithFiles as
+/// net0, with the test guest as the kernel (dbus-python, as a caller that is not vmd's).
+const TAP_CLIENT: &str = r#"
+import dbus, fcntl, os, struct, sys
+kind, name, cmdline = sys.argv[1], sys.argv[2], sys.argv[3]
+if kind == "tap":
+    tap = os.open("/dev/net/tun", os.O_RDWR)
+    # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; TUNSETIFF
+    fcntl.ioctl(tap, 0x400454ca, struct.pack("16sH", b"mytap0", 0x0002 | 0x1000 | 0x4000))
+else:
+    tap = os.open("/etc/hostname", os.O_RDONLY)
+kernel = os.open("/var/lib/vmd-test/testguest.elf", os.O_RDONLY)
+bus = dbus.SystemBus()
+manager = dbus.Interface(bus.get_object("org.vmd.vmd1", "/org/vmd/vmd1"), "org.vmd.vmd1.Manager")
+try:
+    manager.CreateVMWithFiles(name, {"MemoryBytes": dbus.UInt64(64 << 20), "Cmdline": cmdline},
+                              {"kernel": dbus.types.UnixFd(kernel), "net0": dbus.types.UnixFd(tap)})
+    print("accepted")
+except dbus.DBusException as e:
+    print(e.get_dbus_name(), e.get_dbus_message())
+    sys.exit(1)
+"#;
+
+#[test]
+fn a_tap_the_caller_opened_is_the_vms_interface() {
+    let Some(vmd) = Vmd::boot() else { return };
+    let refused = vmd.run(&[
+        "/usr/bin/python3",
+        "-c",
+        TAP_CLIENT,
+        "file",
+        "notap",
+        "testguest=net ip=10.200.10.2",
+    ]);
+    let printed = String::from_utf8_lossy(&refused.stdout).into_owned();
+    assert!(
+        printed.contains("org.vmd.vmd1.Error.InvalidArgument") && printed.contains("net0"),
+        "{printed}"
+    );
+    vmd.ok(&[
+        "/usr/bin/python3",
+        "-c",
+        TAP_CLIENT,
+        "tap",
+        "own",
+        "testguest=net ip=10.200.10.2",
+    ]);
+    // The caller is gone; the daemon keeps the tap for the VM.
+    vmd.ok(&["ip", "addr", "add", "10.200.10.1/24", "dev", "mytap0"]);
+    vmd.ok(&["ip", "link", "set", "mytap0", "up"]);
+    let interfaces = vmd.ok(&[
+        "busctl",
+        "get-property",
+        "org.vmd.vmd1",
+        &Vmd::vm_path("own"),
+        "org.vmd.vmd1.VM",
+        "Interfaces",
+    ]);
+    assert!(
+        interfaces.contains("\"mytap0\"") && interfaces.contains("\"Passed\" b true"),
+        "{interfaces}"
+    );
+    vmd.call("own", "Start");
+    vmd.wait_state("own", "running", LIMIT);
+    wait_for_answers(&vmd, "10.200.10.2");
+    assert!(!vmd.run(&["ip", "link", "show", "vt-own"]).status.success());
+    // Stopped, the VM keeps its tap for the next start.
+    vmd.call("own", "Kill");
+    vmd.wait_state("own", "stopped", LIMIT);
+    vmd.ok(&["ip", "link", "show", "mytap0"]);
+    vmd.call("own", "Start");
+    vmd.wait_state("own", "running", LIMIT);
+    wait_for_answers(&vmd, "10.200.10.2");
+}

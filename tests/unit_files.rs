@@ -259,15 +259,20 @@ fn service_keeps_the_daemon_contract() {
         assert!(devices.contains(device), "DeviceAllow={device} is missing");
     }
 
-    // The helper switches to vmd-vm and empties its bounding set itself, and the daemon
-    // signals helpers that no longer run as root.
+    // The helper switches to vmd-vm and empties its bounding set itself; the daemon makes
+    // taps. It signals helpers that no longer run as root as their own user, without
+    // CAP_KILL (whose exposure CAP_NET_ADMIN's takes).
     let caps: BTreeSet<&str> = values(&unit, s, "CapabilityBoundingSet")
         .iter()
         .flat_map(|v| v.split_whitespace())
         .collect();
-    for cap in ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL"] {
+    for cap in ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_NET_ADMIN"] {
         assert!(caps.contains(cap), "CapabilityBoundingSet= lacks {cap}");
     }
+    assert!(
+        !caps.contains("CAP_KILL"),
+        "CapabilityBoundingSet= has CAP_KILL"
+    );
     assert!(
         !caps.iter().any(|c| c.starts_with('~')),
         "CapabilityBoundingSet= is expected as an allow list"

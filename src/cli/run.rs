@@ -19,6 +19,7 @@ use nix::sys::socket::{self, MsgFlags};
 use nix::sys::stat::SFlag;
 
 use super::disk_option::{DiskOption, open_disks, parse_disk_option};
+use super::net_option::{NetOption, open_nets, parse_net_option};
 use crate::helper::{EXIT_FAILURE, EXIT_REBOOT, error_chain};
 use crate::launch::{HelperExit, HelperProcess, HelperSpawn, Launcher};
 use crate::poll_set::PollSet;
@@ -51,6 +52,14 @@ pub struct RunArgs {
     #[arg(long = "disk", short = 'd', value_name = "PATH[,ro][,format=raw|qcow2|auto][,serial=S]",
           value_parser = parse_disk_option)]
     pub disks: Vec<DiskOption>,
+    /// A network interface, in guest order (repeatable): attach to the tap NAME (yours, or
+    /// with CAP_NET_ADMIN), or take the tap fd N that vmd run inherited. The MAC is stable
+    /// for the VM's --name unless given; frames the guest sends from another MAC are dropped
+    /// unless locked-lladdr=off.
+    #[arg(long = "net", short = 'n',
+          value_name = "tap=NAME|fd=N[,mac=MAC][,locked-lladdr=off]",
+          value_parser = parse_net_option)]
+    pub nets: Vec<NetOption>,
     /// Give the guest a virtio-rng entropy source.
     #[arg(long)]
     pub entropy: bool,
@@ -121,6 +130,15 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
     // Locked until the helper, which inherits the open files, exits.
     let (disks, disk_configs) = open_disks(&args.disks)?;
     config.disks = disk_configs;
+    if args.nets.len() > crate::protocol::MAX_NETS {
+        return Err(format!(
+            "{} interfaces given; at most {} are allowed",
+            args.nets.len(),
+            crate::protocol::MAX_NETS
+        ));
+    }
+    let (nets, interface_configs) = open_nets(&args.name, &args.nets)?;
+    config.interfaces = interface_configs;
     config.validate().map_err(|e| e.to_string())?;
 
     let kvm = OpenOptions::new()
@@ -140,7 +158,7 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         kernel: open_readable("kernel", &args.kernel)?,
         initrd,
         disks,
-        nets: Vec::new(),
+        nets,
         console: Some(OwnedFd::from(helper_console)),
     };
     console

@@ -1,7 +1,7 @@
 //! Who may do what (DESIGN.md, "Authorization"): root always; a VM's owner for the everyday
 //! lifecycle of that VM; everyone else through polkit (org.vmd.vmd1.create, .manage,
-//! .host-files), with the VM's name in the details. Callers are identified by what the bus (or
-//! the socket) says about them, never by anything they say about themselves.
+//! .host-files, .network), with the VM's name in the details. Callers are identified by what
+//! the bus (or the socket) says about them, never by anything they say about themselves.
 
 use std::collections::HashMap;
 
@@ -19,6 +19,8 @@ pub enum Action {
     Manage,
     /// Have the daemon open host paths (kernel, initrd) with its own rights.
     HostFiles,
+    /// Attach VMs to switches (the administrator's bridges) without being in their group.
+    Network,
 }
 
 impl Action {
@@ -27,6 +29,7 @@ impl Action {
             Action::Create => "org.vmd.vmd1.create",
             Action::Manage => "org.vmd.vmd1.manage",
             Action::HostFiles => "org.vmd.vmd1.host-files",
+            Action::Network => "org.vmd.vmd1.network",
         }
     }
 }

@@ -18,6 +18,7 @@ use super::host_files::{Rights, UserRights};
 use super::manager::Manager;
 use super::store::Origin;
 use super::vm::{LifecycleError, Property, Vm};
+use super::{network, switches};
 use crate::images::DiskFormat;
 use crate::protocol::FdName;
 
@@ -150,6 +151,7 @@ impl ManagerObject {
         let caller = authority::identify(&header, connection).await?;
         authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
         let definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
+        switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
         // The daemon opens host paths only for callers who could be trusted with its rights.
         authority::authorize(self.manager.bus(), &caller, Action::HostFiles, Some(&name))
             .await
@@ -192,12 +194,15 @@ impl ManagerObject {
         if let Some(unknown) = files.keys().find(|k| {
             !matches!(
                 FdName::parse(k),
-                Some(FdName::Kernel | FdName::Initrd | FdName::Disk(_))
+                Some(FdName::Kernel | FdName::Initrd | FdName::Disk(_) | FdName::Net(_))
             )
         }) {
             return Err(invalid(DefinitionError::UnknownFile(unknown.clone())));
         }
         let passed_disks = take_passed_disks(&mut definition, &mut files).map_err(invalid)?;
+        network::take_passed(&mut definition.interfaces, &mut files).map_err(invalid)?;
+        network::validate(&definition.interfaces).map_err(invalid)?;
+        switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
         let kernel = OwnedFd::from(
             files
                 .remove("kernel")
@@ -484,6 +489,13 @@ impl VmObject {
     #[zbus(property, name = "Disks")]
     async fn disks(&self) -> Vec<HashMap<String, OwnedVariant>> {
         disks::to_dbus(&self.vm.definition().disks)
+    }
+
+    /// One `a{sv}` per interface: Switch s, MAC s, LockedLladdr b, Tap s, Passed b.
+    #[zbus(property, name = "Interfaces")]
+    async fn interfaces(&self) -> Vec<HashMap<String, OwnedVariant>> {
+        let definition = self.vm.definition();
+        network::to_dbus(&self.vm.name, &definition.uuid, &definition.interfaces)
     }
 
     #[zbus(property, name = "Entropy")]

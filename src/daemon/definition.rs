@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use zbus::OwnedVariant;
 
 use super::disks::{self, DiskSource, DiskSpec, DiskTable};
+use super::network::{self, InterfaceSpec, InterfaceTable};
 use crate::images::UnknownFormat;
 use crate::protocol::{self, VmConfig};
 
@@ -36,6 +37,8 @@ pub struct VmDefinition {
     pub disks: Vec<DiskSpec>,
     /// A virtio-rng entropy source.
     pub entropy: bool,
+    /// Network interfaces, in guest order.
+    pub interfaces: Vec<InterfaceSpec>,
 }
 
 /// A definition as its TOML file spells it (the name is the file's).
@@ -68,6 +71,9 @@ struct DefinitionFile {
     /// `[[disk]]` tables; last, as TOML wants tables after plain keys.
     #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
     disks: Vec<DiskTable>,
+    /// `[[interface]]` tables.
+    #[serde(default, rename = "interface", skip_serializing_if = "Vec::is_empty")]
+    interfaces: Vec<InterfaceTable>,
 }
 
 fn default_cmdline() -> String {
@@ -86,7 +92,7 @@ pub enum DefinitionError {
     #[error("invalid VM name: {0}")]
     Name(#[from] protocol::NameError),
     #[error(
-        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient, Owner, Disks, Entropy)"
+        "unknown configuration key {0:?} (known: Kernel, Initrd, Cmdline, VCPUs, MemoryBytes, Autostart, Transient, Owner, Disks, Entropy, Interfaces)"
     )]
     UnknownKey(String),
     #[error("configuration key {key} must be of D-Bus type {expected}, not {found}")]
@@ -119,7 +125,7 @@ pub enum DefinitionError {
         "CreateVMWithFiles takes the kernel and initrd as fds in its files argument, not as {0} paths"
     )]
     PathWithFiles(&'static str),
-    #[error("unknown file {0:?} (known: kernel, initrd, disk0 to disk7)")]
+    #[error("unknown file {0:?} (known: kernel, initrd, disk0 to disk7, net0 to net3)")]
     UnknownFile(String),
     #[error("the {what} fd is unusable: {reason}")]
     PassedFile { what: &'static str, reason: String },
@@ -154,6 +160,23 @@ pub enum DefinitionError {
     PassedDisk { disk: usize, reason: String },
     #[error("cannot use disk {disk}: {reason}")]
     UnusableDisk { disk: usize, reason: String },
+    #[error("unknown key {key:?} in interface {interface} (known: {known})")]
+    UnknownInterfaceKey {
+        interface: usize,
+        key: String,
+        known: &'static str,
+    },
+    #[error("key {key} of interface {interface} must be of D-Bus type {expected}, not {found}")]
+    InterfaceWrongType {
+        interface: usize,
+        key: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("interface {interface}: {reason}")]
+    Interface { interface: usize, reason: String },
+    #[error("the net{interface} fd is unusable: {reason}")]
+    PassedTap { interface: usize, reason: String },
 }
 
 impl VmDefinition {
@@ -166,13 +189,14 @@ impl VmDefinition {
             cmdline: self.cmdline.clone(),
             disks: self.disks.iter().map(DiskSpec::unresolved_config).collect(),
             entropy: self.entropy,
-            interfaces: Vec::new(),
+            interfaces: network::configs(&self.uuid, &self.interfaces),
         }
     }
 
     /// Checks the name, sizes and command line, and that the files are readable regular files.
     pub fn validate(&self) -> Result<(), DefinitionError> {
         self.vm_config().validate()?;
+        network::validate(&self.interfaces)?;
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
@@ -222,6 +246,7 @@ impl VmDefinition {
             transient: false,
             disks: Vec::new(),
             entropy: false,
+            interfaces: Vec::new(),
         };
         for (key, value) in config {
             match key.as_str() {
@@ -234,6 +259,7 @@ impl VmDefinition {
                 "Transient" => definition.transient = typed::<bool>(value, "Transient", "b")?,
                 "Disks" => definition.disks = disks::parse_dbus(value)?,
                 "Entropy" => definition.entropy = typed::<bool>(value, "Entropy", "b")?,
+                "Interfaces" => definition.interfaces = network::parse_dbus(value)?,
                 "Owner" => {
                     let owner = string(value, "Owner")?;
                     let (uid, gid) = resolve_owner(&owner)?;
@@ -244,6 +270,7 @@ impl VmDefinition {
             }
         }
         definition.vm_config().validate()?;
+        network::validate(&definition.interfaces)?;
         Ok(definition)
     }
 
@@ -308,8 +335,14 @@ impl VmDefinition {
                 .map(|(index, table)| table.into_spec(index))
                 .collect::<Result<_, _>>()?,
             entropy: file.entropy,
+            interfaces: file
+                .interfaces
+                .into_iter()
+                .map(InterfaceTable::into_spec)
+                .collect(),
         };
         definition.vm_config().validate()?;
+        network::validate(&definition.interfaces)?;
         for (what, path) in [
             ("kernel", Some(&definition.kernel)),
             ("initrd", definition.initrd.as_ref()),
@@ -347,6 +380,11 @@ impl VmDefinition {
             owner_gid,
             entropy: self.entropy,
             disks: self.disks.iter().map(DiskTable::from_spec).collect(),
+            interfaces: self
+                .interfaces
+                .iter()
+                .map(InterfaceTable::from_spec)
+                .collect(),
         })
     }
 }
@@ -708,6 +746,36 @@ mod tests {
                 "[[disk]]\npath = \"/a\"\nserial = \"a serial much too long\"\n",
                 "serial",
             ),
+        ] {
+            let error = stored(bad).unwrap_err().to_string();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn interface_tables_load_and_store() {
+        let definition = stored(
+            "[[interface]]\nswitch = \"uplink\"\n[[interface]]\nmac = \"52:54:00:00:00:09\"\nlocked-lladdr = false\n",
+        )
+        .expect("valid");
+        assert_eq!(definition.interfaces.len(), 2);
+        assert_eq!(definition.interfaces[0].switch.as_deref(), Some("uplink"));
+        assert!(definition.interfaces[0].locked_lladdr && !definition.interfaces[1].locked_lladdr);
+        let config = definition.vm_config();
+        assert_eq!(config.interfaces[1].mac.to_string(), "52:54:00:00:00:09");
+        // The default MAC follows the UUID.
+        assert_eq!(
+            config.interfaces[0].mac,
+            network::mac_of(&definition.uuid, 0, &definition.interfaces[0])
+        );
+        let text = definition.to_toml().expect("serializes");
+        assert!(text.contains("[[interface]]"), "{text}");
+        assert_eq!(VmDefinition::from_toml("a", &text), Ok(definition));
+        for (bad, expected) in [
+            ("[[interface]]\nbridge = \"br0\"\n", "unknown field"),
+            ("[[interface]]\nmac = \"ff:ff:ff:ff:ff:ff\"\n", "unicast"),
+            ("[[interface]]\nswitch = \"../x\"\n", "switch name"),
+            (&"[[interface]]\n".repeat(5), "at most 4"),
         ] {
             let error = stored(bad).unwrap_err().to_string();
             assert!(error.contains(expected), "{bad}: {error}");

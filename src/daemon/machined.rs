@@ -24,24 +24,27 @@ pub async fn available(bus: &Connection) -> bool {
         .unwrap_or(false)
 }
 
-/// Registers `leader` (the helper, already in its scope) as machine `name`, class `vm`. machined
-/// follows the leader's unit: stopping the scope ends the registration, and `machinectl
-/// terminate` stops the scope.
+/// Registers `leader` (the helper, already in its scope) as machine `name`, class `vm`, with
+/// the host side of its network interfaces (`ifindices`, which `machinectl status` lists).
+/// machined follows the leader's unit: stopping the scope ends the registration, and
+/// `machinectl terminate` stops the scope.
 pub async fn register(
     bus: &Connection,
     name: &str,
     uuid: uuid::Uuid,
     leader: u32,
+    ifindices: Vec<i32>,
 ) -> Result<(), zbus::Error> {
     let machined = ManagerProxy::new(bus).await?;
     machined
-        .register_machine(
+        .register_machine_with_network(
             name.to_string(),
             uuid.as_bytes().to_vec(),
             "vmd".to_string(),
             "vm".to_string(),
             leader,
             String::new(),
+            ifindices,
         )
         .await?;
     Ok(())

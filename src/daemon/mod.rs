@@ -7,10 +7,13 @@
 //!   daemon restarts;
 //! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
 //! - [`definition`] and [`store`] are VM definitions and their TOML files, [`disks`] their
-//!   disks (parsed, shown, and opened with their backing chains and locked at start);
+//!   disks (parsed, shown, and opened with their backing chains and locked at start),
+//!   [`network`] their interfaces (made into taps at start) and [`switches`] the bridges
+//!   those may join;
 //! - [`authority`] decides who may do what; [`files`] checks and copies callers' fds, and
 //!   [`host_files`] opens definitions' paths with the rights of whoever starts the VM;
-//! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys.
+//! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys;
+//!   [`signal`] signals helpers.
 
 pub mod authority;
 pub mod console;
@@ -23,10 +26,13 @@ pub mod host_files;
 pub mod lifecycle;
 pub mod machined;
 pub mod manager;
+pub mod network;
 pub mod notify;
 pub mod scope;
+pub mod signal;
 pub mod state_file;
 pub mod store;
+pub mod switches;
 pub mod vm;
 
 use std::collections::BTreeMap;

@@ -186,6 +186,7 @@ mod tests {
             transient: false,
             disks: Vec::new(),
             entropy: false,
+            interfaces: Vec::new(),
         }
     }
 

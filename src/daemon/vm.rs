@@ -20,7 +20,7 @@ use super::lifecycle::{self, Event as Lifecycle, Refused};
 use super::manager::Manager;
 use super::scope::{self, ScopeRequest};
 use super::store::Origin;
-use super::{machined, notify};
+use super::{machined, network, notify};
 use crate::helper::{EXIT_POWER_OFF, EXIT_REBOOT, error_chain};
 use crate::images::FileId;
 use crate::launch::{HelperProcess, HelperSpawn};
@@ -621,21 +621,7 @@ fn pid_of(pidfd: &OwnedFd) -> Option<i32> {
 }
 
 fn send_signal(pidfd: &OwnedFd, signal: i32) -> nix::Result<()> {
-    // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        Err(nix::Error::last())
-    } else {
-        Ok(())
-    }
+    super::signal::send_signal(pidfd, signal)
 }
 
 /// How one helper ended.
@@ -936,8 +922,14 @@ async fn handle_event(
                 transient_toml.as_deref(),
             );
             if machined::available(manager.bus()).await
-                && let Err(err) =
-                    machined::register(manager.bus(), &vm.name, definition.uuid, leader).await
+                && let Err(err) = machined::register(
+                    manager.bus(),
+                    &vm.name,
+                    definition.uuid,
+                    leader,
+                    network::ifindices(&vm.name, &definition.interfaces),
+                )
+                .await
             {
                 tracing::warn!(
                     "VM {}: cannot register with systemd-machined: {err}",
@@ -1018,6 +1010,7 @@ fn launch(
         .transpose()?;
     let kernel = open("kernel", &definition.kernel)?;
     let disks = open_disks(manager, vm, definition, &file_rights)?;
+    let nets = network::open_all(&vm.name, &definition.interfaces).map_err(|e| error_chain(&e))?;
     let mut config = definition.vm_config();
     config.disks = disks.configs;
     let fds = HelperFds {
@@ -1025,7 +1018,7 @@ fn launch(
         kernel: kernel.into(),
         initrd,
         disks: disks.fds,
-        nets: Vec::new(),
+        nets,
         console: Some(
             vm.runtime()
                 .console

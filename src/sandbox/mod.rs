@@ -54,6 +54,7 @@ use std::fmt;
 pub use self::landlock::{LANDLOCK_ABI, LandlockError, LandlockReport};
 pub use self::privileges::{
     Account, DropPrivilegesError, FALLBACK_USER, ResolveUserError, SANDBOX_USER,
+    resolve_target_account,
 };
 pub use self::seccomp::{SeccompError, ThreadKind, apply_seccomp};
 

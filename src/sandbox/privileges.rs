@@ -108,7 +108,7 @@ pub enum DropPrivilegesError {
 /// uids is 0), else `None` (an unprivileged helper keeps its ids: it cannot change them).
 ///
 /// Must run before landlock: it reads the passwd database.
-pub(super) fn resolve_target_account() -> Result<Option<Account>, ResolveUserError> {
+pub fn resolve_target_account() -> Result<Option<Account>, ResolveUserError> {
     let uids = nix::unistd::getresuid().map_err(ResolveUserError::GetIds)?;
     if ![uids.real, uids.effective, uids.saved]
         .iter()

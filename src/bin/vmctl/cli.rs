@@ -92,8 +92,8 @@ pub struct StartArgs {
     #[arg(short, long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
 
-    /// Initial ramdisk.
-    #[arg(short, long, value_name = "PATH")]
+    /// Initial ramdisk (no short option: -i is vmctl(8)'s interface count).
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
 
     /// Kernel command line.
@@ -117,6 +117,17 @@ pub struct StartArgs {
     /// format is detected (qcow2 if it has the qcow2 magic, else raw).
     #[arg(short = 'd', long = "disk", value_name = "DISK")]
     pub disks: Vec<String>,
+
+    /// Give the VM this many network interfaces (at least one per -n); those not attached to
+    /// a switch get a tap of their own (vt-NAME, vt-NAME-1...).
+    #[arg(short = 'i', long = "interfaces", value_name = "COUNT",
+          value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub interfaces: Option<u32>,
+
+    /// Add a network interface attached to this switch (repeatable; the administrator's
+    /// /etc/vmd/switches/SWITCH.toml).
+    #[arg(short = 'n', long = "switch", value_name = "SWITCH")]
+    pub switches: Vec<String>,
 }
 
 impl StartArgs {
@@ -128,6 +139,17 @@ impl StartArgs {
             || self.memory.is_some()
             || self.cpus.is_some()
             || !self.disks.is_empty()
+            || self.interfaces.is_some()
+            || !self.switches.is_empty()
+    }
+
+    /// Each interface's switch, in guest order (vmctl(8)'s meaning: one interface per -n, on
+    /// that switch, and then free ones up to -i COUNT).
+    pub fn interface_switches(&self) -> Vec<Option<String>> {
+        let count = (self.interfaces.unwrap_or(0) as usize).max(self.switches.len());
+        let mut interfaces: Vec<Option<String>> = self.switches.iter().cloned().map(Some).collect();
+        interfaces.resize(count, None);
+        interfaces
     }
 }
 
@@ -213,7 +235,7 @@ mod tests {
             "web",
             "-k",
             "vmlinuz",
-            "-i",
+            "--initrd",
             "initrd",
             "-m",
             "1G",
@@ -234,6 +256,36 @@ mod tests {
         assert_eq!(start.cpus, Some(2));
         assert_eq!(start.cmdline.as_deref(), Some("-v console=ttyS0"));
         assert!(start.console && start.has_config());
+    }
+
+    #[test]
+    fn interfaces_are_switched_first_then_free() {
+        let start = |args: &[&str]| match parse(args).expect("parses").command {
+            Command::Start(start) => start,
+            other => panic!("not start: {other:?}"),
+        };
+        let both = start(&["start", "web", "-n", "lan", "-i", "3", "-n", "dmz"]);
+        assert_eq!(
+            both.interface_switches(),
+            [Some("lan".to_owned()), Some("dmz".to_owned()), None]
+        );
+        assert!(both.has_config());
+        assert_eq!(
+            start(&["start", "web", "-i", "2"]).interface_switches(),
+            [None, None]
+        );
+        // -i below the number of -n: every -n still gets its interface.
+        assert_eq!(
+            start(&["start", "web", "-i", "1", "-n", "a", "-n", "b"]).interface_switches(),
+            [Some("a".to_owned()), Some("b".to_owned())]
+        );
+        assert!(start(&["start", "web"]).interface_switches().is_empty());
+        for bad in [
+            &["start", "web", "-i", "0"][..],
+            &["start", "web", "-i", "5"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

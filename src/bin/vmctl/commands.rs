@@ -144,6 +144,8 @@ struct NewVm {
     memory: Option<u64>,
     /// `-d`: the format when a prefix gave one, and the path, absolute.
     disks: Vec<(Option<ImageFormat>, PathBuf)>,
+    /// `-i` and `-n`: each interface's switch, if any.
+    interfaces: Vec<Option<String>>,
 }
 
 impl NewVm {
@@ -170,7 +172,26 @@ impl NewVm {
                     Ok((format, absolute_path("disk", &path)?))
                 })
                 .collect::<Result<_, VmctlError>>()?,
+            interfaces: args.interface_switches(),
         })
+    }
+
+    /// The `Interfaces` entries: `Switch` for those on a switch, defaults for the rest.
+    fn interface_entries(&self) -> Vec<HashMap<String, OwnedVariant>> {
+        self.interfaces
+            .iter()
+            .map(|switch| {
+                switch
+                    .iter()
+                    .map(|switch| {
+                        (
+                            "Switch".to_owned(),
+                            OwnedVariant::from(zbus::Str::from(switch.clone())),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The `Disks` entries: each disk's format, and its path when `with_paths` (else it goes
@@ -203,6 +224,9 @@ impl NewVm {
         let mut config = HashMap::new();
         if !self.disks.is_empty() {
             config.insert("Disks", Variant::from(self.disk_entries(false)?));
+        }
+        if !self.interfaces.is_empty() {
+            config.insert("Interfaces", Variant::from(self.interface_entries()));
         }
         if let Some(cmdline) = &self.cmdline {
             config.insert("Cmdline", Variant::from(cmdline.as_str()));
@@ -282,6 +306,23 @@ impl NewVm {
                 Some(self.disks.len().to_string()),
                 current.disks().map(|disks| disks.len().to_string()),
             );
+        }
+        if !self.interfaces.is_empty() {
+            let switches = |switches: Vec<String>| format!("[{}]", switches.join(", "));
+            let wanted = self
+                .interfaces
+                .iter()
+                .map(|switch| switch.clone().unwrap_or_default())
+                .collect();
+            let actual = current.interfaces().map(|interfaces| {
+                switches(
+                    interfaces
+                        .iter()
+                        .map(|interface| disk_str(interface, "Switch").unwrap_or_default())
+                        .collect(),
+                )
+            });
+            compare("interfaces on switches", Some(switches(wanted)), actual);
         }
         compare(
             "cmdline",
@@ -625,7 +666,7 @@ async fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, VmctlError> {
             Err(error) => return Err(error.into()),
         };
         if args.name.is_some() {
-            details = disk_lines(&properties);
+            details = disk_lines(&properties) + &interface_lines(&properties);
         }
         rows.push(status_row(index + 1, name, state, &properties));
     }
@@ -669,6 +710,31 @@ fn disk_lines(properties: &VmProperties) -> String {
         }
         let path = disk_str(disk, "Path").unwrap_or_default();
         out.push_str(&format!("disk{index}: {path} ({})\n", notes.join(", ")));
+    }
+    out
+}
+
+/// One line per network interface, for `vmctl status NAME`: `net0: TAP (MAC[, switch S][,
+/// lladdr unlocked][, passed])`.
+fn interface_lines(properties: &VmProperties) -> String {
+    let Some(interfaces) = properties.interfaces() else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for (index, interface) in interfaces.iter().enumerate() {
+        let flag = |key: &str| interface.get(key).and_then(|v| bool::try_from(v).ok());
+        let mut notes = vec![disk_str(interface, "MAC").unwrap_or_default()];
+        if let Some(switch) = disk_str(interface, "Switch").filter(|s| !s.is_empty()) {
+            notes.push(format!("switch {switch}"));
+        }
+        if flag("LockedLladdr") == Some(false) {
+            notes.push("lladdr unlocked".to_owned());
+        }
+        if flag("Passed") == Some(true) {
+            notes.push("passed".to_owned());
+        }
+        let tap = disk_str(interface, "Tap").unwrap_or_default();
+        out.push_str(&format!("net{index}: {tap} ({})\n", notes.join(", ")));
     }
     out
 }
@@ -761,7 +827,57 @@ mod tests {
             vcpus: Some(2),
             memory: Some(1 << 30),
             disks: Vec::new(),
+            interfaces: Vec::new(),
         }
+    }
+
+    #[test]
+    fn interfaces_go_to_the_daemon_and_show_in_status() {
+        let vm = NewVm {
+            interfaces: vec![Some("lan".into()), None],
+            ..new_vm()
+        };
+        let entries = vm.interface_entries();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(disk_str(&entries[0], "Switch").as_deref(), Some("lan"));
+        assert!(entries[1].is_empty());
+        assert!(vm.settings().expect("settings").contains_key("Interfaces"));
+        assert!(
+            !new_vm()
+                .settings()
+                .expect("settings")
+                .contains_key("Interfaces")
+        );
+
+        let entry = |pairs: Vec<(&str, Variant<'_>)>| -> HashMap<String, OwnedVariant> {
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), OwnedVariant::try_from(v).expect("owned")))
+                .collect()
+        };
+        let shown = properties(&[(
+            "Interfaces",
+            Variant::from(vec![
+                entry(vec![
+                    ("Tap", Variant::from("vt-web")),
+                    ("MAC", Variant::from("52:54:00:00:00:01")),
+                    ("Switch", Variant::from("lan")),
+                    ("LockedLladdr", Variant::from(true)),
+                    ("Passed", Variant::from(false)),
+                ]),
+                entry(vec![
+                    ("Tap", Variant::from("vt-web-1")),
+                    ("MAC", Variant::from("52:54:00:00:00:02")),
+                    ("Switch", Variant::from("")),
+                    ("LockedLladdr", Variant::from(false)),
+                    ("Passed", Variant::from(false)),
+                ]),
+            ]),
+        )]);
+        assert_eq!(
+            interface_lines(&shown),
+            "net0: vt-web (52:54:00:00:00:01, switch lan)\nnet1: vt-web-1 (52:54:00:00:00:02, lladdr unlocked)\n"
+        );
     }
 
     fn sorted_keys<V>(map: &HashMap<&'static str, V>) -> Vec<&'static str> {

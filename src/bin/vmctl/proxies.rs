@@ -144,7 +144,17 @@ impl VmProperties {
     /// The `Disks` property (`aa{sv}`), one map per disk; `None` if missing or of another
     /// type.
     pub fn disks(&self) -> Option<Vec<HashMap<String, OwnedVariant>>> {
-        let value = self.0.get("Disks")?.try_clone().ok()?;
+        self.maps("Disks")
+    }
+
+    /// The `Interfaces` property (`aa{sv}`), one map per interface; `None` if missing or of
+    /// another type.
+    pub fn interfaces(&self) -> Option<Vec<HashMap<String, OwnedVariant>>> {
+        self.maps("Interfaces")
+    }
+
+    fn maps(&self, name: &str) -> Option<Vec<HashMap<String, OwnedVariant>>> {
+        let value = self.0.get(name)?.try_clone().ok()?;
         Vec::<HashMap<String, OwnedVariant>>::try_from(value).ok()
     }
 
