@@ -82,8 +82,9 @@ const FACS_VERSION: u8 = 2;
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
 /// IAPC_BOOT_ARCH: there is no VGA; the OS must not probe for one.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
-/// IAPC_BOOT_ARCH: there is no CMOS RTC at ports 0x70/0x71 (Linux then skips rtc_cmos and keeps
-/// the kvmclock wall clock).
+/// IAPC_BOOT_ARCH: no full CMOS RTC at ports 0x70/0x71 (Linux then skips rtc_cmos and keeps
+/// the kvmclock wall clock). The clock there (`devices::cmos`) only tells the time: no alarm,
+/// no interrupt, not settable.
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// The 8042 flag (bit 1) stays clear: the VMM's i8042 only implements the reset command, and a
 /// flagged controller would make Linux probe it and wait for answers that never come. Reset
