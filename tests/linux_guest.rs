@@ -308,6 +308,14 @@ fn linux_reads_and_writes_a_qcow2_disk_and_reads_entropy() {
 
     let _one = one_at_a_time();
     let (exit, console) = boot_with_devices(&kernel.vmlinux, &top, &base);
+    // What Linux said about the devices, for the record.
+    for line in console.lines().filter(|l| {
+        ["virtio", "vda", "random", "linux-guest"]
+            .iter()
+            .any(|word| l.contains(word))
+    }) {
+        eprintln!("console: {line}");
+    }
     for line in [
         "linux-guest: ready",
         // Sector 0 comes from the raw base, through the qcow2 top.
