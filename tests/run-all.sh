@@ -44,6 +44,12 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 cargo build --release --locked
 cargo run --release --locked --example daemon_demo
 
+# The Linux test kernel (tests/linux/): built from Debian's linux-source-6.1 with the project's
+# configuration, source changes and /init; it installs the packages it needs, takes a few minutes
+# the first time and is cached under target/linux/ afterwards. tests/linux_guest.rs boots it.
+linux_kernel=$(tests/linux/build.sh)
+echo "run-all: Linux test kernel: $linux_kernel"
+
 # Every test; the Linux boot test last and uncaptured, so that a host without hardware
 # virtualization says why it skips.
 cargo test --all-targets --locked -- --skip a_stock_debian_kernel

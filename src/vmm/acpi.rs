@@ -82,8 +82,9 @@ const FACS_VERSION: u8 = 2;
 const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
 /// IAPC_BOOT_ARCH: there is no VGA; the OS must not probe for one.
 const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
-/// IAPC_BOOT_ARCH: there is no CMOS RTC at ports 0x70/0x71 (Linux then skips rtc_cmos and keeps
-/// the kvmclock wall clock).
+/// IAPC_BOOT_ARCH: no full CMOS RTC at ports 0x70/0x71 (Linux then skips rtc_cmos and keeps
+/// the kvmclock wall clock). The clock there (`devices::cmos`) only tells the time: no alarm,
+/// no interrupt, not settable.
 const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// The 8042 flag (bit 1) stays clear: the VMM's i8042 only implements the reset command, and a
 /// flagged controller would make Linux probe it and wait for answers that never come. Reset
@@ -149,9 +150,6 @@ const MPS_INTI_CONFORMS: u16 = 0;
 const MPS_INTI_LEVEL_HIGH: u16 = 0b01 | (0b11 << 2);
 /// The ISA bus, the source of every interrupt source override.
 const ISA_BUS: u8 = 0;
-/// The PIT is wired to I/O APIC pin 2, not 0.
-const PIT_ISA_IRQ: u8 = 0;
-const PIT_GSI: u32 = 2;
 /// The SCI is ISA IRQ 9, identity-mapped to GSI 9 but level triggered and active high.
 const SCI_ISA_IRQ: u8 = {
     assert!(SCI_GSI <= u8::MAX as u32);
@@ -368,9 +366,15 @@ fn facs_table() -> Vec<u8> {
     bytes
 }
 
-/// The MADT: one enabled local APIC per vCPU, the I/O APIC with GSIs from 0, the PC's interrupt
-/// source overrides (PIT on pin 2, a level-triggered active-high SCI, as QEMU describes them), and
-/// LINT1 as the NMI input of every processor.
+/// The MADT: one enabled local APIC per vCPU, the I/O APIC with GSIs from 0, an interrupt source
+/// override for the level-triggered active-high SCI, and LINT1 as the NMI input of every
+/// processor.
+///
+/// There is no override moving the PIT (ISA IRQ 0) to GSI 2, as on PCs and QEMU: QEMU also
+/// routes GSI 0 to I/O APIC pin 2 (KVM_SET_GSI_ROUTING), but vmd keeps KVM's default routing,
+/// where the in-kernel PIT's GSI 0 reaches pin 0. With the override Linux found no timer
+/// interrupt on pin 2 ("MP-BIOS bug: 8254 timer not connected to IO-APIC") and spent seconds
+/// trying other routes before it settled for ExtINT through the 8259.
 fn madt_table(vcpus: u8) -> Vec<u8> {
     let mut body = Vec::new();
     for id in 0..vcpus {
@@ -385,14 +389,9 @@ fn madt_table(vcpus: u8) -> Vec<u8> {
     body.extend_from_slice(&0u32.to_le_bytes());
 
     // Interrupt Source Overrides (Table 5.26).
-    for (irq, gsi, flags) in [
-        (PIT_ISA_IRQ, PIT_GSI, MPS_INTI_CONFORMS),
-        (SCI_ISA_IRQ, SCI_GSI, MPS_INTI_LEVEL_HIGH),
-    ] {
-        body.extend_from_slice(&[MADT_TYPE_INTERRUPT_OVERRIDE, 10, ISA_BUS, irq]);
-        body.extend_from_slice(&gsi.to_le_bytes());
-        body.extend_from_slice(&flags.to_le_bytes());
-    }
+    body.extend_from_slice(&[MADT_TYPE_INTERRUPT_OVERRIDE, 10, ISA_BUS, SCI_ISA_IRQ]);
+    body.extend_from_slice(&SCI_GSI.to_le_bytes());
+    body.extend_from_slice(&MPS_INTI_LEVEL_HIGH.to_le_bytes());
 
     // Local APIC NMI (Table 5.29).
     body.extend_from_slice(&[MADT_TYPE_LOCAL_APIC_NMI, 6, ALL_PROCESSORS]);
@@ -605,7 +604,8 @@ mod tests {
         let expected: Vec<(u8, u8)> = (0..vcpus).map(|id| (id, id)).collect();
         assert_eq!(lapics, expected, "one enabled local APIC per vCPU");
         assert_eq!(ioapics, [(0, 0xfec0_0000, 0)]);
-        assert_eq!(overrides, [(0, 0, 2, 0), (0, 9, 9, 0x000d)]);
+        // ISA IRQ 0 (the PIT) is not moved: KVM's default routing has it on pin 0.
+        assert_eq!(overrides, [(0, 9, 9, 0x000d)]);
         assert_eq!(nmis, [(0xff, 0, 1)]);
 
         // The tables do not overlap.

@@ -52,6 +52,9 @@ pub const COM1_GSI: u32 = 4;
 /// The i8042 keyboard controller: data and command/status ports. Command 0xfe resets the machine.
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The CMOS real-time clock: index port, then data port.
+pub const CMOS_PORT: u16 = 0x70;
+pub const CMOS_PORT_COUNT: u16 = 2;
 /// The ACPI PM1a event block (PM1_STS at +0, PM1_EN at +2, 16 bits each) and the PM1a control
 /// block (PM1_CNT, 16 bits), as announced in the FADT.
 pub const PM1A_EVT_PORT: u16 = 0x600;

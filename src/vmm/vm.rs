@@ -20,6 +20,7 @@ use super::memory::{self, GuestMemoryError};
 use super::vcpu::{Vcpu, VcpuControl, VcpuThreads};
 use crate::devices::acpi_pm::{AcpiPm, IrqLine};
 use crate::devices::bus::lock_device;
+use crate::devices::cmos::Cmos;
 use crate::devices::i8042::I8042;
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
@@ -362,7 +363,7 @@ fn full_cmdline(user: &str, devices: &str) -> Result<String, BuildVmError> {
     Ok(cmdline)
 }
 
-/// COM1, the i8042 and the ACPI PM1 block, on the port I/O bus.
+/// COM1, the i8042, the CMOS clock and the ACPI PM1 block, on the port I/O bus.
 fn attach_legacy_devices(
     vm_fd: &Arc<VmFd>,
     console: Option<OwnedFd>,
@@ -396,6 +397,14 @@ fn attach_legacy_devices(
     let i8042_len = u64::from(layout::I8042_COMMAND_PORT - layout::I8042_DATA_PORT + 1);
     pio.insert(u64::from(layout::I8042_DATA_PORT), i8042_len, i8042)
         .map_err(BuildVmError::Bus)?;
+
+    // The real-time clock: without it Linux polls its floating ports for seconds at boot.
+    pio.insert(
+        u64::from(layout::CMOS_PORT),
+        u64::from(layout::CMOS_PORT_COUNT),
+        Arc::new(Mutex::new(Cmos::default())),
+    )
+    .map_err(BuildVmError::Bus)?;
 
     let sci = KvmIrqLine {
         vm: vm_fd.clone(),

@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: ISC
+/*
+ * /init of vmd's Linux test guest: a static program without libc, raw system calls only, and
+ * no SSE/x87 (built with -mgeneral-regs-only; tests/linux_guest.rs checks its disassembly), so
+ * the kernel never has to restore a dirty FPU state for it under kvm_pvm.
+ *
+ * It prints "linux-guest: ready", then checks each device it finds:
+ *   /dev/vda     reports the first byte of sector 0, writes a pattern at PATTERN_OFFSET with
+ *                O_DIRECT, fsyncs, reads it back with O_DIRECT  -> "linux-guest: vda ok"
+ *   /dev/hwrng   reads entropy from the current hw_random source, if there is one
+ *                                                                 -> "linux-guest: rng ok"
+ *   eth0         not driven yet (vmd has no virtio-net): reported and skipped
+ * and forks a child that execs /init again (which exits 42), waits for it -> "linux-guest: fork ok".
+ * Then it ends the VM: reboot (LINUX_REBOOT_CMD_RESTART; vmd run exits 75) unless the kernel
+ * command line says linux_guest_end=poweroff or linux_guest_end=halt.
+ */
+
+#define SYS_read 0
+#define SYS_write 1
+#define SYS_open 2
+#define SYS_close 3
+#define SYS_pread64 17
+#define SYS_pwrite64 18
+#define SYS_fork 57
+#define SYS_execve 59
+#define SYS_exit 60
+#define SYS_wait4 61
+#define SYS_fsync 74
+#define SYS_mkdir 83
+#define SYS_sync 162
+#define SYS_mount 165
+#define SYS_reboot 169
+
+#define O_RDONLY 0
+#define O_RDWR 2
+#define O_DIRECT 040000
+#define O_CLOEXEC 02000000
+
+#define LINUX_REBOOT_MAGIC1 0xfee1dead
+#define LINUX_REBOOT_MAGIC2 672274793
+#define LINUX_REBOOT_CMD_RESTART 0x01234567
+#define LINUX_REBOOT_CMD_HALT 0xcdef0123
+#define LINUX_REBOOT_CMD_POWER_OFF 0x4321fedc
+
+/* Where the vda pattern goes, and how much of it (the test reads it back from the image). */
+#define PATTERN_OFFSET (1L << 20)
+#define PATTERN_SIZE 65536
+#define PATTERN_BYTE 0xa5
+#define CHILD_STATUS 42
+
+typedef unsigned long u64;
+
+static long syscall6(long n, long a, long b, long c, long d, long e, long f)
+{
+	long ret;
+	register long r10 __asm__("r10") = d;
+	register long r8 __asm__("r8") = e;
+	register long r9 __asm__("r9") = f;
+
+	__asm__ volatile("syscall"
+			 : "=a"(ret)
+			 : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+			 : "rcx", "r11", "memory");
+	return ret;
+}
+
+#define sys3(n, a, b, c) syscall6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define sys4(n, a, b, c, d) syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+#define sys5(n, a, b, c, d, e) syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+
+/* The compiler may emit calls to these for loops and struct copies. */
+void *memset(void *dest, int c, u64 n)
+{
+	volatile unsigned char *d = dest;
+
+	while (n--)
+		*d++ = (unsigned char)c;
+	return dest;
+}
+
+void *memcpy(void *dest, const void *src, u64 n)
+{
+	volatile unsigned char *d = dest;
+	const unsigned char *s = src;
+
+	while (n--)
+		*d++ = *s++;
+	return dest;
+}
+
+static u64 length(const char *s)
+{
+	u64 n = 0;
+
+	while (s[n])
+		n++;
+	return n;
+}
+
+static int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
+static void print(const char *s)
+{
+	sys3(SYS_write, 1, s, length(s));
+}
+
+/* "linux-guest: <a><b>\n" in one write, so lines never interleave. */
+static void say(const char *a, const char *b)
+{
+	char line[256];
+	u64 n = 0;
+	const char *parts[] = { "linux-guest: ", a, b, "\n" };
+
+	for (int p = 0; p < 4; p++)
+		for (const char *s = parts[p]; *s && n < sizeof(line) - 1; s++)
+			line[n++] = *s;
+	sys3(SYS_write, 1, line, n);
+}
+
+static const char *decimal(long value, char *buf)
+{
+	char *p = buf + 23;
+	int negative = value < 0;
+	u64 v = negative ? -(u64)value : (u64)value;
+
+	*p = 0;
+	do {
+		*--p = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	if (negative)
+		*--p = '-';
+	return p;
+}
+
+static void fail(const char *what, long err)
+{
+	char buf[24];
+	char line[128];
+	u64 n = 0;
+
+	for (const char *s = what; *s && n < 100; s++)
+		line[n++] = *s;
+	line[n] = 0;
+	print("linux-guest: FAILED ");
+	print(line);
+	print(" (");
+	print(decimal(err, buf));
+	print(")\n");
+}
+
+/* Reads a small file (e.g. from /proc or /sys) into buf without its trailing newline. */
+static int read_text(const char *path, char *buf, u64 size)
+{
+	long fd = sys3(SYS_open, path, O_RDONLY | O_CLOEXEC, 0);
+	long n;
+
+	if (fd < 0)
+		return (int)fd;
+	n = sys3(SYS_read, fd, buf, size - 1);
+	sys3(SYS_close, fd, 0, 0);
+	if (n < 0)
+		return (int)n;
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == 0))
+		n--;
+	buf[n] = 0;
+	return 0;
+}
+
+static unsigned char block[PATTERN_SIZE] __attribute__((aligned(4096)));
+
+static void check_vda(void)
+{
+	static const char hex[] = "0123456789abcdef";
+	char first[3];
+	long fd = sys3(SYS_open, "/dev/vda", O_RDWR | O_DIRECT | O_CLOEXEC, 0);
+	long n;
+
+	if (fd < 0) {
+		say("no /dev/vda", "");
+		return;
+	}
+	n = sys4(SYS_pread64, fd, block, 4096, 0);
+	if (n != 4096) {
+		fail("vda: read of sector 0", n);
+		goto out;
+	}
+	first[0] = hex[block[0] >> 4];
+	first[1] = hex[block[0] & 15];
+	first[2] = 0;
+	say("vda first byte ", first);
+
+	memset(block, PATTERN_BYTE, PATTERN_SIZE);
+	n = sys4(SYS_pwrite64, fd, block, PATTERN_SIZE, PATTERN_OFFSET);
+	if (n != PATTERN_SIZE) {
+		fail("vda: write", n);
+		goto out;
+	}
+	n = sys3(SYS_fsync, fd, 0, 0);
+	if (n != 0) {
+		fail("vda: fsync", n);
+		goto out;
+	}
+	memset(block, 0, PATTERN_SIZE);
+	n = sys4(SYS_pread64, fd, block, PATTERN_SIZE, PATTERN_OFFSET);
+	if (n != PATTERN_SIZE) {
+		fail("vda: read back", n);
+		goto out;
+	}
+	for (u64 i = 0; i < PATTERN_SIZE; i++) {
+		if (block[i] != PATTERN_BYTE) {
+			fail("vda: pattern differs at byte", (long)i);
+			goto out;
+		}
+	}
+	sys3(SYS_sync, 0, 0, 0);
+	say("vda ok", "");
+out:
+	sys3(SYS_close, fd, 0, 0);
+}
+
+static void check_rng(void)
+{
+	char source[64];
+	unsigned char bytes[64];
+	long fd, n, got = 0;
+	int nonzero = 0;
+
+	/* /dev/hwrng is there whenever the hw_random core is; a source only with a device. */
+	if (read_text("/sys/class/misc/hw_random/rng_current", source, sizeof(source)) != 0 ||
+	    !source[0] || starts_with(source, "none")) {
+		say("no hwrng source", "");
+		return;
+	}
+	say("hwrng source ", source);
+	fd = sys3(SYS_open, "/dev/hwrng", O_RDONLY | O_CLOEXEC, 0);
+	if (fd < 0) {
+		fail("rng: open /dev/hwrng", fd);
+		return;
+	}
+	while (got < (long)sizeof(bytes)) {
+		n = sys3(SYS_read, fd, bytes + got, sizeof(bytes) - got);
+		if (n <= 0) {
+			fail("rng: read", n);
+			sys3(SYS_close, fd, 0, 0);
+			return;
+		}
+		got += n;
+	}
+	sys3(SYS_close, fd, 0, 0);
+	for (u64 i = 0; i < sizeof(bytes); i++)
+		nonzero |= bytes[i];
+	if (!nonzero) {
+		fail("rng: 64 zero bytes", 0);
+		return;
+	}
+	say("rng ok", "");
+}
+
+static void check_net(void)
+{
+	char state[32];
+
+	if (read_text("/sys/class/net/eth0/operstate", state, sizeof(state)) != 0) {
+		say("no eth0, net check skipped", "");
+		return;
+	}
+	/* vmd has no virtio-net yet: an eth0 here is not expected. */
+	say("eth0 present but the net check is not written yet: ", state);
+}
+
+static void check_fork(char *self)
+{
+	char *argv[] = { self, "child", 0 };
+	char *envp[] = { 0 };
+	int status = 0;
+	long pid = sys3(SYS_fork, 0, 0, 0);
+
+	if (pid == 0) {
+		sys3(SYS_execve, "/init", argv, envp);
+		sys3(SYS_exit, 127, 0, 0);
+	}
+	if (pid < 0) {
+		fail("fork", pid);
+		return;
+	}
+	long waited = sys4(SYS_wait4, pid, &status, 0, 0);
+	if (waited != pid) {
+		fail("wait4", waited);
+		return;
+	}
+	/* Exited normally with CHILD_STATUS: the child ran /init again. */
+	if ((status & 0x7f) != 0 || ((status >> 8) & 0xff) != CHILD_STATUS) {
+		fail("fork: child status", status);
+		return;
+	}
+	say("fork ok", "");
+}
+
+static void init_main(long argc, char **argv, char **envp)
+{
+	char uptime[64];
+	unsigned int end = LINUX_REBOOT_CMD_RESTART;
+
+	if (argc > 1 && starts_with(argv[1], "child"))
+		sys3(SYS_exit, CHILD_STATUS, 0, 0);
+
+	for (char **e = envp; *e; e++) {
+		if (starts_with(*e, "linux_guest_end=poweroff"))
+			end = LINUX_REBOOT_CMD_POWER_OFF;
+		else if (starts_with(*e, "linux_guest_end=halt"))
+			end = LINUX_REBOOT_CMD_HALT;
+	}
+
+	sys3(SYS_mkdir, "/dev", 0755, 0);
+	sys3(SYS_mkdir, "/proc", 0555, 0);
+	sys3(SYS_mkdir, "/sys", 0555, 0);
+	sys5(SYS_mount, "devtmpfs", "/dev", "devtmpfs", 0, 0);
+	sys5(SYS_mount, "proc", "/proc", "proc", 0, 0);
+	sys5(SYS_mount, "sysfs", "/sys", "sysfs", 0, 0);
+
+	if (read_text("/proc/uptime", uptime, sizeof(uptime)) == 0)
+		say("ready, uptime ", uptime);
+	else
+		say("ready", "");
+
+	check_vda();
+	check_rng();
+	check_net();
+	check_fork(argv[0]);
+
+	say("done", "");
+	sys3(SYS_sync, 0, 0, 0);
+	sys4(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, end, 0);
+	fail("reboot", 0);
+	for (;;)
+		sys3(SYS_exit, 1, 0, 0);
+}
+
+/* Entry: the stack holds argc, argv[], NULL, envp[], NULL. */
+__attribute__((used, noreturn)) void start_c(long *stack)
+{
+	long argc = stack[0];
+	char **argv = (char **)(stack + 1);
+
+	init_main(argc, argv, argv + argc + 1);
+	for (;;)
+		sys3(SYS_exit, 1, 0, 0);
+}
+
+__asm__(".globl _start\n"
+	"_start:\n"
+	"	xor %ebp, %ebp\n"
+	"	mov %rsp, %rdi\n"
+	"	and $-16, %rsp\n"
+	"	call start_c\n"
+	"	hlt\n");
