@@ -4,7 +4,6 @@
 //! helper's status: 0 guest powered off, 75 guest asked to reboot, 1 failure.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
@@ -258,6 +257,7 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
     let mut exited = false;
     let mut interrupts = 0;
     let mut stdout = StdoutSink::new();
+    let mut input: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         if exited && !console_open && !stdout.has_pending() {
@@ -280,8 +280,11 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
         if control_open {
             fds.watch(Source::Control, helper.control.as_fd(), PollFlags::POLLIN);
         }
-        if stdin_open && !exited {
+        if stdin_open && !exited && input.len() < INPUT_BUFFER {
             fds.watch(Source::Stdin, stdin.as_fd(), PollFlags::POLLIN);
+        }
+        if !input.is_empty() && !exited {
+            fds.watch(Source::ConsoleInput, console.as_fd(), PollFlags::POLLOUT);
         }
         let ready = fds
             .wait(PollTimeout::NONE)
@@ -305,12 +308,17 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
                 // socket is drained by the loop, then reads see EOF.
                 Source::Exit => exited = true,
                 Source::Control => control_open = report_events(helper),
-                Source::Stdin => match nix::unistd::read(stdin.as_fd(), &mut buf) {
-                    Ok(0) | Err(_) => stdin_open = false,
-                    Ok(len) => {
-                        let _ = (&*console).write_all(&buf[..len]);
+                Source::Stdin => {
+                    let room = (INPUT_BUFFER - input.len()).min(buf.len());
+                    match nix::unistd::read(stdin.as_fd(), &mut buf[..room]) {
+                        Ok(0) | Err(_) => stdin_open = false,
+                        Ok(len) => {
+                            input.extend_from_slice(&buf[..len]);
+                            stdin_open &= forward_input(console, &mut input);
+                        }
                     }
-                },
+                }
+                Source::ConsoleInput => stdin_open &= forward_input(console, &mut input),
                 Source::Signals => {
                     while let Ok(Some(_)) = signal_fd.read_signal() {
                         interrupts += 1;
@@ -344,11 +352,36 @@ fn report_remaining_events(helper: &HelperProcess, mut control_open: bool) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Source {
     Console,
+    /// The console can take more of the input waiting for it.
+    ConsoleInput,
     Stdout,
     Exit,
     Signals,
     Control,
     Stdin,
+}
+
+/// Input read from stdin and not yet taken by the console, at most this much: stdin is read
+/// only while there is room, so a guest that reads slowly slows the typist, never loses input.
+const INPUT_BUFFER: usize = 64 * 1024;
+
+/// Writes as much of `pending` to the non-blocking `console` as it takes now; `false` when the
+/// console is gone.
+fn forward_input(console: &UnixStream, pending: &mut Vec<u8>) -> bool {
+    while !pending.is_empty() {
+        match nix::unistd::write(console, pending) {
+            Ok(written) => {
+                pending.drain(..written);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => return true,
+            Err(_) => {
+                pending.clear();
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Console output not yet taken by stdout, at most this much.
@@ -476,5 +509,36 @@ fn report_events(helper: &HelperProcess) -> bool {
             eprintln!("vmd: {}", error_chain(&err));
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn input_the_console_cannot_take_yet_waits_instead_of_being_lost() {
+        let (ours, mut guest) = UnixStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        // Far more than a socket buffer holds.
+        let sent: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let mut pending = sent.clone();
+        assert!(forward_input(&ours, &mut pending));
+        assert!(!pending.is_empty(), "the socket took 4 MiB at once");
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        while received.len() < sent.len() {
+            let n = guest.read(&mut chunk).expect("read");
+            received.extend_from_slice(&chunk[..n]);
+            assert!(forward_input(&ours, &mut pending));
+        }
+        assert!(pending.is_empty());
+        assert_eq!(received, sent);
+        // A console that is gone ends forwarding.
+        drop(guest);
+        let mut more = vec![1u8; 16];
+        assert!(!forward_input(&ours, &mut more));
     }
 }
