@@ -518,6 +518,28 @@ fn check_disk(disk: usize, path: &Path, spec: &DiskSpec) -> Result<(), Definitio
     })
 }
 
+/// A D-Bus config value of type `aa{sv}` (Disks, Interfaces) as its dictionaries; any other
+/// type is a [`DefinitionError::WrongType`] naming `key`.
+pub fn dict_list(
+    value: &zbus::OwnedVariant,
+    key: &'static str,
+) -> Result<Vec<std::collections::HashMap<String, zbus::OwnedVariant>>, DefinitionError> {
+    let wrong_type = |found: String| DefinitionError::WrongType {
+        key,
+        expected: "aa{sv}",
+        found,
+    };
+    let signature = value.value_signature().to_string();
+    if signature != "aa{sv}" {
+        return Err(wrong_type(signature));
+    }
+    let cloned = value
+        .try_clone()
+        .map_err(|_| wrong_type(signature.clone()))?;
+    Vec::<std::collections::HashMap<String, zbus::OwnedVariant>>::try_from(cloned)
+        .map_err(|_| wrong_type(signature))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

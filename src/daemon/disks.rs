@@ -163,21 +163,7 @@ impl DiskTable {
 /// Reads the `Disks` config key (`aa{sv}`). Entries without `Path` are kept with an empty path:
 /// CreateVMWithFiles fills them from its `disk<i>` files, CreateVM refuses them.
 pub fn parse_dbus(value: &OwnedVariant) -> Result<Vec<DiskSpec>, DefinitionError> {
-    let wrong_type = |found: String| DefinitionError::WrongType {
-        key: "Disks",
-        expected: "aa{sv}",
-        found,
-    };
-    let signature = value.value_signature().to_string();
-    if signature != "aa{sv}" {
-        return Err(wrong_type(signature));
-    }
-    let cloned = value
-        .try_clone()
-        .map_err(|_| wrong_type(signature.clone()))?;
-    let entries = Vec::<HashMap<String, OwnedVariant>>::try_from(cloned)
-        .map_err(|_| wrong_type(signature))?;
-    entries
+    crate::daemon::definition::dict_list(value, "Disks")?
         .iter()
         .enumerate()
         .map(|(index, entry)| parse_entry(index, entry))

@@ -169,21 +169,7 @@ impl InterfaceTable {
 
 /// Reads the `Interfaces` config key (`aa{sv}`).
 pub fn parse_dbus(value: &OwnedVariant) -> Result<Vec<InterfaceSpec>, DefinitionError> {
-    let wrong_type = |found: String| DefinitionError::WrongType {
-        key: "Interfaces",
-        expected: "aa{sv}",
-        found,
-    };
-    let signature = value.value_signature().to_string();
-    if signature != "aa{sv}" {
-        return Err(wrong_type(signature));
-    }
-    let cloned = value
-        .try_clone()
-        .map_err(|_| wrong_type(signature.clone()))?;
-    let entries = Vec::<HashMap<String, OwnedVariant>>::try_from(cloned)
-        .map_err(|_| wrong_type(signature))?;
-    entries
+    crate::daemon::definition::dict_list(value, "Interfaces")?
         .iter()
         .enumerate()
         .map(|(index, entry)| parse_entry(index, entry))
