@@ -1,6 +1,8 @@
 //! Registering running VMs with systemd-machined, so `machinectl list/status/terminate` know
 //! them. Optional: without machined on the bus, VMs simply are not registered.
 
+use std::time::{Duration, Instant};
+
 use zbus::Connection;
 use zbus::fdo::DBusProxy;
 use zbus_systemd::machine1::ManagerProxy;
@@ -48,4 +50,23 @@ pub async fn register(
         )
         .await?;
     Ok(())
+}
+
+/// How long [`wait_until_forgotten`] waits for machined to let go of a machine.
+const FORGET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until machined has dropped machine `name` after its scope ended.
+///
+/// machined notices a machine's end from its scope's unit signals and then stops that unit *by
+/// name*. When a rebooting VM's next helper starts in a new scope of the same name before
+/// machined has caught up, machined would stop the new scope. Once machined no longer knows the
+/// machine, its stop request has already gone to systemd, ahead of the next scope's creation.
+pub async fn wait_until_forgotten(bus: &Connection, name: &str) {
+    let Ok(machined) = ManagerProxy::new(bus).await else {
+        return;
+    };
+    let deadline = Instant::now() + FORGET_TIMEOUT;
+    while machined.get_machine(name.to_string()).await.is_ok() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

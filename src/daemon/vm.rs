@@ -660,6 +660,9 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
         if let Err(err) = scope::stop_scope(manager.bus(), &vm.name).await {
             tracing::warn!("VM {}: {}", vm.name, error_chain(&err));
         }
+        if machined::available(manager.bus()).await {
+            machined::wait_until_forgotten(manager.bus(), &vm.name).await;
+        }
         // The helper is gone: so must be its locks on passed images, which the daemon's own
         // copies of their descriptions would otherwise keep.
         disks::release_passed(&vm.definition().disks);
