@@ -470,6 +470,66 @@ fn reboots_restart_the_vm_and_crashes_fail_it() {
     vmd.wait_state("hello", "stopped", LIMIT);
 }
 
+/// The guest console's lines reach the journal (one entry per line, tagged with the VM's name,
+/// under the VM's scope) while nobody is attached to the console.
+#[test]
+fn the_guest_console_goes_to_the_journal_line_by_line() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.create("talker", "spin", &[]);
+    vmd.call("talker", "Start");
+    vmd.wait_state("talker", "running", LIMIT);
+    // Lines of the running guest, under its scope.
+    vmd.wait_journal(&["-u", "vmd-talker.scope"], "testguest: scenario spin");
+    vmd.wait_journal(&["-u", "vmd-talker.scope"], "testguest: spin heartbeat 2");
+    vmd.ok(&["systemctl", "stop", "vmd-talker.scope"]);
+    vmd.wait_state("talker", "stopped", LIMIT);
+    let last = "testguest: power button pressed, powering off";
+    vmd.wait_journal(&["VM_NAME=talker", "VM_CONSOLE=1"], last);
+
+    // Exactly the guest's lines, in order, nothing lost or added.
+    let lines = vmd.ok(&[
+        "journalctl",
+        "--no-pager",
+        "VM_NAME=talker",
+        "VM_CONSOLE=1",
+        "-o",
+        "cat",
+    ]);
+    let lines: Vec<&str> = lines.lines().collect();
+    assert!(lines.len() >= 5, "{lines:#?}");
+    let heartbeats = lines.len() - 2;
+    let mut expected = vec!["testguest: scenario spin".to_string()];
+    expected.extend((0..heartbeats).map(|k| format!("testguest: spin heartbeat {k}")));
+    expected.push(last.to_string());
+    assert_eq!(lines, expected);
+
+    // The fields other tools rely on.
+    let entries = vmd.ok(&[
+        "journalctl",
+        "--no-pager",
+        "VM_NAME=talker",
+        "VM_CONSOLE=1",
+        "-o",
+        "export",
+    ]);
+    let entries: Vec<&str> = entries
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    assert_eq!(entries.len(), lines.len());
+    for entry in entries {
+        let fields: Vec<&str> = entry.lines().collect();
+        for field in [
+            "SYSLOG_IDENTIFIER=vmd-console",
+            "PRIORITY=6",
+            "VM_CONSOLE=1",
+            "VM_NAME=talker",
+        ] {
+            assert!(fields.contains(&field), "no {field} in:\n{entry}");
+        }
+    }
+}
+
 #[test]
 fn bad_input_gets_named_errors_and_creates_nothing() {
     let Some(vmd) = Vmd::boot() else { return };
