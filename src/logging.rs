@@ -6,7 +6,7 @@
 //! system call and no path lookup is needed after the lock-down.
 
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
@@ -36,12 +36,37 @@ pub fn init(vm_name: Option<&str>) {
     }
 }
 
-/// A journal connection, if stderr is the journal (systemd's `JOURNAL_STREAM` check).
+/// A journal connection for the guest console's lines (`devices::console_journal`), if this
+/// process logs to the journal: connected now (before the helper's lock-down forbids it) and
+/// non-blocking, so that a console line never waits for journald.
+pub fn console_journal_socket() -> Option<OwnedFd> {
+    if !stderr_is_journal() {
+        return None;
+    }
+    let socket = UnixDatagram::unbound().ok()?;
+    socket.connect(JOURNAL_SOCKET).ok()?;
+    socket.set_nonblocking(true).ok()?;
+    Some(socket.into())
+}
+
+/// Whether systemd connected stderr to the journal (its `JOURNAL_STREAM` check).
+fn stderr_is_journal() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = stream.split_once(':') else {
+        return false;
+    };
+    let Ok(stat) = nix::sys::stat::fstat(io::stderr()) else {
+        return false;
+    };
+    device.parse::<u64>().ok() == Some(stat.st_dev)
+        && inode.parse::<u64>().ok() == Some(stat.st_ino)
+}
+
+/// A journal connection, if stderr is the journal.
 fn journal_writer(vm_name: Option<&str>) -> Option<JournalWriter> {
-    let stream = std::env::var("JOURNAL_STREAM").ok()?;
-    let (device, inode) = stream.split_once(':')?;
-    let stat = nix::sys::stat::fstat(io::stderr()).ok()?;
-    if device.parse::<u64>().ok()? != stat.st_dev || inode.parse::<u64>().ok()? != stat.st_ino {
+    if !stderr_is_journal() {
         return None;
     }
     let socket = UnixDatagram::unbound().ok()?;
@@ -119,7 +144,7 @@ impl Write for JournalEntry {
 
 /// The journal's native format: `KEY=value` lines, with the length-prefixed binary form for a
 /// message that contains a newline.
-fn encode_entry(fields: &[u8], priority: u8, message: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_entry(fields: &[u8], priority: u8, message: &[u8]) -> Vec<u8> {
     let mut entry = Vec::with_capacity(fields.len() + message.len() + 32);
     entry.extend_from_slice(format!("PRIORITY={priority}\n").as_bytes());
     entry.extend_from_slice(fields);

@@ -53,6 +53,8 @@ fn main() -> ExitCode {
             // none that stay open), and no other thread exists.
             let fds = unsafe { listen_fds::take_listen_fds() };
             vmd::logging::init(name.as_deref());
+            // Connected now: after the lock-down the helper can open no socket.
+            let console_journal = vmd::logging::console_journal_socket();
             vmd::helper::main(
                 fds,
                 HelperOptions {
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
                     },
                     probe_sandbox,
                 },
+                console_journal,
             )
         }
         Command::Run(args) => {

@@ -12,17 +12,14 @@
 
 mod common;
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::linux::kernel;
+use common::netns::NetNs;
 use common::{Lines, RunningVm, VMD};
-use vmd::launch::{HelperExit, HelperSpawn, Launcher};
-use vmd::protocol::{DiskConfig, DiskFds, Event, HelperFds, ImageFormat, Request, VmConfig};
 
 /// One boot, from start to the reboot at the end of /init (about 15-30 s on kvm_pvm).
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
@@ -47,44 +44,6 @@ fn unavailable() -> Option<String> {
     };
     assert!(!in_ci(), "CI=true and {reason}");
     Some(reason.into())
-}
-
-/// The built kernel: vmlinux, and the bzImage and /init beside it.
-struct Kernel {
-    vmlinux: PathBuf,
-    bzimage: PathBuf,
-    init: PathBuf,
-}
-
-/// Builds the kernel (or finds the cached build) once per test run.
-fn kernel() -> &'static Kernel {
-    static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    KERNEL.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/linux/build.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{} failed:\n{stdout}{}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let vmlinux = PathBuf::from(stdout.lines().last().expect("build.sh printed nothing"));
-        let dir = vmlinux.parent().expect("vmlinux has a directory");
-        let kernel = Kernel {
-            bzimage: dir.join("bzImage"),
-            init: dir.join("init"),
-            vmlinux: vmlinux.clone(),
-        };
-        for path in [&kernel.vmlinux, &kernel.bzimage, &kernel.init] {
-            assert!(path.is_file(), "{} was not built", path.display());
-        }
-        kernel
-    })
 }
 
 /// One Linux boot at a time: each keeps a CPU busy for its whole run on kvm_pvm.
@@ -192,91 +151,13 @@ fn tool(program: &str, args: &[&str]) -> String {
     text
 }
 
-/// Boots the vmlinux through the helper as the daemon starts it (the disk and entropy options
-/// of `vmd run` are not there yet), with a qcow2 disk over a raw base and an entropy device.
-fn boot_with_devices(kernel: &Path, top: &Path, base: &Path) -> (HelperExit, String) {
-    let open = |path: &Path, write: bool| -> OwnedFd {
-        OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-            .into()
-    };
-    let (console, helper_console) = UnixStream::pair().expect("socketpair");
-    let fds = HelperFds {
-        kvm: open(Path::new("/dev/kvm"), true),
-        kernel: File::open(kernel).expect("kernel").into(),
-        initrd: None,
-        disks: vec![DiskFds {
-            image: open(top, true),
-            bases: vec![open(base, false)],
-        }],
-        nets: Vec::new(),
-        console: Some(helper_console.into()),
-    };
-    let config = VmConfig {
-        name: "linux-guest".into(),
-        vcpus: 1,
-        memory_bytes: 128 << 20,
-        cmdline: "console=ttyS0".into(),
-        disks: vec![DiskConfig {
-            format: ImageFormat::Qcow2,
-            read_only: false,
-            serial: "linux-guest-disk".into(),
-            backing: vec![ImageFormat::Raw],
-        }],
-        entropy: true,
-        interfaces: Vec::new(),
-    };
-    let started = Instant::now();
-    let helper = Launcher::from_path(Path::new(VMD))
-        .expect("open vmd")
-        .spawn(HelperSpawn {
-            fds: fds.into_spawn_list(),
-            args: vec!["vm".into()],
-        })
-        .expect("spawn helper");
-    helper
-        .control
-        .send_request(&Request::Start { config })
-        .expect("send start");
-    let console = Lines::collect(console);
-    let first = helper
-        .control
-        .recv_event_timeout(Duration::from_secs(30))
-        .expect("event")
-        .expect("control socket open");
-    assert_eq!(first, Event::Created, "console:\n{}", console.text());
-    wait_ready(&console, started);
-
-    let deadline = started + BOOT_LIMIT;
-    loop {
-        match nix::sys::wait::waitpid(helper.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
-            .expect("waitpid")
-        {
-            nix::sys::wait::WaitStatus::Exited(_, code) => {
-                console.wait_for_eof(Instant::now() + Duration::from_secs(5));
-                return (HelperExit::Exited(code), console.text());
-            }
-            nix::sys::wait::WaitStatus::Signaled(_, signal, _) => {
-                return (HelperExit::Signaled(signal as i32), console.text());
-            }
-            _ => {}
-        }
-        if Instant::now() > deadline {
-            let _ = nix::sys::signal::kill(helper.pid, nix::sys::signal::Signal::SIGKILL);
-            panic!(
-                "the guest did not finish within {BOOT_LIMIT:?}; console:\n{}",
-                console.text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// The guest's and the host's addresses on the test network (tests/common/netns.rs keeps the
+/// tests' networks in 10.200.0.0/16, inside namespaces of their own).
+const GUEST_IP: &str = "10.200.12.2";
+const HOST_IP: &str = "10.200.12.1";
 
 #[test]
-fn linux_reads_and_writes_a_qcow2_disk_and_reads_entropy() {
+fn linux_drives_a_qcow2_disk_a_tap_and_entropy() {
     if let Some(reason) = unavailable() {
         eprintln!("SKIPPED: {reason}");
         return;
@@ -307,12 +188,33 @@ fn linux_reads_and_writes_a_qcow2_disk_and_reads_entropy() {
             path_str(&top),
         ],
     );
+    let ns = NetNs::new("linux");
+    ns.exec(&[
+        "ip", "tuntap", "add", "dev", "lg0", "mode", "tap", "vnet_hdr",
+    ]);
+    ns.address("lg0", &format!("{HOST_IP}/24"));
 
     let _one = one_at_a_time();
-    let (exit, console) = boot_with_devices(&kernel.vmlinux, &top, &base);
+    let started = Instant::now();
+    let disk = format!("{},format=qcow2", path_str(&top));
+    let cmdline = format!("console=ttyS0 ip={GUEST_IP}/24 peer={HOST_IP}");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, VMD, "run"])
+        .args(["--kernel", path_str(&kernel.vmlinux), "--memory", MEMORY])
+        .args(["--cmdline", &cmdline, "--disk", &disk])
+        .args(["--net", "tap=lg0", "--entropy"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmd run");
+    let running = RunningVm::watch(child);
+    wait_ready(&running.console, started);
+    let finished = running.wait(BOOT_LIMIT);
+    let console = format!("{}\nstderr:\n{}", finished.console, finished.stderr);
     // What Linux said about the devices, for the record.
     for line in console.lines().filter(|l| {
-        ["virtio", "vda", "random", "linux-guest"]
+        ["virtio", "vda", "random", "eth0", "linux-guest"]
             .iter()
             .any(|word| l.contains(word))
     }) {
@@ -325,13 +227,16 @@ fn linux_reads_and_writes_a_qcow2_disk_and_reads_entropy() {
         "linux-guest: vda ok",
         "linux-guest: hwrng source virtio_rng.0",
         "linux-guest: rng ok",
+        &format!("linux-guest: eth0 up, address {GUEST_IP}/24"),
+        &format!("linux-guest: net: echo answered by {HOST_IP}"),
+        "linux-guest: net ok",
         "linux-guest: fork ok",
         "linux-guest: done",
     ] {
         assert!(console.contains(line), "no {line:?} in:\n{console}");
     }
     assert!(!console.contains("FAILED"), "{console}");
-    assert_eq!(exit, HelperExit::Exited(EXIT_REBOOT), "{console}");
+    assert_eq!(finished.code, Some(EXIT_REBOOT), "{console}");
 
     // The pattern is in the top image, the image is consistent, the base is untouched.
     tool("qemu-img", &["check", path_str(&top)]);

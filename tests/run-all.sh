@@ -46,7 +46,8 @@ cargo run --release --locked --example daemon_demo
 
 # The Linux test kernel (tests/linux/): built from Debian's linux-source-6.1 with the project's
 # configuration, source changes and /init; it installs the packages it needs, takes a few minutes
-# the first time and is cached under target/linux/ afterwards. tests/linux_guest.rs boots it.
+# the first time and is cached under target/linux/ afterwards. tests/linux_guest.rs boots it, and
+# tests/daemon.rs runs it through the daemon.
 linux_kernel=$(tests/linux/build.sh)
 echo "run-all: Linux test kernel: $linux_kernel"
 

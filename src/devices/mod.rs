@@ -6,6 +6,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod console_journal;
 pub mod i8042;
 pub mod manager;
 pub mod serial;

@@ -3,7 +3,9 @@
 //!
 //! Output never blocks the guest: the fd is non-blocking, and what the reader does not take in
 //! time is dropped and counted (a stalled console must not stall a vCPU). Input is pushed into the
-//! UART's receive FIFO by the helper's main loop while the FIFO has room.
+//! UART's receive FIFO by the helper's main loop while the FIFO has room. Under the daemon every
+//! output line also goes to the journal ([`ConsoleJournal`]), whether anyone reads the console
+//! or not.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -14,6 +16,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
+use super::console_journal::ConsoleJournal;
 
 /// The UART's interrupt: an eventfd registered with KVM as an irqfd on the COM1 GSI.
 pub struct IrqEvent(pub EventFd);
@@ -30,14 +33,18 @@ impl Trigger for IrqEvent {
 pub struct ConsoleOutput {
     fd: Option<OwnedFd>,
     dropped_bytes: u64,
+    /// The journal's copy of every line, when the helper logs to the journal.
+    journal: Option<ConsoleJournal>,
 }
 
 impl ConsoleOutput {
-    /// `fd` must be non-blocking. `None` discards all output (a VM without a console).
-    pub fn new(fd: Option<OwnedFd>) -> Self {
+    /// `fd` must be non-blocking. `None` discards all output (a VM without a console), except
+    /// for the journal's copy.
+    pub fn new(fd: Option<OwnedFd>, journal: Option<ConsoleJournal>) -> Self {
         ConsoleOutput {
             fd,
             dropped_bytes: 0,
+            journal,
         }
     }
 
@@ -48,6 +55,9 @@ impl ConsoleOutput {
 
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(journal) = &mut self.journal {
+            journal.write(buf);
+        }
         let Some(fd) = &self.fd else {
             return Ok(buf.len());
         };
@@ -103,6 +113,18 @@ impl SerialDevice {
     pub fn dropped_output_bytes(&self) -> u64 {
         self.uart.writer().dropped_bytes()
     }
+
+    /// The VM has ended: sends a last console line without a newline to the journal, and says
+    /// how many lines the journal did not take.
+    pub fn finish_console_journal(&mut self) {
+        if let Some(journal) = &mut self.uart.writer_mut().journal {
+            journal.flush();
+            let dropped = journal.dropped_lines();
+            if dropped > 0 {
+                tracing::warn!("{dropped} console lines could not be sent to the journal");
+            }
+        }
+    }
 }
 
 impl BusDevice for SerialDevice {
@@ -134,7 +156,7 @@ mod tests {
     fn serial_into_socket() -> (SerialDevice, UnixStream) {
         let (ours, theirs) = UnixStream::pair().expect("socketpair");
         ours.set_nonblocking(true).expect("nonblocking");
-        let output = ConsoleOutput::new(Some(OwnedFd::from(ours)));
+        let output = ConsoleOutput::new(Some(OwnedFd::from(ours)), None);
         let device = SerialDevice::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"), output);
         (device, theirs)
     }

@@ -207,6 +207,7 @@ impl<'a> EventLoop<'a> {
         if let Some(vcpus) = self.vcpus.take() {
             vcpus.stop();
         }
+        self.vm.finish_console();
         // Whatever ended the VM, disks are flushed before the helper exits.
         self.vm.stop_devices();
         code

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
+use crate::devices::console_journal::ConsoleJournal;
 use crate::devices::virtio::worker::{WorkerKind, WorkerSetup};
 use crate::protocol::{ControlChannel, Event, Request, VmConfig};
 use crate::sandbox::{self, SandboxMode, ThreadKind};
@@ -35,8 +36,13 @@ pub struct HelperOptions {
 }
 
 /// Runs the helper on the fds `listen_fds::take_listen_fds` took (or the reason it refused
-/// them); returns the process exit status.
-pub fn main(fds: Result<ReceivedFds, FdIntakeFailure>, options: HelperOptions) -> i32 {
+/// them), with `console_journal` (from `logging::console_journal_socket`) for a copy of the
+/// console's lines; returns the process exit status.
+pub fn main(
+    fds: Result<ReceivedFds, FdIntakeFailure>,
+    options: HelperOptions,
+    console_journal: Option<OwnedFd>,
+) -> i32 {
     let mut fds = match fds {
         Ok(fds) => fds,
         Err(failure) => {
@@ -56,7 +62,7 @@ pub fn main(fds: Result<ReceivedFds, FdIntakeFailure>, options: HelperOptions) -
     // A panic is a failure like any other (vCPU threads and the event loop catch their own):
     // the launcher hears why, and the status is 1 rather than std's 101.
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        start(&control, fds, options)
+        start(&control, fds, options, console_journal)
     }))
     .unwrap_or_else(|payload| Err(panic_reason("while starting", payload.as_ref())));
     match started {
@@ -84,6 +90,7 @@ fn start(
     control: &ControlChannel,
     mut fds: ReceivedFds,
     options: HelperOptions,
+    console_journal: Option<OwnedFd>,
 ) -> Result<event_loop::EventLoop<'_>, String> {
     // Signals the main loop handles are blocked before any thread exists, so that every
     // thread inherits the mask and only the loop's signalfd sees them.
@@ -113,7 +120,8 @@ fn start(
     config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    let files = machine_files(&mut fds, &config)?;
+    let mut files = machine_files(&mut fds, &config)?;
+    files.console_journal = console_journal.map(|socket| ConsoleJournal::new(socket, &config.name));
     let mode = options.sandbox;
     let worker_setup: WorkerSetup = Arc::new(move |kind| {
         let thread = match kind {
@@ -202,6 +210,7 @@ fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFile
         kernel,
         initrd,
         console,
+        console_journal: None,
         disks,
         taps,
     })

@@ -21,6 +21,7 @@ use super::vcpu::{Vcpu, VcpuControl, VcpuThreads};
 use crate::devices::acpi_pm::{AcpiPm, IrqLine};
 use crate::devices::bus::lock_device;
 use crate::devices::cmos::Cmos;
+use crate::devices::console_journal::ConsoleJournal;
 use crate::devices::i8042::I8042;
 use crate::devices::manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
@@ -57,6 +58,8 @@ pub struct MachineFiles {
     pub initrd: Option<File>,
     /// The console (read for guest input, written with guest output); must be non-blocking.
     pub console: Option<OwnedFd>,
+    /// Where the console's lines also go: the journal, under the daemon.
+    pub console_journal: Option<ConsoleJournal>,
     /// Each disk's image and backing chain, nearest first.
     pub disks: Vec<DiskFiles>,
     /// Each network interface's tap.
@@ -194,6 +197,7 @@ pub fn build_vm(
         mut kernel,
         initrd,
         console,
+        console_journal,
         disks,
         taps,
     } = files;
@@ -239,7 +243,7 @@ pub fn build_vm(
         memory::create_guest_memory(&vm_fd, config.memory_bytes).map_err(BuildVmError::Memory)?;
 
     let stop = Arc::new(StopSignal::new().map_err(BuildVmError::EventFd)?);
-    let (pio, devices) = attach_legacy_devices(&vm_fd, console, &stop)?;
+    let (pio, devices) = attach_legacy_devices(&vm_fd, console, console_journal, &stop)?;
     let pio = Arc::new(pio);
     let mut manager = DeviceManager::new(vm_fd.clone(), memory.clone(), stop.clone(), worker_setup)
         .map_err(BuildVmError::Devices)?;
@@ -367,6 +371,7 @@ fn full_cmdline(user: &str, devices: &str) -> Result<String, BuildVmError> {
 fn attach_legacy_devices(
     vm_fd: &Arc<VmFd>,
     console: Option<OwnedFd>,
+    console_journal: Option<ConsoleJournal>,
     stop: &Arc<StopSignal>,
 ) -> Result<(Bus, Devices), BuildVmError> {
     let mut pio = Bus::new("port I/O");
@@ -382,7 +387,7 @@ fn attach_legacy_devices(
         .map_err(BuildVmError::Console)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq,
-        ConsoleOutput::new(console),
+        ConsoleOutput::new(console, console_journal),
     )));
     pio.insert(
         u64::from(layout::COM1_PORT),
@@ -472,6 +477,11 @@ impl Vm {
         for worker in self.workers.drain(..) {
             worker.stop();
         }
+    }
+
+    /// The guest has stopped: the console's last partial line goes to the journal.
+    pub fn finish_console(&self) {
+        lock_device(&self.devices.serial).finish_console_journal();
     }
 
     /// Presses the ACPI power button.

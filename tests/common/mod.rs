@@ -2,6 +2,7 @@
 //! guest's console while it runs.
 #![allow(dead_code)]
 
+pub mod linux;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};

@@ -9,7 +9,10 @@
  *                O_DIRECT, fsyncs, reads it back with O_DIRECT  -> "linux-guest: vda ok"
  *   /dev/hwrng   reads entropy from the current hw_random source, if there is one
  *                                                                 -> "linux-guest: rng ok"
- *   eth0         not driven yet (vmd has no virtio-net): reported and skipped
+ *   eth0         given ip=<address>[/<prefix>] and peer=<address> on the kernel command line
+ *                (they reach /init as environment variables), sets the address, brings the
+ *                link up and sends ICMP echoes to the peer over a raw socket
+ *                                                                 -> "linux-guest: net ok"
  * and forks a child that execs /init again (which exits 42), waits for it -> "linux-guest: fork ok".
  * Then it ends the VM: reboot (LINUX_REBOOT_CMD_RESTART; vmd run exits 75) unless the kernel
  * command line says linux_guest_end=poweroff or linux_guest_end=halt.
@@ -21,6 +24,11 @@
 #define SYS_close 3
 #define SYS_pread64 17
 #define SYS_pwrite64 18
+#define SYS_ioctl 16
+#define SYS_socket 41
+#define SYS_sendto 44
+#define SYS_recvfrom 45
+#define SYS_setsockopt 54
 #define SYS_fork 57
 #define SYS_execve 59
 #define SYS_exit 60
@@ -35,6 +43,21 @@
 #define O_RDWR 2
 #define O_DIRECT 040000
 #define O_CLOEXEC 02000000
+
+#define AF_INET 2
+#define SOCK_DGRAM 2
+#define SOCK_RAW 3
+#define IPPROTO_ICMP 1
+#define SOL_SOCKET 1
+#define SO_RCVTIMEO 20
+#define SIOCGIFFLAGS 0x8913
+#define SIOCSIFFLAGS 0x8914
+#define SIOCSIFADDR 0x8916
+#define SIOCSIFNETMASK 0x891c
+#define IFF_UP 0x1
+#define ICMP_ECHO 8
+#define ICMP_ECHOREPLY 0
+#define EAGAIN 11
 
 #define LINUX_REBOOT_MAGIC1 0xfee1dead
 #define LINUX_REBOOT_MAGIC2 672274793
@@ -66,6 +89,8 @@ static long syscall6(long n, long a, long b, long c, long d, long e, long f)
 
 #define sys3(n, a, b, c) syscall6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
 #define sys4(n, a, b, c, d) syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+#define sys6(n, a, b, c, d, e, f)                                                            \
+	syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), (long)(f))
 #define sys5(n, a, b, c, d, e) syscall6((n), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
 
 /* The compiler may emit calls to these for loops and struct copies. */
@@ -263,16 +288,233 @@ static void check_rng(void)
 	say("rng ok", "");
 }
 
-static void check_net(void)
+/* struct sockaddr_in; addresses in network byte order (the bytes a, b, c, d in that order). */
+struct sockaddr_in {
+	unsigned short family;
+	unsigned short port;
+	unsigned int addr;
+	unsigned char zero[8];
+};
+
+/* struct ifreq, with the two members of its union that /init uses. */
+struct ifreq {
+	char name[16];
+	union {
+		struct sockaddr_in addr;
+		short flags;
+		char pad[24];
+	};
+};
+
+struct timeval {
+	long sec;
+	long usec;
+};
+
+/* How many echoes /init sends at most, and how long it waits for each answer. */
+#define ECHO_TRIES 5
+#define ECHO_WAIT_SECONDS 2
+#define ECHO_ID 0x4c47
+
+/* "a.b.c.d" (with "/prefix" if prefix is not null) -> 0, or -1 if it is not one. */
+static int parse_ipv4(const char *s, unsigned int *addr, int *prefix)
+{
+	unsigned int result = 0;
+
+	for (int part = 0; part < 4; part++) {
+		unsigned int value = 0;
+		int digits = 0;
+
+		while (*s >= '0' && *s <= '9' && digits < 3) {
+			value = value * 10 + (unsigned int)(*s++ - '0');
+			digits++;
+		}
+		if (!digits || value > 255)
+			return -1;
+		result |= value << (8 * part);
+		if (part < 3 && *s++ != '.')
+			return -1;
+	}
+	if (prefix && *s == '/') {
+		int value = 0, digits = 0;
+
+		s++;
+		while (*s >= '0' && *s <= '9' && digits < 2) {
+			value = value * 10 + (*s++ - '0');
+			digits++;
+		}
+		if (!digits || value < 1 || value > 30)
+			return -1;
+		*prefix = value;
+	}
+	if (*s)
+		return -1;
+	*addr = result;
+	return 0;
+}
+
+static unsigned short checksum(const unsigned char *data, u64 len)
+{
+	unsigned long sum = 0;
+
+	for (u64 i = 0; i + 1 < len; i += 2)
+		sum += (unsigned long)data[i] | ((unsigned long)data[i + 1] << 8);
+	if (len & 1)
+		sum += data[len - 1];
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (unsigned short)~sum;
+}
+
+static int interface_request(long fd, unsigned long request, struct ifreq *ifr, const char *what)
+{
+	long ret = sys3(SYS_ioctl, fd, request, ifr);
+
+	if (ret < 0) {
+		fail(what, ret);
+		return -1;
+	}
+	return 0;
+}
+
+/* Gives eth0 its address and netmask and brings it up. */
+static int configure_eth0(unsigned int addr, int prefix)
+{
+	struct ifreq ifr;
+	long fd = sys3(SYS_socket, AF_INET, SOCK_DGRAM, 0);
+	int ret = -1;
+
+	if (fd < 0) {
+		fail("net: socket for eth0", fd);
+		return -1;
+	}
+	memset(&ifr, 0, sizeof(ifr));
+	memcpy(ifr.name, "eth0", 5);
+	ifr.addr.family = AF_INET;
+	ifr.addr.addr = addr;
+	if (interface_request(fd, SIOCSIFADDR, &ifr, "net: set eth0's address"))
+		goto out;
+	/* The netmask's first `prefix` bits, in network byte order. */
+	ifr.addr.addr = 0;
+	for (int bit = 0; bit < prefix; bit++)
+		ifr.addr.addr |= 1u << (8 * (bit / 8) + 7 - bit % 8);
+	if (interface_request(fd, SIOCSIFNETMASK, &ifr, "net: set eth0's netmask"))
+		goto out;
+	if (interface_request(fd, SIOCGIFFLAGS, &ifr, "net: read eth0's flags"))
+		goto out;
+	ifr.flags |= IFF_UP;
+	if (interface_request(fd, SIOCSIFFLAGS, &ifr, "net: bring eth0 up"))
+		goto out;
+	ret = 0;
+out:
+	sys3(SYS_close, fd, 0, 0);
+	return ret;
+}
+
+/* Sends up to ECHO_TRIES echoes to `peer`; returns the sequence number answered, or -1. */
+static long ping(unsigned int peer)
+{
+	struct sockaddr_in to = { .family = AF_INET, .addr = peer };
+	struct timeval wait = { .sec = ECHO_WAIT_SECONDS };
+	unsigned char packet[64];
+	unsigned char reply[1500];
+	long fd = sys3(SYS_socket, AF_INET, SOCK_RAW, IPPROTO_ICMP);
+	long answered = -1;
+
+	if (fd < 0) {
+		fail("net: raw ICMP socket", fd);
+		return -1;
+	}
+	long ret = sys5(SYS_setsockopt, fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+	if (ret < 0) {
+		fail("net: SO_RCVTIMEO", ret);
+		goto out;
+	}
+	for (int seq = 1; seq <= ECHO_TRIES && answered < 0; seq++) {
+		unsigned short sum;
+
+		/* type, code, checksum, identifier, sequence (big-endian), then a payload. */
+		memset(packet, 0, sizeof(packet));
+		packet[0] = ICMP_ECHO;
+		packet[4] = ECHO_ID >> 8;
+		packet[5] = ECHO_ID & 0xff;
+		packet[7] = (unsigned char)seq;
+		for (u64 i = 8; i < sizeof(packet); i++)
+			packet[i] = (unsigned char)i;
+		sum = checksum(packet, sizeof(packet));
+		packet[2] = (unsigned char)(sum & 0xff);
+		packet[3] = (unsigned char)(sum >> 8);
+		ret = sys6(SYS_sendto, fd, packet, sizeof(packet), 0, &to, sizeof(to));
+		if (ret != (long)sizeof(packet)) {
+			fail("net: send an echo", ret);
+			goto out;
+		}
+		/* A raw socket sees every ICMP packet: wait for our answer, until a timeout. */
+		for (;;) {
+			long n = sys6(SYS_recvfrom, fd, reply, sizeof(reply), 0, 0, 0);
+			u64 header;
+
+			if (n == -EAGAIN)
+				break;
+			if (n < 0) {
+				fail("net: receive", n);
+				goto out;
+			}
+			if (n < 20)
+				continue;
+			header = (u64)(reply[0] & 0xf) * 4;
+			if ((u64)n < header + 8 || *(unsigned int *)(reply + 12) != peer)
+				continue;
+			if (reply[header] == ICMP_ECHOREPLY && reply[header + 4] == (ECHO_ID >> 8) &&
+			    reply[header + 5] == (ECHO_ID & 0xff) && reply[header + 7] == seq) {
+				answered = seq;
+				break;
+			}
+		}
+	}
+out:
+	sys3(SYS_close, fd, 0, 0);
+	return answered;
+}
+
+static void check_net(char **envp)
 {
 	char state[32];
+	char buf[24];
+	const char *ip = 0, *peer = 0;
+	unsigned int addr, peer_addr;
+	int prefix = 24;
+	long answered;
 
 	if (read_text("/sys/class/net/eth0/operstate", state, sizeof(state)) != 0) {
 		say("no eth0, net check skipped", "");
 		return;
 	}
-	/* vmd has no virtio-net yet: an eth0 here is not expected. */
-	say("eth0 present but the net check is not written yet: ", state);
+	for (char **e = envp; *e; e++) {
+		if (starts_with(*e, "ip="))
+			ip = *e + 3;
+		else if (starts_with(*e, "peer="))
+			peer = *e + 5;
+	}
+	if (!ip || !peer) {
+		say("eth0 present, but no ip= and peer= on the command line: net check skipped", "");
+		return;
+	}
+	if (parse_ipv4(ip, &addr, &prefix) || parse_ipv4(peer, &peer_addr, 0)) {
+		fail("net: ip= or peer= is not an IPv4 address", 0);
+		return;
+	}
+	if (configure_eth0(addr, prefix))
+		return;
+	say("eth0 up, address ", ip);
+	answered = ping(peer_addr);
+	if (answered < 0) {
+		fail("net: no answer from the peer", ECHO_TRIES);
+		return;
+	}
+	say("net: echo answered by ", peer);
+	say("net: answered echo number ", decimal(answered, buf));
+	say("net ok", "");
 }
 
 static void check_fork(char *self)
@@ -332,7 +574,7 @@ static void init_main(long argc, char **argv, char **envp)
 
 	check_vda();
 	check_rng();
-	check_net();
+	check_net(envp);
 	check_fork(argv[0]);
 
 	say("done", "");
