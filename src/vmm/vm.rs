@@ -90,6 +90,8 @@ pub enum BuildVmError {
     BootParams(#[source] BootError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] super::acpi::AcpiError),
+    #[error("cannot write the MP table")]
+    Mptable(#[source] super::mptable::MptableError),
     #[error("cannot create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("cannot wire COM1's interrupt")]
@@ -258,6 +260,7 @@ pub fn build_vm(
     boot::load_cmdline(&memory, &cmdline).map_err(BuildVmError::BootParams)?;
     let rsdp =
         super::acpi::create_acpi_tables(&memory, config.vcpus).map_err(BuildVmError::Acpi)?;
+    super::mptable::write_mptable(&memory, config.vcpus).map_err(BuildVmError::Mptable)?;
     boot::write_boot_params(
         &memory,
         config.memory_bytes,
