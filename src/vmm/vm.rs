@@ -280,7 +280,11 @@ pub fn build_vm(
         let fd = vm_fd
             .create_vcpu(u64::from(index))
             .map_err(|source| BuildVmError::CreateVcpu { index, source })?;
-        let cpuid = cpu::cpuid_for_vcpu(&supported_cpuid, index, config.vcpus);
+        let mut cpuid = cpu::cpuid_for_vcpu(&supported_cpuid, index, config.vcpus);
+        let tsc_khz =
+            cpu::tsc_khz(&fd).map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
+        cpu::announce_tsc_frequency(&mut cpuid, tsc_khz)
+            .map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
         cpu::configure_common(&fd, &cpuid)
             .map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
         // Application processors wait for INIT/SIPI from the boot processor, as on hardware.
