@@ -152,7 +152,7 @@ pub fn announce_tsc_frequency(cpuid: &mut CpuId, tsc_khz: u32) -> Result<(), Cpu
     }
     let (numerator, denominator) = tsc_ratio(tsc_khz);
     let tsc_leaf = [denominator, numerator, CRYSTAL_HZ, 0];
-    let mhz = tsc_khz / 1000;
+    let mhz = (tsc_khz + 500) / 1000;
     let frequency_leaf = [mhz, mhz, BUS_MHZ, 0];
     for (function, [eax, ebx, ecx, edx]) in [
         (CPUID_TSC_CRYSTAL_LEAF, tsc_leaf),
