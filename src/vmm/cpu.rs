@@ -3,7 +3,8 @@
 //! map of the first 4 GiB).
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment,
+    CpuId, KVM_MAX_CPUID_ENTRIES, Msrs, kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs,
+    kvm_segment,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -18,6 +19,10 @@ use super::layout::{
 pub enum CpuSetupError {
     #[error("cannot read the CPUID that KVM supports")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot read the vCPU's TSC frequency")]
+    TscFrequency(#[source] kvm_ioctls::Error),
+    #[error("cannot add CPUID leaf {0:#x}")]
+    AddCpuidLeaf(u32),
     #[error("cannot set CPUID")]
     SetCpuid(#[source] kvm_ioctls::Error),
     #[error("cannot build the MSR list")]
@@ -79,6 +84,19 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const CPUID_HYPERVISOR_ECX: u32 = 1 << 31;
 const CPUID_HTT_EDX: u32 = 1 << 28;
 
+/// CPUID leaves that announce the TSC frequency (Intel SDM vol. 2, CPUID): 0x15, the TSC to
+/// core crystal clock ratio and the crystal's frequency; 0x16, the processor's base frequency.
+const CPUID_TSC_CRYSTAL_LEAF: u32 = 0x15;
+const CPUID_FREQUENCY_LEAF: u32 = 0x16;
+/// "GenuineIntel" in leaf 0's EBX: only Intel processors define leaves 0x15 and 0x16.
+const CPUID_VENDOR_INTEL_EBX: u32 = u32::from_le_bytes(*b"Genu");
+/// The crystal clock announced in leaf 0x15: 1 GHz, the rate KVM's local APIC timer counts at,
+/// because Linux also takes the APIC timer's rate from this leaf.
+const CRYSTAL_HZ: u32 = 1_000_000_000;
+const CRYSTAL_KHZ: u32 = CRYSTAL_HZ / 1000;
+/// The bus (reference) frequency leaf 0x16 reports, in MHz.
+const BUS_MHZ: u32 = 100;
+
 /// GDT selectors of the boot protocol.
 const GDT_CODE_SELECTOR: u16 = 0x10;
 const GDT_DATA_SELECTOR: u16 = 0x18;
@@ -111,6 +129,83 @@ pub fn cpuid_for_vcpu(supported: &CpuId, index: u8, vcpu_count: u8) -> CpuId {
         }
     }
     cpuid
+}
+
+/// The vCPU's TSC frequency, as KVM runs it.
+pub fn tsc_khz(vcpu: &VcpuFd) -> Result<u32, CpuSetupError> {
+    vcpu.get_tsc_khz().map_err(CpuSetupError::TscFrequency)
+}
+
+/// Announces the TSC frequency in CPUID leaves 0x15 and 0x16 (Intel only), raising the highest
+/// basic leaf to 0x16 if needed. A Linux without kvmclock otherwise measures the TSC against
+/// the PIT, which fails when the guest runs under instruction emulation (kvm_pvm): Linux then
+/// marks the TSC unstable, calibrates its delay loop and the local APIC timer against jiffies
+/// (about half a second of boot), and keeps time with jiffies. With the frequency known it
+/// skips all of that and uses the TSC deadline timer.
+pub fn announce_tsc_frequency(cpuid: &mut CpuId, tsc_khz: u32) -> Result<(), CpuSetupError> {
+    let is_intel = cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0 && e.ebx == CPUID_VENDOR_INTEL_EBX);
+    if !is_intel || tsc_khz == 0 {
+        return Ok(());
+    }
+    let (numerator, denominator) = tsc_ratio(tsc_khz);
+    let tsc_leaf = [denominator, numerator, CRYSTAL_HZ, 0];
+    let mhz = (tsc_khz + 500) / 1000;
+    let frequency_leaf = [mhz, mhz, BUS_MHZ, 0];
+    for (function, [eax, ebx, ecx, edx]) in [
+        (CPUID_TSC_CRYSTAL_LEAF, tsc_leaf),
+        (CPUID_FREQUENCY_LEAF, frequency_leaf),
+    ] {
+        let entry = kvm_cpuid_entry2 {
+            function,
+            index: 0,
+            flags: 0,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        match cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == function)
+        {
+            Some(existing) => *existing = entry,
+            None => cpuid
+                .push(entry)
+                .map_err(|_| CpuSetupError::AddCpuidLeaf(function))?,
+        }
+    }
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 0 {
+            entry.eax = entry.eax.max(CPUID_FREQUENCY_LEAF);
+        }
+    }
+    Ok(())
+}
+
+/// The TSC to crystal ratio (numerator, denominator) of leaf 0x15 for a TSC of `tsc_khz`. Linux
+/// computes `crystal_khz * numerator / denominator` in 32 bits, so the numerator stays below
+/// 2^32 / 10^6: the exact ratio when it is that small, the TSC rounded to the MHz otherwise
+/// (at most 0.5 MHz off: under 200 ppm at 2.5 GHz and above).
+fn tsc_ratio(tsc_khz: u32) -> (u32, u32) {
+    let reduce = |numerator: u32, denominator: u32| {
+        let (mut a, mut b) = (numerator, denominator);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        (numerator / a, denominator / a)
+    };
+    let max_numerator = u32::MAX / CRYSTAL_KHZ;
+    let exact = reduce(tsc_khz, CRYSTAL_KHZ);
+    if exact.0 <= max_numerator {
+        return exact;
+    }
+    let mhz = (tsc_khz + 500) / 1000;
+    reduce(mhz.min(max_numerator), 1000)
 }
 
 /// State every vCPU needs: CPUID, MSRs, FPU and LAPIC LINT pins.
@@ -289,6 +384,29 @@ pub fn configure_boot_vcpu(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), Cpu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_ratio_fits_linux_arithmetic() {
+        for tsc_khz in [
+            2_000_000, 2_918_400, 2_918_401, 3_000_000, 1_234_567, 4_000_000,
+        ] {
+            let (numerator, denominator) = tsc_ratio(tsc_khz);
+            let linux = u64::from(CRYSTAL_KHZ) * u64::from(numerator);
+            assert!(
+                linux <= u64::from(u32::MAX),
+                "{tsc_khz}: {numerator}/{denominator}"
+            );
+            let announced = (linux / u64::from(denominator)) as i64;
+            assert!(
+                (announced - i64::from(tsc_khz)).abs() <= 500,
+                "{tsc_khz}: {announced}"
+            );
+        }
+        assert_eq!(tsc_ratio(3_000_000), (3, 1));
+        assert_eq!(tsc_ratio(2_918_400), (1824, 625));
+        // No small exact ratio: rounded to the MHz.
+        assert_eq!(tsc_ratio(2_918_401), (1459, 500));
+    }
 
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {

@@ -6,5 +6,6 @@ pub mod boot;
 pub mod cpu;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 pub mod vm;

@@ -93,6 +93,8 @@ pub enum BuildVmError {
     BootParams(#[source] BootError),
     #[error("cannot write the ACPI tables")]
     Acpi(#[source] super::acpi::AcpiError),
+    #[error("cannot write the MP table")]
+    Mptable(#[source] super::mptable::MptableError),
     #[error("cannot create an interrupt eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("cannot wire COM1's interrupt")]
@@ -262,6 +264,7 @@ pub fn build_vm(
     boot::load_cmdline(&memory, &cmdline).map_err(BuildVmError::BootParams)?;
     let rsdp =
         super::acpi::create_acpi_tables(&memory, config.vcpus).map_err(BuildVmError::Acpi)?;
+    super::mptable::write_mptable(&memory, config.vcpus).map_err(BuildVmError::Mptable)?;
     boot::write_boot_params(
         &memory,
         config.memory_bytes,
@@ -281,7 +284,11 @@ pub fn build_vm(
         let fd = vm_fd
             .create_vcpu(u64::from(index))
             .map_err(|source| BuildVmError::CreateVcpu { index, source })?;
-        let cpuid = cpu::cpuid_for_vcpu(&supported_cpuid, index, config.vcpus);
+        let mut cpuid = cpu::cpuid_for_vcpu(&supported_cpuid, index, config.vcpus);
+        let tsc_khz =
+            cpu::tsc_khz(&fd).map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
+        cpu::announce_tsc_frequency(&mut cpuid, tsc_khz)
+            .map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
         cpu::configure_common(&fd, &cpuid)
             .map_err(|source| BuildVmError::ConfigureVcpu { index, source })?;
         // Application processors wait for INIT/SIPI from the boot processor, as on hardware.
