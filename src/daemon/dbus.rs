@@ -1,5 +1,6 @@
-//! The org.vmd.vmd1 objects: the manager at /org/vmd/vmd1 and one object per VM. These are
-//! thin: they check the caller, translate arguments and errors, and call the manager or VM.
+//! The org.vmd.vmd1 objects: the manager at /org/vmd/vmd1 here, and one object per VM in
+//! [`super::dbus_vm`]. These are thin: they check the caller, translate arguments and errors,
+//! and call the manager or VM.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -10,19 +11,21 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, ObjectPath, OwnedObjectPath, OwnedVariant, interface};
 
 use super::authority::{self, Action, Caller};
+pub use super::dbus_vm::VmObject;
 use super::definition::{DefinitionError, VmDefinition};
 use super::disks::{self, DiskSource, DiskSpec, PassedDisk};
 use super::errors::VmdError;
 use super::files::{check_passed_file, copy_passed_file};
-use super::host_files::{Rights, UserRights};
 use super::manager::Manager;
 use super::store::Origin;
-use super::vm::{LifecycleError, Property, Vm};
+use super::vm::LifecycleError;
 use super::{network, switches};
 use crate::images::DiskFormat;
 use crate::protocol::FdName;
 
 pub const MANAGER_PATH: &str = "/org/vmd/vmd1";
+/// How long Kill waits for the VM to have stopped.
+pub(super) const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const VM_PATH_PREFIX: &str = "/org/vmd/vmd1/vm";
 
 /// `/org/vmd/vmd1/vm/<name, bus-label escaped>`.
@@ -41,6 +44,7 @@ impl From<LifecycleError> for VmdError {
             // Gone as far as callers can tell.
             LifecycleError::Removed { .. } => VmdError::NoSuchVM(error.to_string()),
             LifecycleError::DiskBusy(reason) => VmdError::DiskBusy(reason),
+            LifecycleError::ConsoleBusy(reason) => VmdError::ConsoleBusy(reason),
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }
@@ -50,7 +54,7 @@ impl From<LifecycleError> for VmdError {
 /// tokio's blocking pool: a file that never answers (a stalled FUSE or network mount) then
 /// holds a thread of that pool, not one of the runtime's two workers, which the other calls
 /// and the watchdog need.
-async fn off_runtime<T: Send + 'static>(
+pub(super) async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, VmdError> {
     tokio::task::spawn_blocking(work)
@@ -58,7 +62,7 @@ async fn off_runtime<T: Send + 'static>(
         .map_err(|e| VmdError::Failed(format!("a file operation did not complete: {e}")))
 }
 
-fn invalid(error: DefinitionError) -> VmdError {
+pub(super) fn invalid(error: DefinitionError) -> VmdError {
     VmdError::InvalidArgument(error.to_string())
 }
 
@@ -77,7 +81,8 @@ fn set_owner(caller: &Caller, definition: &mut VmDefinition) -> Result<(), VmdEr
         && !caller.groups.contains(&gid)
     {
         return Err(VmdError::NotPermitted(format!(
-            "the owner group (gid {gid}) must be one of the caller's groups"
+            "the owner group ({}) must be one of your groups",
+            authority::group_name(gid)
         )));
     }
     definition.owner_uid = Some(caller.uid);
@@ -128,6 +133,39 @@ fn take_passed_disks(
         .collect()
 }
 
+/// The daemon opens host paths only for callers who could be trusted with its rights.
+pub(super) async fn authorize_host_paths(
+    manager: &Manager,
+    caller: &Caller,
+    name: &str,
+) -> Result<(), VmdError> {
+    authority::authorize(manager.bus(), caller, Action::HostFiles, Some(name))
+        .await
+        .map_err(|_| {
+            VmdError::NotPermitted(format!(
+                "vmd opens kernel, initrd and disk paths only for root or holders of {}; \
+                 pass your own fds with CreateVMWithFiles instead",
+                Action::HostFiles.id()
+            ))
+        })
+}
+
+/// A non-root caller may name only themselves as the owner, and only a group of their own.
+pub(super) fn check_owner_change(
+    caller: &Caller,
+    definition: &VmDefinition,
+) -> Result<(), VmdError> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    if definition.owner_uid != Some(caller.uid) {
+        return Err(VmdError::NotPermitted(
+            "only root may give a VM to another user".into(),
+        ));
+    }
+    set_owner(caller, &mut definition.clone())
+}
+
 pub struct ManagerObject {
     manager: Arc<Manager>,
 }
@@ -140,6 +178,9 @@ impl ManagerObject {
 
 #[interface(name = "org.vmd.vmd1.Manager")]
 impl ManagerObject {
+    /// Defines a VM from a{sv} config keys.
+    /// Polkit: org.vmd.vmd1.create, and org.vmd.vmd1.host-files for its paths (root passes);
+    /// org.vmd.vmd1.network for a switch outside the caller's groups.
     #[zbus(name = "CreateVM", out_args("vm"))]
     async fn create_vm(
         &self,
@@ -152,16 +193,7 @@ impl ManagerObject {
         authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
         let definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
         switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
-        // The daemon opens host paths only for callers who could be trusted with its rights.
-        authority::authorize(self.manager.bus(), &caller, Action::HostFiles, Some(&name))
-            .await
-            .map_err(|_| {
-                VmdError::NotPermitted(format!(
-                    "vmd opens kernel and initrd paths only for root or holders of {}; \
-                     pass your own fds with CreateVMWithFiles instead",
-                    Action::HostFiles.id()
-                ))
-            })?;
+        authorize_host_paths(&self.manager, &caller, &name).await?;
         if definition.kernel.as_os_str().is_empty() {
             return Err(invalid(DefinitionError::NoKernel));
         }
@@ -174,6 +206,8 @@ impl ManagerObject {
     }
 
     /// As CreateVM, with the kernel and initrd as fds the caller opened itself.
+    /// Polkit: org.vmd.vmd1.create (root passes); org.vmd.vmd1.network for a switch outside
+    /// the caller's groups.
     #[zbus(name = "CreateVMWithFiles", out_args("vm"))]
     async fn create_vm_with_files(
         &self,
@@ -271,12 +305,118 @@ impl ManagerObject {
         }
     }
 
+    /// Defines a VM from a whole definition: the TOML of a definition file, with the VM's
+    /// `name` (and `uuid` optional). Stored as vmd's own (/var/lib/vmd/vms); refused if the name
+    /// exists. Paths need what CreateVM's need.
+    /// Polkit: org.vmd.vmd1.create, and org.vmd.vmd1.host-files for its paths (root passes);
+    /// org.vmd.vmd1.network for a switch outside the caller's groups.
+    #[zbus(name = "DefineVM", out_args("vm"))]
+    async fn define_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        definition: String,
+    ) -> Result<OwnedObjectPath, VmdError> {
+        let caller = authority::identify(&header, connection).await?;
+        let mut definition = VmDefinition::from_named_toml(&definition).map_err(invalid)?;
+        let name = definition.name.clone();
+        authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
+        switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
+        authorize_host_paths(&self.manager, &caller, &name).await?;
+        if self.manager.get(&name).is_ok() {
+            return Err(VmdError::VMExists(format!(
+                "a VM named {name:?} exists already"
+            )));
+        }
+        // A definition copied from another VM must not share its UUID.
+        if self
+            .manager
+            .all()
+            .iter()
+            .any(|vm| vm.definition().uuid == definition.uuid)
+        {
+            definition.uuid = uuid::Uuid::new_v4();
+        }
+        let mut definition = off_runtime(move || definition.validate().map(|()| definition))
+            .await?
+            .map_err(invalid)?;
+        set_owner(&caller, &mut definition)?;
+        let vm = self.manager.add(definition, Origin::Api).await?;
+        Ok(self.manager.object_path(&vm))
+    }
+
+    /// Reads the administrator's definitions (/etc/vmd/vms) again and applies them: new files
+    /// define VMs, changed files change their VMs' definitions (used from their next start),
+    /// and VMs whose files are gone are removed (a running one stays until it has stopped and
+    /// vmd is reloaded again). A file that cannot be used changes nothing and is logged.
+    /// Returns the names of the VMs added, changed and removed. `systemctl reload vmd` calls it.
+    /// Polkit: org.vmd.vmd1.manage (root passes).
+    #[zbus(name = "Reload", out_args("added", "changed", "removed"))]
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), VmdError> {
+        let caller = authority::identify(&header, connection).await?;
+        authority::authorize(self.manager.bus(), &caller, Action::Manage, None).await?;
+        super::notify::reloading();
+        let report = self.manager.reload().await;
+        super::notify::ready(&self.manager);
+        Ok((report.added, report.changed, report.removed))
+    }
+
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "const"), name = "Version")]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// The least MemoryBytes a VM may have.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesMin")]
+    async fn memory_bytes_min(&self) -> u64 {
+        crate::protocol::MIN_MEMORY_BYTES
+    }
+
+    /// The most MemoryBytes a VM may have.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesMax")]
+    async fn memory_bytes_max(&self) -> u64 {
+        crate::protocol::MAX_MEMORY_BYTES
+    }
+
+    /// MemoryBytes must be a multiple of this.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesAlign")]
+    async fn memory_bytes_align(&self) -> u64 {
+        crate::protocol::MEMORY_ALIGN_BYTES
+    }
+
+    /// The most VCPUs a VM may have (the least is 1).
+    #[zbus(property(emits_changed_signal = "const"), name = "VCPUsMax")]
+    async fn vcpus_max(&self) -> u32 {
+        crate::protocol::MAX_VCPUS
+    }
+
+    /// MemoryBytes of a VM whose definition leaves it out.
+    #[zbus(property(emits_changed_signal = "const"), name = "DefaultMemoryBytes")]
+    async fn default_memory_bytes(&self) -> u64 {
+        super::definition::DEFAULT_MEMORY_BYTES
+    }
+
+    /// VCPUs of a VM whose definition leaves it out.
+    #[zbus(property(emits_changed_signal = "const"), name = "DefaultVCPUs")]
+    async fn default_vcpus(&self) -> u32 {
+        super::definition::DEFAULT_VCPUS
+    }
+
+    /// The object path of the VM with this name.
+    /// Polkit: none (anyone may read).
     #[zbus(name = "GetVM", out_args("vm"))]
     async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, VmdError> {
         let vm = self.manager.get(&name)?;
         Ok(self.manager.object_path(&vm))
     }
 
+    /// (name, state, object path) of every VM, sorted by name.
+    /// Polkit: none (anyone may read).
     #[zbus(name = "ListVMs", out_args("vms"))]
     async fn list_vms(
         &self,
@@ -310,235 +450,4 @@ impl ManagerObject {
         name: &str,
         vm: ObjectPath<'_>,
     ) -> zbus::Result<()>;
-}
-
-pub struct VmObject {
-    vm: Arc<Vm>,
-    manager: Arc<Manager>,
-}
-
-impl VmObject {
-    pub fn new(vm: Arc<Vm>, manager: Arc<Manager>) -> Self {
-        VmObject { vm, manager }
-    }
-
-    /// Root passes; the owner (or a member of the owner group) passes for what is theirs to do
-    /// (`owner_may`: every VM method and Autostart); everyone else needs org.vmd.vmd1.manage.
-    async fn permit(
-        &self,
-        header: &Header<'_>,
-        connection: &Connection,
-        owner_may: bool,
-    ) -> Result<Caller, VmdError> {
-        let caller = authority::identify(header, connection).await?;
-        if owner_may && self.vm.definition().owned_by(caller.uid, &caller.groups) {
-            return Ok(caller);
-        }
-        authority::authorize(
-            self.manager.bus(),
-            &caller,
-            Action::Manage,
-            Some(&self.vm.name),
-        )
-        .await?;
-        Ok(caller)
-    }
-
-    /// With whose rights a start by `caller` opens the VM's host paths: the daemon's for root
-    /// and holders of org.vmd.vmd1.host-files, the caller's own otherwise (no confused deputy:
-    /// a path may have been swapped for a symlink since the VM was defined).
-    async fn file_rights(&self, caller: &Caller) -> Rights {
-        let may_use_host_files = authority::authorize(
-            self.manager.bus(),
-            &caller.without_interaction(),
-            Action::HostFiles,
-            Some(&self.vm.name),
-        )
-        .await
-        .is_ok();
-        if may_use_host_files {
-            Rights::Daemon
-        } else {
-            Rights::User(UserRights::of_caller(caller))
-        }
-    }
-}
-
-#[interface(name = "org.vmd.vmd1.VM")]
-impl VmObject {
-    async fn start(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        let caller = self.permit(&header, connection, true).await?;
-        let rights = self.file_rights(&caller).await;
-        Ok(self.vm.start(&self.manager, rights).await?)
-    }
-
-    async fn shutdown(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(self.vm.shutdown(&self.manager)?)
-    }
-
-    async fn kill(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(self.vm.kill()?)
-    }
-
-    async fn pause(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(self.vm.pause().await?)
-    }
-
-    async fn resume(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(self.vm.resume().await?)
-    }
-
-    async fn remove(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        self.permit(&header, connection, true).await?;
-        self.manager.remove(&self.vm).await
-    }
-
-    #[zbus(out_args("console"))]
-    async fn open_console(
-        &self,
-        #[zbus(header)] header: Header<'_>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<zbus::OwnedFd, VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(zbus::OwnedFd::from(self.vm.open_console()?))
-    }
-
-    #[zbus(property(emits_changed_signal = "const"), name = "Name")]
-    async fn name(&self) -> String {
-        self.vm.name.clone()
-    }
-
-    #[zbus(property(emits_changed_signal = "const"), name = "UUID")]
-    async fn uuid(&self) -> String {
-        self.vm.definition().uuid.to_string()
-    }
-
-    #[zbus(property, name = "State")]
-    async fn state(&self) -> String {
-        self.vm.state().as_str().to_string()
-    }
-
-    #[zbus(property, name = "Unit")]
-    async fn unit(&self) -> String {
-        self.vm.unit()
-    }
-
-    #[zbus(property, name = "LeaderPID")]
-    async fn leader_pid(&self) -> u32 {
-        self.vm.leader_pid()
-    }
-
-    #[zbus(property, name = "VCPUs")]
-    async fn vcpus(&self) -> u32 {
-        self.vm.definition().vcpus
-    }
-
-    #[zbus(property, name = "MemoryBytes")]
-    async fn memory_bytes(&self) -> u64 {
-        self.vm.definition().memory_bytes
-    }
-
-    #[zbus(property, name = "Kernel")]
-    async fn kernel(&self) -> String {
-        self.vm.definition().kernel.display().to_string()
-    }
-
-    #[zbus(property, name = "Initrd")]
-    async fn initrd(&self) -> String {
-        self.vm
-            .definition()
-            .initrd
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
-    }
-
-    #[zbus(property, name = "Cmdline")]
-    async fn cmdline(&self) -> String {
-        self.vm.definition().cmdline
-    }
-
-    /// One `a{sv}` per disk: Path s, Format s, ReadOnly b, Serial s, Passed b.
-    #[zbus(property, name = "Disks")]
-    async fn disks(&self) -> Vec<HashMap<String, OwnedVariant>> {
-        disks::to_dbus(&self.vm.definition().disks)
-    }
-
-    /// One `a{sv}` per interface: Switch s, MAC s, LockedLladdr b, Tap s, Passed b.
-    #[zbus(property, name = "Interfaces")]
-    async fn interfaces(&self) -> Vec<HashMap<String, OwnedVariant>> {
-        let definition = self.vm.definition();
-        network::to_dbus(&self.vm.name, &definition.uuid, &definition.interfaces)
-    }
-
-    #[zbus(property, name = "Entropy")]
-    async fn entropy(&self) -> bool {
-        self.vm.definition().entropy
-    }
-
-    #[zbus(property, name = "Autostart")]
-    async fn autostart(&self) -> bool {
-        self.vm.definition().autostart
-    }
-
-    #[zbus(property, name = "Autostart")]
-    async fn set_autostart(
-        &mut self,
-        value: bool,
-        #[zbus(header)] header: Option<Header<'_>>,
-        #[zbus(connection)] connection: &Connection,
-    ) -> Result<(), VmdError> {
-        let header =
-            header.ok_or_else(|| VmdError::NotPermitted("cannot tell who is calling".into()))?;
-        self.permit(&header, connection, true).await?;
-        let mut changed = self.vm.definition();
-        changed.autostart = value;
-        self.manager.save(&self.vm, &changed)?;
-        self.vm.set_autostart(value);
-        self.manager
-            .announce(&self.vm, vec![Property::Autostart], self.vm.snapshot());
-        Ok(())
-    }
-
-    #[zbus(property, name = "Owner")]
-    async fn owner(&self) -> String {
-        self.vm.definition().owner()
-    }
-
-    #[zbus(property, name = "Restarts")]
-    async fn restarts(&self) -> u32 {
-        self.vm.restarts()
-    }
-
-    #[zbus(property, name = "FailureReason")]
-    async fn failure_reason(&self) -> String {
-        self.vm.failure_reason()
-    }
 }
