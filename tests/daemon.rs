@@ -2901,3 +2901,6 @@ fn a_tap_the_caller_opened_is_the_vms_interface() {
     vmd.wait_state("own", "running", LIMIT);
     wait_for_answers(&vmd, "10.200.10.2");
 }
+
+#[path = "daemon/client_api.rs"]
+mod client_api;

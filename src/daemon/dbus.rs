@@ -23,6 +23,8 @@ use crate::images::DiskFormat;
 use crate::protocol::FdName;
 
 pub const MANAGER_PATH: &str = "/org/vmd/vmd1";
+/// How long Kill waits for the VM to have stopped.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 const VM_PATH_PREFIX: &str = "/org/vmd/vmd1/vm";
 
 /// `/org/vmd/vmd1/vm/<name, bus-label escaped>`.
@@ -376,6 +378,8 @@ impl VmObject {
         Ok(self.vm.start(&self.manager, rights).await?)
     }
 
+    /// Asks the guest to power off (the ACPI power button); the helper stops it after 30 s if
+    /// it has not. Succeeds at once for a VM that is not running.
     async fn shutdown(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -385,13 +389,55 @@ impl VmObject {
         Ok(self.vm.shutdown(&self.manager)?)
     }
 
+    /// Stops the VM at once; returns when it is stopped. Succeeds at once for a VM that is not
+    /// running.
     async fn kill(
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<(), VmdError> {
         self.permit(&header, connection, true).await?;
-        Ok(self.vm.kill()?)
+        if !self.vm.state().is_active() {
+            return Ok(());
+        }
+        self.vm.kill()?;
+        let state = self
+            .vm
+            .wait_for_state(KILL_WAIT, |state| !state.is_active())
+            .await;
+        if state.is_active() {
+            return Err(VmdError::Failed(format!(
+                "VM {} was killed but is still {} after {} s",
+                self.vm.name,
+                state.as_str(),
+                KILL_WAIT.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A graceful reboot: presses the ACPI power button, as Shutdown does (the guest sees a
+    /// power-button event); once the guest has powered off, or once the helper has stopped it
+    /// at the 30 s deadline because it ignored the button, the VM starts again with the same
+    /// console (Restarts counts it). The VM stays running meanwhile.
+    async fn reboot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), VmdError> {
+        self.permit(&header, connection, true).await?;
+        Ok(self.vm.reboot()?)
+    }
+
+    /// A hard reset: the helper resets the VM now (as `machinectl reboot`, SIGINT), without
+    /// asking the guest; the VM starts again with the same console (Restarts counts it).
+    async fn reset(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(), VmdError> {
+        self.permit(&header, connection, true).await?;
+        Ok(self.vm.reset()?)
     }
 
     async fn pause(
@@ -434,6 +480,13 @@ impl VmObject {
     #[zbus(property(emits_changed_signal = "const"), name = "Name")]
     async fn name(&self) -> String {
         self.vm.name.clone()
+    }
+
+    /// A number given when the daemon loaded or created the VM: stable while the daemon runs,
+    /// never reused in that run (a daemon restart numbers VMs anew).
+    #[zbus(property(emits_changed_signal = "const"), name = "ID")]
+    async fn id(&self) -> u32 {
+        self.vm.id
     }
 
     #[zbus(property(emits_changed_signal = "const"), name = "UUID")]

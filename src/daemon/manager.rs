@@ -4,10 +4,12 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use zbus::fdo::ObjectManager;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::Variant;
@@ -40,6 +42,8 @@ pub struct Manager {
     states: StateFiles,
     launcher: Launcher,
     changes: mpsc::UnboundedSender<Change>,
+    /// The ID the next VM gets (IDs are never reused while the daemon runs).
+    next_id: AtomicU32,
 }
 
 impl Manager {
@@ -58,6 +62,7 @@ impl Manager {
             states,
             launcher,
             changes,
+            next_id: AtomicU32::new(1),
         });
         tokio::spawn(announce_changes(Arc::downgrade(&manager), receiver));
         manager
@@ -112,7 +117,9 @@ impl Manager {
         self: &Arc<Self>,
         builder: zbus::connection::Builder<'a>,
     ) -> zbus::connection::Builder<'a> {
-        let mut builder = builder.serve_at(MANAGER_PATH, ManagerObject::new(self.clone()));
+        let mut builder = builder
+            .serve_at(MANAGER_PATH, ManagerObject::new(self.clone()))
+            .serve_at(MANAGER_PATH, ObjectManager);
         for vm in self.all() {
             builder = builder.serve_at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()));
         }
@@ -132,6 +139,9 @@ impl Manager {
         server
             .at(MANAGER_PATH, ManagerObject::new(self.clone()))
             .await?;
+        // Every VM object is below it: zbus answers GetManagedObjects and sends
+        // InterfacesAdded/InterfacesRemoved as VM objects come and go.
+        server.at(MANAGER_PATH, ObjectManager).await?;
         for vm in self.all() {
             server
                 .at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()))
@@ -158,7 +168,8 @@ impl Manager {
             // the last step that can: a failed creation must leave no file that the next
             // daemon would load.
             let store = origin == Origin::Api && !definition.transient;
-            let vm = Vm::new(definition, origin);
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let vm = Vm::new(definition, origin, id);
             if store {
                 self.store.save(&vm.definition()).map_err(|e| {
                     VmdError::Failed(format!("cannot store the definition: {}", error_chain(&e)))

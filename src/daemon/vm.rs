@@ -95,6 +95,9 @@ pub struct Change {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopRequest {
     Shutdown,
+    /// A graceful reboot: the guest was asked to power off, and the VM starts again once its
+    /// helper ends (whether the guest powered off or was stopped at the deadline).
+    Reboot,
     Kill,
 }
 
@@ -128,6 +131,9 @@ struct Runtime {
 
 pub struct Vm {
     pub name: String,
+    /// A number the daemon gave the VM when it loaded or created it: stable while the daemon
+    /// runs, never given to another VM in that run (vmctl's status table shows it).
+    pub id: u32,
     pub origin: Origin,
     definition: Mutex<VmDefinition>,
     runtime: Mutex<Runtime>,
@@ -154,9 +160,10 @@ pub enum LifecycleError {
 }
 
 impl Vm {
-    pub fn new(definition: VmDefinition, origin: Origin) -> Arc<Vm> {
+    pub fn new(definition: VmDefinition, origin: Origin, id: u32) -> Arc<Vm> {
         Arc::new(Vm {
             name: definition.name.clone(),
+            id,
             origin,
             definition: Mutex::new(definition),
             runtime: Mutex::new(Runtime::default()),
@@ -423,11 +430,49 @@ impl Vm {
     }
 
     /// Asks the guest to power off; the helper stops it at the deadline, and the daemon kills
-    /// the helper if even that does not happen.
+    /// the helper if even that does not happen. A VM that is not running (defined, stopped or
+    /// failed) is already where Shutdown leads: that succeeds, as `systemctl stop` does.
     pub fn shutdown(self: &Arc<Self>, manager: &Arc<Manager>) -> Result<(), LifecycleError> {
-        self.request_shutdown()?;
+        if !self.state().is_active() {
+            return Ok(());
+        }
+        self.request_shutdown(StopRequest::Shutdown)?;
         // Refused only if the VM ended meanwhile: then there is nothing left to stop.
         let _ = self.change(manager, Some(Lifecycle::Shutdown), |_| {});
+        self.kill_if_not_stopped_in_time();
+        Ok(())
+    }
+
+    /// A graceful reboot: the guest is asked to power off as by Shutdown (the ACPI power
+    /// button), and once its helper has ended (the guest powered off, or the helper stopped it
+    /// at the deadline because it ignored the button) the VM starts again with the same
+    /// console, as after a guest reboot. The VM stays running meanwhile.
+    pub fn reboot(self: &Arc<Self>) -> Result<(), LifecycleError> {
+        if !matches!(self.state(), VmState::Running | VmState::Paused) {
+            return Err(self.invalid("reboot", "running or paused"));
+        }
+        self.request_shutdown(StopRequest::Reboot)?;
+        self.kill_if_not_stopped_in_time();
+        Ok(())
+    }
+
+    /// A hard reset: the helper resets the VM at once (SIGINT, as `machinectl reboot`); it
+    /// ends as after a guest reboot and the VM starts again with the same console.
+    pub fn reset(&self) -> Result<(), LifecycleError> {
+        let runtime = self.runtime();
+        if !matches!(self.state(), VmState::Running | VmState::Paused) {
+            return Err(self.invalid("reset", "running or paused"));
+        }
+        let pidfd = runtime
+            .pidfd
+            .clone()
+            .ok_or_else(|| self.invalid("reset", "running or paused"))?;
+        send_signal(&pidfd, libc::SIGINT)
+            .map_err(|e| LifecycleError::Failed(format!("cannot reset the VM: {e}")))
+    }
+
+    /// Kills the current helper if it still runs well after the shutdown deadline.
+    fn kill_if_not_stopped_in_time(self: &Arc<Self>) {
         let vm = self.clone();
         let pidfd = self.runtime().pidfd.clone();
         tokio::spawn(async move {
@@ -441,29 +486,29 @@ impl Vm {
                 .is_some_and(|p| Arc::ptr_eq(p, &pidfd))
             {
                 tracing::warn!(
-                    "VM {}: the helper did not stop after Shutdown; killing it",
-                    vm.name
+                    "VM {}: the guest did not stop within {} s of being asked to; killing it",
+                    vm.name,
+                    (SHUTDOWN_DEADLINE + Duration::from_secs(10)).as_secs()
                 );
                 let _ = vm.kill_helper(&mut runtime, &pidfd);
             }
         });
-        Ok(())
     }
 
     /// Sends Shutdown to the helper and records that the VM is being stopped (so a guest
     /// reboot now means stopped). A refused or failed request leaves the record as it was.
-    fn request_shutdown(&self) -> Result<(), LifecycleError> {
+    fn request_shutdown(&self, request: StopRequest) -> Result<(), LifecycleError> {
         if !matches!(self.state(), VmState::Running | VmState::Paused) {
-            return Err(self.invalid("Shutdown", "running or paused"));
+            return Err(self.invalid("shut down", "running or paused"));
         }
         let (control, previous) = {
             let mut runtime = self.runtime();
             let control = runtime
                 .control
                 .clone()
-                .ok_or_else(|| self.invalid("Shutdown", "running or paused"))?;
+                .ok_or_else(|| self.invalid("shut down", "running or paused"))?;
             // Recorded before sending: the helper may exit before send_request returns.
-            (control, runtime.stop_request.replace(StopRequest::Shutdown))
+            (control, runtime.stop_request.replace(request))
         };
         let sent = control.send_request(&Request::Shutdown {
             deadline_ms: SHUTDOWN_DEADLINE.as_millis() as u64,
@@ -471,7 +516,7 @@ impl Vm {
         if let Err(err) = sent {
             let mut runtime = self.runtime();
             // Unless a Kill was recorded meanwhile, which stands.
-            if runtime.stop_request == Some(StopRequest::Shutdown) {
+            if runtime.stop_request == Some(request) {
                 runtime.stop_request = previous;
             }
             return Err(LifecycleError::Failed(format!(
@@ -672,6 +717,22 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
         };
         let stop_request = vm.runtime().stop_request;
         let (state, reason) = match outcome {
+            // A Reboot asked the guest to power off: whether it did or was stopped at the
+            // deadline, the VM starts again (not counted as a quick restart: it was asked for).
+            HelperOutcome::PowerOff | HelperOutcome::Reboot | HelperOutcome::Stopped
+                if stop_request == Some(StopRequest::Reboot) =>
+            {
+                quick_restarts = 0;
+                let restarted = vm.change(&manager, Some(Lifecycle::Restart), |runtime| {
+                    helper_gone(runtime);
+                    runtime.restarts += 1;
+                    runtime.stop_request = None;
+                });
+                if restarted.is_ok() {
+                    continue;
+                }
+                (VmState::Stopped, String::new())
+            }
             HelperOutcome::Reboot if stop_request.is_none() => {
                 quick_restarts = if started.elapsed() < RESTART_WINDOW {
                     quick_restarts + 1
@@ -1158,7 +1219,7 @@ mod tests {
 
     fn vm_in(state: VmState) -> Arc<Vm> {
         let definition = VmDefinition::parse_dbus("t", &Default::default()).expect("defaults");
-        let vm = Vm::new(definition, Origin::Api);
+        let vm = Vm::new(definition, Origin::Api, 1);
         vm.state.send_replace(state);
         vm
     }
@@ -1291,7 +1352,7 @@ mod tests {
     fn a_refused_or_failed_shutdown_records_nothing() {
         let vm = vm_in(VmState::Defined);
         assert!(matches!(
-            vm.request_shutdown(),
+            vm.request_shutdown(StopRequest::Shutdown),
             Err(LifecycleError::InvalidState { .. })
         ));
         assert_eq!(vm.runtime().stop_request, None);
@@ -1302,7 +1363,7 @@ mod tests {
         drop(helper_end);
         vm.runtime().control = Some(Arc::new(daemon_end));
         assert!(matches!(
-            vm.request_shutdown(),
+            vm.request_shutdown(StopRequest::Shutdown),
             Err(LifecycleError::Failed(_))
         ));
         assert_eq!(vm.runtime().stop_request, None);
@@ -1313,7 +1374,7 @@ mod tests {
         let vm = vm_in(VmState::Paused);
         let (daemon_end, helper_end) = ControlChannel::pair().expect("socketpair");
         vm.runtime().control = Some(Arc::new(daemon_end));
-        vm.request_shutdown().expect("sent");
+        vm.request_shutdown(StopRequest::Shutdown).expect("sent");
         assert_eq!(vm.runtime().stop_request, Some(StopRequest::Shutdown));
         assert!(matches!(
             helper_end.recv_request(),
