@@ -1137,6 +1137,23 @@ fn vmctl_commands_as_a_vmctl8_user_expects() {
         "vmctl stop -f adhoc && vmctl status adhoc; true",
     ]);
     vmd.ok(&["vmctl", "start", "kept"]);
+    // The ID is the daemon's, and stays while VMs come and go (adhoc is gone now).
+    assert_eq!(id_of("kept"), kept);
+    assert_eq!(vmd.property("kept", "ID"), kept);
+    // reboot asks the guest (spin powers off on the button, and vmd starts it again); reset
+    // does not ask.
+    let restarts = |count: &str| {
+        let start = Instant::now();
+        while vmd.property("kept", "Restarts") != count {
+            assert!(start.elapsed() < LIMIT, "Restarts never became {count}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        vmd.wait_state("kept", "running", LIMIT);
+    };
+    vmd.ok(&["vmctl", "reboot", &kept]);
+    restarts("1");
+    vmd.ok(&["vmctl", "reset", "kept"]);
+    restarts("2");
     vmd.ok(&["sh", "-c", "vmctl stop -f kept && vmctl remove kept"]);
     let table = vmd.ok(&["vmctl", "status"]);
     assert!(
