@@ -148,7 +148,10 @@ fn reboot_and_reset_restart_the_vm_shutdown_of_a_stopped_vm_and_kill_then_remove
     }
     vmd.wait_state("bounce", "running", LIMIT);
     while lines.count("testguest: scenario spin") < 3 {
-        assert!(start.elapsed() < LIMIT * 2, "the guest did not boot after Reset");
+        assert!(
+            start.elapsed() < LIMIT * 2,
+            "the guest did not boot after Reset"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(lines.text().contains("resetting the VM"));

@@ -389,4 +389,51 @@ mod tests {
         h.output.read_to_end(&mut rest).expect("read");
         assert_eq!(rest, b"Power down.\n");
     }
+
+    #[test]
+    fn says_whether_the_screen_was_left_mid_line() {
+        for (said, mid_line) in [(&b"login: "[..], true), (b"Power down.\r\n", false)] {
+            let (console, mut guest) = UnixStream::pair().expect("socketpair");
+            let (input_r, _input_w) = pipe().expect("pipe");
+            let (output_r, output_w) = pipe().expect("pipe");
+            let (control_r, _control_w) = pipe().expect("pipe");
+            guest.write_all(said).expect("write");
+            drop(guest);
+            let outcome = relay(&Ends {
+                console: console.as_fd(),
+                input: input_r.as_fd(),
+                output: output_w.as_fd(),
+                control: control_r.as_fd(),
+                escape: Some(b'~'),
+            })
+            .expect("relay");
+            assert_eq!(outcome.end, RelayEnd::ConsoleClosed);
+            assert_eq!(outcome.mid_line, mid_line, "{said:?}");
+            drop(output_w);
+            let mut shown = Vec::new();
+            File::from(output_r).read_to_end(&mut shown).expect("read");
+            assert_eq!(shown, said);
+        }
+    }
+
+    #[test]
+    fn help_goes_to_the_user_not_the_guest() {
+        let mut h = start();
+        let input = h.input.as_mut().expect("input");
+        input.write_all(b"~?").expect("write");
+        let help = String::from_utf8(read_exactly(&mut h.output, 40)).expect("utf-8");
+        assert!(help.contains("Supported escape sequences"), "{help}");
+        h.input
+            .as_mut()
+            .expect("input")
+            .write_all(b"x~.")
+            .expect("write");
+        // x went to the guest (mid-line, so ~. is data there too) ...
+        assert_eq!(read_exactly(&mut h.guest, 3), b"x~.");
+        h.control.write_all(&[control::QUIT]).expect("write");
+        assert_eq!(
+            h.relay.join().expect("join").expect("relay"),
+            RelayEnd::Quit
+        );
+    }
 }
