@@ -1184,6 +1184,9 @@ fn vmctl_console_in_a_terminal() {
         argv.extend(args);
         vmd.ok(&argv)
     };
+    // A session for the whole test: the server would exit with its last session, and a new
+    // session started meanwhile fails.
+    tmux(&["new-session", "-d", "-s", "keep", "sleep 900"]);
     tmux(&[
         "new-session",
         "-d",
@@ -1254,6 +1257,33 @@ fn vmctl_console_in_a_terminal() {
         "{shown}"
     );
     tmux(&["kill-server"]);
+
+    // vmctl log reads the console lines vmd keeps in the journal (VM_NAME=, VM_CONSOLE=1),
+    // of a VM that is gone too. Written here as vmd writes them, with logger.
+    vmd.ok(&[
+        "sh",
+        "-c",
+        "for entry in 'ghost first line' 'other not mine' 'ghost second line'; do \
+             printf 'VM_NAME=%s\\nVM_CONSOLE=1\\nMESSAGE=%s\\n' \"${entry%% *}\" \"${entry#* }\" | \
+             logger --journald; done",
+    ]);
+    let start = Instant::now();
+    loop {
+        let log = vmd.ok(&["vmctl", "log", "ghost"]);
+        if log.contains("second line") {
+            assert_eq!(log, "first line\nsecond line\n");
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "vmctl log never showed the lines: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        vmd.ok(&["vmctl", "log", "-n", "1", "ghost"]),
+        "second line\n"
+    );
 }
 
 #[test]
