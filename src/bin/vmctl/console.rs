@@ -54,9 +54,11 @@ pub async fn attach(
     let console: OwnedFd = match opened {
         Ok(fd) => fd.into(),
         Err(error) if is_console_busy(&error) => {
+            // The daemon's sentence says who has it.
+            let said = crate::error::describe(&error);
+            let said = said.trim_end_matches('.');
             return Err(VmctlError::Message(format!(
-                "another client is attached to the console of vm {name}; \
-                 vmctl console --force {name} takes it over"
+                "{said}; vmctl console --force {name} takes it over"
             )));
         }
         Err(error) => return Err(error.into()),

@@ -242,16 +242,14 @@ pub fn config_from_toml(edited: &str, original: &str) -> Result<Config, String> 
         .parse()
         .map_err(|error: toml::de::Error| error.message().to_owned())?;
     let before: Option<toml::Table> = original.parse().ok();
-    let uuid = |table: &toml::Table| {
-        table
-            .get("uuid")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    if let Some(before) = &before
-        && uuid(before) != uuid(&table)
-    {
-        return Err("the uuid of a VM cannot change".to_owned());
+    let text_of =
+        |table: &toml::Table, key: &str| table.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    if let Some(before) = &before {
+        for key in ["uuid", "name"] {
+            if text_of(before, key) != text_of(&table, key) {
+                return Err(format!("the {key} of a VM cannot change"));
+            }
+        }
     }
     let mut config = Vec::new();
     let text = |key: &str, value: &toml::Value| {
@@ -273,7 +271,7 @@ pub fn config_from_toml(edited: &str, original: &str) -> Result<Config, String> 
     };
     for (key, value) in &table {
         match key.as_str() {
-            "uuid" => {}
+            "uuid" | "name" => {}
             "kernel" => config.push(("Kernel", Value::Str(text(key, value)?))),
             "initrd" => config.push(("Initrd", Value::Str(text(key, value)?))),
             "cmdline" => config.push(("Cmdline", Value::Str(text(key, value)?))),
@@ -328,8 +326,6 @@ fn disk_key(key: &str, value: &toml::Value) -> Result<(&'static str, Value), Str
         "format" => ("Format", text()),
         "serial" => ("Serial", text()),
         "read-only" => ("ReadOnly", value.as_bool().map(Value::Bool)),
-        // Kept by vmd for disks passed as fds; not the user's to change.
-        "passed" => ("Passed", value.as_bool().map(Value::Bool)),
         other => {
             return Err(format!(
                 "unknown key {other:?} in a [[disk]] (see vmd.toml(5))"
@@ -379,7 +375,8 @@ fn tables(
                 .ok_or_else(|| format!("{what} must be written as [[{what}]] tables"))?;
             table
                 .iter()
-                .filter(|(key, _)| key.as_str() != "passed-tap")
+                // Written by vmd for what was passed as an fd; not settings to send back.
+                .filter(|(key, _)| !matches!(key.as_str(), "passed" | "passed-tap"))
                 .map(|(key, value)| convert(key, value))
                 .collect()
         })
@@ -390,7 +387,8 @@ fn tables(
 mod tests {
     use super::*;
 
-    const ORIGINAL: &str = r#"uuid = "3f0c2a8e-5b1d-4e7a-9c4f-1a2b3c4d5e6f"
+    const ORIGINAL: &str = r#"name = "web"
+uuid = "3f0c2a8e-5b1d-4e7a-9c4f-1a2b3c4d5e6f"
 kernel = "/boot/vmlinuz"
 cmdline = "console=ttyS0"
 vcpus = 1
@@ -459,13 +457,18 @@ memory-bytes = 536870912
                 "unknown key \"pth\" in a [[disk]]",
             ),
         ] {
-            let with_uuid = format!("uuid = \"3f0c2a8e-5b1d-4e7a-9c4f-1a2b3c4d5e6f\"\n{edited}");
+            let with_uuid = format!(
+                "name = \"web\"\nuuid = \"3f0c2a8e-5b1d-4e7a-9c4f-1a2b3c4d5e6f\"\n{edited}"
+            );
             let error = config_from_toml(&with_uuid, ORIGINAL).expect_err(edited);
             assert!(error.contains(reason), "{edited:?}: {error}");
         }
         let error = config_from_toml(&ORIGINAL.replace("3f0c2a8e", "00000000"), ORIGINAL)
             .expect_err("uuid");
         assert_eq!(error, "the uuid of a VM cannot change");
+        let error =
+            config_from_toml(&ORIGINAL.replace("\"web\"", "\"www\""), ORIGINAL).expect_err("name");
+        assert_eq!(error, "the name of a VM cannot change");
     }
 
     #[test]
