@@ -59,6 +59,15 @@ impl Caller {
         self.uid == 0
     }
 
+    /// Who this is, for people: "user alice (bus name :1.42)" or "user alice (pid 1234)".
+    pub fn describe(&self) -> String {
+        let user = user_name(self.uid);
+        match &self.subject {
+            Subject::BusName(name) => format!("user {user} (bus name {name})"),
+            Subject::Process { pid } => format!("user {user} (pid {pid})"),
+        }
+    }
+
     /// The same caller, for a question polkit must answer without asking anyone (a check the
     /// caller did not ask for should never pop up a password dialog).
     pub fn without_interaction(&self) -> Caller {
@@ -67,6 +76,22 @@ impl Caller {
             ..self.clone()
         }
     }
+}
+
+/// A user's name for messages (the number when the user has no name).
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |user| user.name)
+}
+
+/// A group's name for messages (the number when the group has no name).
+pub fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("gid {gid}"), |group| group.name)
 }
 
 fn unknown_caller(why: impl std::fmt::Display) -> VmdError {
@@ -130,8 +155,8 @@ pub async fn authorize(
     }
     let refused = |why: &str| {
         VmdError::NotPermitted(format!(
-            "uid {} may not do this: it needs the polkit action {}{}{why}",
-            caller.uid,
+            "user {} may not do this: it needs the polkit action {}{}{why}",
+            user_name(caller.uid),
             action.id(),
             vm.map(|name| format!(" for VM {name}")).unwrap_or_default(),
         ))

@@ -43,6 +43,7 @@ impl From<LifecycleError> for VmdError {
             // Gone as far as callers can tell.
             LifecycleError::Removed { .. } => VmdError::NoSuchVM(error.to_string()),
             LifecycleError::DiskBusy(reason) => VmdError::DiskBusy(reason),
+            LifecycleError::ConsoleBusy(reason) => VmdError::ConsoleBusy(reason),
             LifecycleError::Failed(reason) => VmdError::Failed(reason),
         }
     }
@@ -79,7 +80,8 @@ fn set_owner(caller: &Caller, definition: &mut VmDefinition) -> Result<(), VmdEr
         && !caller.groups.contains(&gid)
     {
         return Err(VmdError::NotPermitted(format!(
-            "the owner group (gid {gid}) must be one of the caller's groups"
+            "the owner group ({}) must be one of your groups",
+            authority::group_name(gid)
         )));
     }
     definition.owner_uid = Some(caller.uid);
@@ -130,6 +132,36 @@ fn take_passed_disks(
         .collect()
 }
 
+/// The daemon opens host paths only for callers who could be trusted with its rights.
+async fn authorize_host_paths(
+    manager: &Manager,
+    caller: &Caller,
+    name: &str,
+) -> Result<(), VmdError> {
+    authority::authorize(manager.bus(), caller, Action::HostFiles, Some(name))
+        .await
+        .map_err(|_| {
+            VmdError::NotPermitted(format!(
+                "vmd opens kernel, initrd and disk paths only for root or holders of {}; \
+                 pass your own fds with CreateVMWithFiles instead",
+                Action::HostFiles.id()
+            ))
+        })
+}
+
+/// A non-root caller may name only themselves as the owner, and only a group of their own.
+fn check_owner_change(caller: &Caller, definition: &VmDefinition) -> Result<(), VmdError> {
+    if caller.is_root() {
+        return Ok(());
+    }
+    if definition.owner_uid != Some(caller.uid) {
+        return Err(VmdError::NotPermitted(
+            "only root may give a VM to another user".into(),
+        ));
+    }
+    set_owner(caller, &mut definition.clone())
+}
+
 pub struct ManagerObject {
     manager: Arc<Manager>,
 }
@@ -142,6 +174,9 @@ impl ManagerObject {
 
 #[interface(name = "org.vmd.vmd1.Manager")]
 impl ManagerObject {
+    /// Defines a VM from a{sv} config keys.
+    /// Polkit: org.vmd.vmd1.create, and org.vmd.vmd1.host-files for its paths (root passes);
+    /// org.vmd.vmd1.network for a switch outside the caller's groups.
     #[zbus(name = "CreateVM", out_args("vm"))]
     async fn create_vm(
         &self,
@@ -154,16 +189,7 @@ impl ManagerObject {
         authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
         let definition = VmDefinition::parse_dbus(&name, &config).map_err(invalid)?;
         switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
-        // The daemon opens host paths only for callers who could be trusted with its rights.
-        authority::authorize(self.manager.bus(), &caller, Action::HostFiles, Some(&name))
-            .await
-            .map_err(|_| {
-                VmdError::NotPermitted(format!(
-                    "vmd opens kernel and initrd paths only for root or holders of {}; \
-                     pass your own fds with CreateVMWithFiles instead",
-                    Action::HostFiles.id()
-                ))
-            })?;
+        authorize_host_paths(&self.manager, &caller, &name).await?;
         if definition.kernel.as_os_str().is_empty() {
             return Err(invalid(DefinitionError::NoKernel));
         }
@@ -176,6 +202,8 @@ impl ManagerObject {
     }
 
     /// As CreateVM, with the kernel and initrd as fds the caller opened itself.
+    /// Polkit: org.vmd.vmd1.create (root passes); org.vmd.vmd1.network for a switch outside
+    /// the caller's groups.
     #[zbus(name = "CreateVMWithFiles", out_args("vm"))]
     async fn create_vm_with_files(
         &self,
@@ -273,12 +301,118 @@ impl ManagerObject {
         }
     }
 
+    /// Defines a VM from a whole definition: the TOML of a definition file, with the VM's
+    /// `name` (and `uuid` optional). Stored as vmd's own (/var/lib/vmd/vms); refused if the name
+    /// exists. Paths need what CreateVM's need.
+    /// Polkit: org.vmd.vmd1.create, and org.vmd.vmd1.host-files for its paths (root passes);
+    /// org.vmd.vmd1.network for a switch outside the caller's groups.
+    #[zbus(name = "DefineVM", out_args("vm"))]
+    async fn define_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        definition: String,
+    ) -> Result<OwnedObjectPath, VmdError> {
+        let caller = authority::identify(&header, connection).await?;
+        let mut definition = VmDefinition::from_named_toml(&definition).map_err(invalid)?;
+        let name = definition.name.clone();
+        authority::authorize(self.manager.bus(), &caller, Action::Create, Some(&name)).await?;
+        switches::authorize_all(self.manager.bus(), &caller, &name, &definition.interfaces).await?;
+        authorize_host_paths(&self.manager, &caller, &name).await?;
+        if self.manager.get(&name).is_ok() {
+            return Err(VmdError::VMExists(format!(
+                "a VM named {name:?} exists already"
+            )));
+        }
+        // A definition copied from another VM must not share its UUID.
+        if self
+            .manager
+            .all()
+            .iter()
+            .any(|vm| vm.definition().uuid == definition.uuid)
+        {
+            definition.uuid = uuid::Uuid::new_v4();
+        }
+        let mut definition = off_runtime(move || definition.validate().map(|()| definition))
+            .await?
+            .map_err(invalid)?;
+        set_owner(&caller, &mut definition)?;
+        let vm = self.manager.add(definition, Origin::Api).await?;
+        Ok(self.manager.object_path(&vm))
+    }
+
+    /// Reads the administrator's definitions (/etc/vmd/vms) again and applies them: new files
+    /// define VMs, changed files change their VMs' definitions (used from their next start),
+    /// and VMs whose files are gone are removed (a running one stays until it has stopped and
+    /// vmd is reloaded again). A file that cannot be used changes nothing and is logged.
+    /// Returns the names of the VMs added, changed and removed. `systemctl reload vmd` calls it.
+    /// Polkit: org.vmd.vmd1.manage (root passes).
+    #[zbus(name = "Reload", out_args("added", "changed", "removed"))]
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), VmdError> {
+        let caller = authority::identify(&header, connection).await?;
+        authority::authorize(self.manager.bus(), &caller, Action::Manage, None).await?;
+        super::notify::reloading();
+        let report = self.manager.reload().await;
+        super::notify::ready(&self.manager);
+        Ok((report.added, report.changed, report.removed))
+    }
+
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "const"), name = "Version")]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// The least MemoryBytes a VM may have.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesMin")]
+    async fn memory_bytes_min(&self) -> u64 {
+        crate::protocol::MIN_MEMORY_BYTES
+    }
+
+    /// The most MemoryBytes a VM may have.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesMax")]
+    async fn memory_bytes_max(&self) -> u64 {
+        crate::protocol::MAX_MEMORY_BYTES
+    }
+
+    /// MemoryBytes must be a multiple of this.
+    #[zbus(property(emits_changed_signal = "const"), name = "MemoryBytesAlign")]
+    async fn memory_bytes_align(&self) -> u64 {
+        crate::protocol::MEMORY_ALIGN_BYTES
+    }
+
+    /// The most VCPUs a VM may have (the least is 1).
+    #[zbus(property(emits_changed_signal = "const"), name = "VCPUsMax")]
+    async fn vcpus_max(&self) -> u32 {
+        crate::protocol::MAX_VCPUS
+    }
+
+    /// MemoryBytes of a VM whose definition leaves it out.
+    #[zbus(property(emits_changed_signal = "const"), name = "DefaultMemoryBytes")]
+    async fn default_memory_bytes(&self) -> u64 {
+        super::definition::DEFAULT_MEMORY_BYTES
+    }
+
+    /// VCPUs of a VM whose definition leaves it out.
+    #[zbus(property(emits_changed_signal = "const"), name = "DefaultVCPUs")]
+    async fn default_vcpus(&self) -> u32 {
+        super::definition::DEFAULT_VCPUS
+    }
+
+    /// The object path of the VM with this name.
+    /// Polkit: none (anyone may read).
     #[zbus(name = "GetVM", out_args("vm"))]
     async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, VmdError> {
         let vm = self.manager.get(&name)?;
         Ok(self.manager.object_path(&vm))
     }
 
+    /// (name, state, object path) of every VM, sorted by name.
+    /// Polkit: none (anyone may read).
     #[zbus(name = "ListVMs", out_args("vms"))]
     async fn list_vms(
         &self,
@@ -368,6 +502,9 @@ impl VmObject {
 
 #[interface(name = "org.vmd.vmd1.VM")]
 impl VmObject {
+    /// Starts the VM; returns once it runs (or failed to start).
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes); its paths are
+    /// opened with the caller's own rights unless they hold org.vmd.vmd1.host-files.
     async fn start(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -380,6 +517,7 @@ impl VmObject {
 
     /// Asks the guest to power off (the ACPI power button); the helper stops it after 30 s if
     /// it has not. Succeeds at once for a VM that is not running.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn shutdown(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -391,6 +529,7 @@ impl VmObject {
 
     /// Stops the VM at once; returns when it is stopped. Succeeds at once for a VM that is not
     /// running.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn kill(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -420,6 +559,7 @@ impl VmObject {
     /// power-button event); once the guest has powered off, or once the helper has stopped it
     /// at the 30 s deadline because it ignored the button, the VM starts again with the same
     /// console (Restarts counts it). The VM stays running meanwhile.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn reboot(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -431,6 +571,7 @@ impl VmObject {
 
     /// A hard reset: the helper resets the VM now (as `machinectl reboot`, SIGINT), without
     /// asking the guest; the VM starts again with the same console (Restarts counts it).
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn reset(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -440,6 +581,8 @@ impl VmObject {
         Ok(self.vm.reset()?)
     }
 
+    /// Stops the guest's vCPUs.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn pause(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -449,6 +592,8 @@ impl VmObject {
         Ok(self.vm.pause().await?)
     }
 
+    /// Runs the guest's vCPUs again after Pause.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn resume(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -458,6 +603,8 @@ impl VmObject {
         Ok(self.vm.resume().await?)
     }
 
+    /// Forgets the VM (and its stored definition); it must not be running.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     async fn remove(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -467,14 +614,82 @@ impl VmObject {
         self.manager.remove(&self.vm).await
     }
 
+    /// Changes the given keys of the VM's definition (CreateVM's keys but Transient; an empty
+    /// Initrd removes it), checked as CreateVM checks them and stored atomically; used from
+    /// the VM's next start. Refused (NotPermitted) for the administrator's VMs, and
+    /// (InvalidArgument) for bad values; a refusal changes nothing.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage; and org.vmd.vmd1.host-files to
+    /// name paths (Kernel, Initrd, Disks) (root passes).
+    async fn update(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+        config: HashMap<String, OwnedVariant>,
+    ) -> Result<(), VmdError> {
+        let caller = self.permit(&header, connection, true).await?;
+        if self.vm.origin == Origin::Admin {
+            return Err(VmdError::NotPermitted(format!(
+                "VM {} is defined by the administrator in /etc/vmd/vms; change it there",
+                self.vm.name
+            )));
+        }
+        if config.contains_key("Transient") {
+            return Err(VmdError::InvalidArgument(
+                "Transient cannot be changed; define the VM anew".into(),
+            ));
+        }
+        let mut definition = self.vm.definition();
+        definition.apply_dbus(&config).map_err(invalid)?;
+        if ["Kernel", "Initrd", "Disks"]
+            .iter()
+            .any(|key| config.contains_key(*key))
+        {
+            authorize_host_paths(&self.manager, &caller, &self.vm.name).await?;
+        }
+        if config.contains_key("Interfaces") {
+            switches::authorize_all(
+                self.manager.bus(),
+                &caller,
+                &self.vm.name,
+                &definition.interfaces,
+            )
+            .await?;
+        }
+        if config.contains_key("Owner") {
+            check_owner_change(&caller, &definition)?;
+        }
+        let definition = off_runtime(move || definition.validate().map(|()| definition))
+            .await?
+            .map_err(invalid)?;
+        self.manager.redefine(&self.vm, definition)
+    }
+
+    /// A socket fd relayed to the console: reads the guest's output, writes its input. One
+    /// client at a time: ConsoleBusy, naming who holds it, while another client's fd is open.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
     #[zbus(out_args("console"))]
     async fn open_console(
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] connection: &Connection,
     ) -> Result<zbus::OwnedFd, VmdError> {
-        self.permit(&header, connection, true).await?;
-        Ok(zbus::OwnedFd::from(self.vm.open_console()?))
+        let caller = self.permit(&header, connection, true).await?;
+        let fd = self.vm.open_console(caller.describe(), false).await?;
+        Ok(zbus::OwnedFd::from(fd))
+    }
+
+    /// As OpenConsole, taking the console from the client that holds it: that client's fd
+    /// reads end of file from then on.
+    /// Polkit: none for the owner, else org.vmd.vmd1.manage (root passes).
+    #[zbus(name = "OpenConsoleForce", out_args("console"))]
+    async fn open_console_force(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] connection: &Connection,
+    ) -> Result<zbus::OwnedFd, VmdError> {
+        let caller = self.permit(&header, connection, true).await?;
+        let fd = self.vm.open_console(caller.describe(), true).await?;
+        Ok(zbus::OwnedFd::from(fd))
     }
 
     #[zbus(property(emits_changed_signal = "const"), name = "Name")]
@@ -578,6 +793,24 @@ impl VmObject {
         self.manager
             .announce(&self.vm, vec![Property::Autostart], self.vm.snapshot());
         Ok(())
+    }
+
+    /// The whole definition, as DefineVM takes it: a definition file's TOML with `name`.
+    #[zbus(property, name = "Definition")]
+    async fn definition(&self) -> String {
+        self.vm.definition().to_named_toml().unwrap_or_default()
+    }
+
+    /// `admin` (a file in /etc/vmd/vms: read-only over D-Bus), `vmd` (defined over D-Bus,
+    /// stored by vmd: Update changes it) or `transient` (kept in memory until it stops).
+    #[zbus(property(emits_changed_signal = "const"), name = "DefinitionSource")]
+    async fn definition_source(&self) -> String {
+        match self.vm.origin {
+            Origin::Admin => "admin",
+            Origin::Api if self.vm.definition().transient => "transient",
+            Origin::Api => "vmd",
+        }
+        .to_string()
     }
 
     #[zbus(property, name = "Owner")]

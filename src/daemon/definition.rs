@@ -248,30 +248,73 @@ impl VmDefinition {
             entropy: false,
             interfaces: Vec::new(),
         };
+        definition.apply_dbus(config)?;
+        Ok(definition)
+    }
+
+    /// Changes the keys `config` gives (CreateVM's keys but Transient, which a defined VM
+    /// cannot change), and checks sizes and names as CreateVM does; files are checked by
+    /// [`VmDefinition::validate`]. On an error the definition may be half changed: callers
+    /// change a copy.
+    pub fn apply_dbus(
+        &mut self,
+        config: &HashMap<String, OwnedVariant>,
+    ) -> Result<(), DefinitionError> {
         for (key, value) in config {
             match key.as_str() {
-                "Kernel" => definition.kernel = PathBuf::from(string(value, "Kernel")?),
-                "Initrd" => definition.initrd = Some(PathBuf::from(string(value, "Initrd")?)),
-                "Cmdline" => definition.cmdline = string(value, "Cmdline")?,
-                "VCPUs" => definition.vcpus = typed::<u32>(value, "VCPUs", "u")?,
-                "MemoryBytes" => definition.memory_bytes = typed::<u64>(value, "MemoryBytes", "t")?,
-                "Autostart" => definition.autostart = typed::<bool>(value, "Autostart", "b")?,
-                "Transient" => definition.transient = typed::<bool>(value, "Transient", "b")?,
-                "Disks" => definition.disks = disks::parse_dbus(value)?,
-                "Entropy" => definition.entropy = typed::<bool>(value, "Entropy", "b")?,
-                "Interfaces" => definition.interfaces = network::parse_dbus(value)?,
+                "Kernel" => self.kernel = PathBuf::from(string(value, "Kernel")?),
+                "Initrd" => {
+                    let initrd = string(value, "Initrd")?;
+                    // An empty Initrd (in an Update) means none.
+                    self.initrd = (!initrd.is_empty()).then(|| PathBuf::from(initrd));
+                }
+                "Cmdline" => self.cmdline = string(value, "Cmdline")?,
+                "VCPUs" => self.vcpus = typed::<u32>(value, "VCPUs", "u")?,
+                "MemoryBytes" => self.memory_bytes = typed::<u64>(value, "MemoryBytes", "t")?,
+                "Autostart" => self.autostart = typed::<bool>(value, "Autostart", "b")?,
+                "Transient" => self.transient = typed::<bool>(value, "Transient", "b")?,
+                "Disks" => self.disks = disks::parse_dbus(value)?,
+                "Entropy" => self.entropy = typed::<bool>(value, "Entropy", "b")?,
+                "Interfaces" => self.interfaces = network::parse_dbus(value)?,
                 "Owner" => {
                     let owner = string(value, "Owner")?;
                     let (uid, gid) = resolve_owner(&owner)?;
-                    definition.owner_uid = Some(uid);
-                    definition.owner_gid = gid;
+                    self.owner_uid = Some(uid);
+                    self.owner_gid = gid;
                 }
                 other => return Err(DefinitionError::UnknownKey(other.to_string())),
             }
         }
-        definition.vm_config().validate()?;
-        network::validate(&definition.interfaces)?;
-        Ok(definition)
+        self.vm_config().validate()?;
+        network::validate(&self.interfaces)?;
+        Ok(())
+    }
+
+    /// A whole definition as DefineVM takes it and the Definition property shows it: the TOML
+    /// of a definition file with the VM's `name` in it (and `uuid` optional: a new one when it
+    /// is left out).
+    pub fn from_named_toml(text: &str) -> Result<VmDefinition, DefinitionError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| DefinitionError::Toml(e.to_string()))?;
+        let name = match table.remove("name") {
+            Some(toml::Value::String(name)) => name,
+            Some(_) => return Err(DefinitionError::Toml("name must be a string".into())),
+            None => return Err(DefinitionError::Toml("the definition has no name".into())),
+        };
+        if !table.contains_key("uuid") {
+            table.insert(
+                "uuid".into(),
+                toml::Value::String(uuid::Uuid::new_v4().to_string()),
+            );
+        }
+        let text = toml::to_string(&table).map_err(|e| DefinitionError::Toml(e.to_string()))?;
+        Self::from_toml(&name, &text)
+    }
+
+    /// The definition file's TOML with the VM's name first (what DefineVM takes).
+    pub fn to_named_toml(&self) -> Result<String, toml::ser::Error> {
+        let name = toml::Value::String(self.name.clone());
+        Ok(format!("name = {name}\n{}", self.to_toml()?))
     }
 
     /// Whether uid (with these groups) owns the VM.

@@ -20,6 +20,9 @@ pub enum VmdError {
     /// A disk image is in use: another VM (named in the sentence) or program writes it, or
     /// reads it while this VM would write it.
     DiskBusy(String),
+    /// Another client holds the VM's console (named in the sentence); OpenConsoleForce takes
+    /// it over.
+    ConsoleBusy(String),
     /// The operation was valid but the host could not carry it out.
     Failed(String),
 }

@@ -112,7 +112,7 @@ impl Rights {
     fn describe(&self) -> String {
         match self {
             Rights::Daemon => "the daemon".into(),
-            Rights::User(user) => format!("uid {}", user.uid),
+            Rights::User(user) => format!("user {}", super::authority::user_name(user.uid)),
         }
     }
 }

@@ -2,8 +2,7 @@
 //! definition store and the helper launcher. Property changes of VMs are announced on every
 //! connection from one task, so lifecycle code never waits on D-Bus.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,18 +11,22 @@ use tokio::sync::mpsc;
 use zbus::fdo::ObjectManager;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::Variant;
 use zbus::{Connection, OwnedObjectPath};
 
 /// The VM objects' interface, as PropertiesChanged names it.
-const VM_INTERFACE: InterfaceName<'static> =
+pub(crate) const VM_INTERFACE: InterfaceName<'static> =
     InterfaceName::from_static_str_unchecked("org.vmd.vmd1.VM");
+
+mod announce;
+mod reload;
+pub use reload::ReloadReport;
 
 use super::dbus::{MANAGER_PATH, ManagerObject, VmObject, vm_object_path};
 use super::definition::VmDefinition;
 use super::errors::VmdError;
 use super::host_files::Rights;
 use super::notify;
+use super::read_only::ReadOnlyChecked;
 use super::state_file::{StateFiles, StateRecord};
 use super::store::{Origin, Store};
 use super::vm::{Change, LifecycleError, Property, Shown, Vm, VmState};
@@ -42,6 +45,8 @@ pub struct Manager {
     states: StateFiles,
     launcher: Launcher,
     changes: mpsc::UnboundedSender<Change>,
+    /// Held by a reload, so that two never interleave.
+    reloading: tokio::sync::Mutex<()>,
     /// The ID the next VM gets (IDs are never reused while the daemon runs).
     next_id: AtomicU32,
 }
@@ -62,9 +67,13 @@ impl Manager {
             states,
             launcher,
             changes,
+            reloading: tokio::sync::Mutex::new(()),
             next_id: AtomicU32::new(1),
         });
-        tokio::spawn(announce_changes(Arc::downgrade(&manager), receiver));
+        tokio::spawn(announce::announce_changes(
+            Arc::downgrade(&manager),
+            receiver,
+        ));
         manager
     }
 
@@ -118,10 +127,16 @@ impl Manager {
         builder: zbus::connection::Builder<'a>,
     ) -> zbus::connection::Builder<'a> {
         let mut builder = builder
-            .serve_at(MANAGER_PATH, ManagerObject::new(self.clone()))
+            .serve_at(
+                MANAGER_PATH,
+                ReadOnlyChecked(ManagerObject::new(self.clone())),
+            )
             .serve_at(MANAGER_PATH, ObjectManager);
         for vm in self.all() {
-            builder = builder.serve_at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()));
+            builder = builder.serve_at(
+                vm_object_path(&vm.name),
+                ReadOnlyChecked(VmObject::new(vm, self.clone())),
+            );
         }
         builder
     }
@@ -137,14 +152,20 @@ impl Manager {
         // Includes VMs added while the connection was being set up.
         let server = connection.object_server();
         server
-            .at(MANAGER_PATH, ManagerObject::new(self.clone()))
+            .at(
+                MANAGER_PATH,
+                ReadOnlyChecked(ManagerObject::new(self.clone())),
+            )
             .await?;
         // Every VM object is below it: zbus answers GetManagedObjects and sends
         // InterfacesAdded/InterfacesRemoved as VM objects come and go.
         server.at(MANAGER_PATH, ObjectManager).await?;
         for vm in self.all() {
             server
-                .at(vm_object_path(&vm.name), VmObject::new(vm, self.clone()))
+                .at(
+                    vm_object_path(&vm.name),
+                    ReadOnlyChecked(VmObject::new(vm, self.clone())),
+                )
                 .await?;
         }
         Ok(())
@@ -182,7 +203,10 @@ impl Manager {
         for connection in self.servers() {
             let served = connection
                 .object_server()
-                .at(path.clone(), VmObject::new(vm.clone(), self.clone()))
+                .at(
+                    path.clone(),
+                    ReadOnlyChecked(VmObject::new(vm.clone(), self.clone())),
+                )
                 .await;
             if let Err(err) = served {
                 tracing::warn!("cannot serve VM {name}: {err}");
@@ -245,6 +269,15 @@ impl Manager {
             self.store.remove_files(&vm.definition().uuid);
         }
         notify::status(self);
+    }
+
+    /// Gives a VM a changed definition (Update): stored atomically (unless transient), used
+    /// from its next start, and announced. Refused for the administrator's VMs.
+    pub fn redefine(&self, vm: &Arc<Vm>, definition: VmDefinition) -> Result<(), VmdError> {
+        self.save(vm, &definition)?;
+        vm.replace_definition(definition);
+        self.announce(vm, vec![Property::Definition], vm.snapshot());
+        Ok(())
     }
 
     /// Stores a changed definition (Autostart).
@@ -373,58 +406,5 @@ impl Manager {
 
     pub fn object_path(&self, vm: &Vm) -> OwnedObjectPath {
         vm_object_path(&vm.name)
-    }
-}
-
-/// Emits queued property changes, in order, on every connection.
-async fn announce_changes(
-    manager: std::sync::Weak<Manager>,
-    mut receiver: mpsc::UnboundedReceiver<Change>,
-) {
-    while let Some(change) = receiver.recv().await {
-        let Some(manager) = manager.upgrade() else {
-            return;
-        };
-        let path = vm_object_path(&change.vm.name);
-        for connection in manager.servers() {
-            if connection.is_closed() {
-                continue;
-            }
-            let Ok(iface) = connection
-                .object_server()
-                .interface::<_, VmObject>(path.clone())
-                .await
-            else {
-                continue;
-            };
-            let emitter = iface.signal_emitter();
-            let shown = &change.shown;
-            let autostart = change.vm.definition().autostart;
-            let changed: HashMap<&str, Variant<'_>> = change
-                .properties
-                .iter()
-                .map(|property| match property {
-                    Property::State => ("State", Variant::from(shown.state.as_str())),
-                    Property::Unit => ("Unit", Variant::from(shown.unit.as_str())),
-                    Property::LeaderPid => ("LeaderPID", Variant::from(shown.leader_pid)),
-                    Property::Restarts => ("Restarts", Variant::from(shown.restarts)),
-                    Property::FailureReason => (
-                        "FailureReason",
-                        Variant::from(shown.failure_reason.as_str()),
-                    ),
-                    Property::Autostart => ("Autostart", Variant::from(autostart)),
-                })
-                .collect();
-            let result = zbus::fdo::Properties::properties_changed(
-                emitter,
-                VM_INTERFACE,
-                changed,
-                Cow::Borrowed(&[]),
-            )
-            .await;
-            if let Err(err) = result {
-                tracing::debug!("cannot announce a change of VM {}: {err}", change.vm.name);
-            }
-        }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod authority;
 pub mod console;
+pub mod console_relay;
 pub mod dbus;
 pub mod definition;
 pub mod disks;
@@ -28,6 +29,7 @@ pub mod machined;
 pub mod manager;
 pub mod network;
 pub mod notify;
+pub mod read_only;
 pub mod scope;
 pub mod signal;
 pub mod state_file;
@@ -267,9 +269,22 @@ async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<(
 
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            // As Manager.Reload, with sd_notify's RELOADING=1 ... READY=1 around it.
+            _ = hangup.recv() => {
+                notify::reloading();
+                let reload = {
+                    let manager = manager.clone();
+                    tokio::spawn(async move { manager.reload().await })
+                };
+                let _ = reload.await;
+                notify::ready(&manager);
+            }
+        }
     }
     notify::stopping();
     autostart.abort();

@@ -18,6 +18,11 @@ pub fn status(manager: &Manager) {
     let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
 }
 
+/// Reload began (RELOADING=1); [`ready`] says it ended.
+pub fn reloading() {
+    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+}
+
 pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }

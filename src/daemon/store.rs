@@ -131,6 +131,15 @@ impl Store {
 }
 
 fn load_dir(dir: &Path) -> Vec<VmDefinition> {
+    read_dir(dir)
+        .into_iter()
+        .filter_map(|(_, definition)| definition)
+        .collect()
+}
+
+/// Each `*.toml` file of `dir` by name (sorted), with its definition, or `None` when it cannot
+/// be read or is invalid (logged).
+fn read_dir(dir: &Path) -> Vec<(String, Option<VmDefinition>)> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -153,18 +162,31 @@ fn load_dir(dir: &Path) -> Vec<VmDefinition> {
                 Ok(text) => text,
                 Err(e) => {
                     tracing::warn!("cannot read {}: {e}", path.display());
-                    return None;
+                    return Some((name, None));
                 }
             };
             match VmDefinition::from_toml(&name, &text) {
-                Ok(definition) => Some(definition),
+                Ok(definition) => Some((name, Some(definition))),
                 Err(e) => {
                     tracing::warn!("ignoring {}: {e}", path.display());
-                    None
+                    Some((name, None))
                 }
             }
         })
         .collect()
+}
+
+impl Store {
+    /// The administrator's definitions as the files are now, for a reload: each file's name
+    /// with its definition, or `None` for a file that cannot be used (logged), whose VM a
+    /// reload leaves as it is.
+    pub fn read_admin(&self) -> Vec<(String, Option<VmDefinition>)> {
+        read_dir(&self.admin_dir)
+    }
+
+    pub fn admin_dir(&self) -> &Path {
+        &self.admin_dir
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 
 use super::console::Console;
+use super::console_relay::ConsoleClient;
 use super::definition::VmDefinition;
 use super::disks::{self, DiskOpenError};
 use super::host_files::{self, Rights};
@@ -48,6 +49,8 @@ pub enum Property {
     Restarts,
     FailureReason,
     Autostart,
+    /// Everything the definition shows (VCPUs, MemoryBytes, Kernel... Definition).
+    Definition,
 }
 
 /// What the bus shows of a VM's lifecycle at one moment.
@@ -124,6 +127,8 @@ struct Runtime {
     /// The console, from Start until the VM ends (kept across guest reboots and daemon
     /// restarts).
     console: Option<Arc<Console>>,
+    /// The one client the console is relayed to (OpenConsole).
+    console_client: Option<ConsoleClient>,
     /// What the guest wrote on its console that nobody read, when the VM ended (its last
     /// words, for `vmctl console` after the fact).
     last_output: Option<Arc<[u8]>>,
@@ -144,7 +149,7 @@ pub struct Vm {
 /// Errors of lifecycle requests, mapped to D-Bus errors by the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
-    #[error("VM {name} is {state}; {what} needs it {needs}")]
+    #[error("cannot {what} VM {name}: it is {state} (it must be {needs})")]
     InvalidState {
         name: String,
         state: &'static str,
@@ -153,6 +158,8 @@ pub enum LifecycleError {
     },
     #[error("VM {name} is being removed")]
     Removed { name: String },
+    #[error("{0}")]
+    ConsoleBusy(String),
     #[error("{0}")]
     DiskBusy(String),
     #[error("{0}")]
@@ -253,6 +260,11 @@ impl Vm {
         }
     }
 
+    /// Replaces the definition (Update, Reload): the next start uses it.
+    pub fn replace_definition(&self, definition: VmDefinition) {
+        *self.definition.lock().unwrap_or_else(|e| e.into_inner()) = definition;
+    }
+
     pub fn set_autostart(&self, autostart: bool) -> VmDefinition {
         let mut definition = self.definition.lock().unwrap_or_else(|e| e.into_inner());
         definition.autostart = autostart;
@@ -281,19 +293,54 @@ impl Vm {
 
     /// The terminal side of the console while the VM has one (from Start until it ends);
     /// once it ended, a pipe with what its guest wrote last that nobody read.
-    pub fn open_console(&self) -> Result<OwnedFd, LifecycleError> {
-        let (console, last_output) = {
-            let runtime = self.runtime();
-            (runtime.console.clone(), runtime.last_output.clone())
+    /// One client at a time (`holder` says who, for the refusal of the next one): another
+    /// gets ConsoleBusy, unless it `force`s, which takes the console from the previous client
+    /// (whose fd reads end of file from then on).
+    pub async fn open_console(
+        &self,
+        holder: String,
+        force: bool,
+    ) -> Result<OwnedFd, LifecycleError> {
+        let previous = if force {
+            self.runtime().console_client.take()
+        } else {
+            None
         };
+        if let Some(previous) = previous {
+            tracing::info!(
+                "VM {}: the console is taken from {} for {holder}",
+                self.name,
+                previous.holder
+            );
+            previous.take_away().await;
+        }
+        let mut runtime = self.runtime();
+        let (console, last_output) = (runtime.console.clone(), runtime.last_output.clone());
+        if let (Some(_), Some(client)) = (&console, &runtime.console_client)
+            && client.holds()
+            && !force
+        {
+            return Err(LifecycleError::ConsoleBusy(format!(
+                "the console of VM {} is in use by {}; take it over with --force",
+                self.name, client.holder
+            )));
+        }
         match (console, last_output) {
-            (Some(console), _) => console
-                .client_end()
-                .map_err(|e| LifecycleError::Failed(error_chain(&e))),
+            (Some(console), _) => {
+                let terminal = console
+                    .client_end()
+                    .map_err(|e| LifecycleError::Failed(error_chain(&e)))?;
+                let (client, fd) = ConsoleClient::start(terminal, holder).map_err(|e| {
+                    LifecycleError::Failed(format!("cannot relay the console: {e}"))
+                })?;
+                // A client that got in during a takeover loses it as well.
+                runtime.console_client = Some(client);
+                Ok(fd)
+            }
             (None, Some(output)) => last_words(&output)
                 .map_err(|e| LifecycleError::Failed(format!("cannot open the console: {e}"))),
             (None, None) => Err(self.invalid(
-                "OpenConsole",
+                "open the console of",
                 "starting, running, paused or stopping (or to have run)",
             )),
         }
@@ -332,7 +379,7 @@ impl Vm {
         }
         let before = self.shown(&runtime);
         let state = lifecycle::transition(before.state, Lifecycle::Start)
-            .map_err(|_| self.invalid("Start", "defined, stopped or failed"))?;
+            .map_err(|_| self.invalid("start", "defined, stopped or failed"))?;
         let console = Console::new().map_err(|e| {
             LifecycleError::Failed(format!("cannot create the console: {}", error_chain(&e)))
         })?;
@@ -357,7 +404,7 @@ impl Vm {
             });
         }
         if self.state().is_active() {
-            return Err(self.invalid("Remove", "defined, stopped or failed"));
+            return Err(self.invalid("remove", "defined, stopped or failed"));
         }
         runtime.removed = true;
         Ok(())
@@ -403,7 +450,7 @@ impl Vm {
 
     fn send(&self, request: Request) -> Result<(), LifecycleError> {
         let control = self.runtime().control.clone();
-        let control = control.ok_or_else(|| self.invalid("this request", "running"))?;
+        let control = control.ok_or_else(|| self.invalid("reach", "running"))?;
         control.send_request(&request).map_err(|e| {
             LifecycleError::Failed(format!("cannot reach the VM's helper: {}", error_chain(&e)))
         })
@@ -411,7 +458,7 @@ impl Vm {
 
     pub async fn pause(&self) -> Result<(), LifecycleError> {
         if self.state() != VmState::Running {
-            return Err(self.invalid("Pause", "running"));
+            return Err(self.invalid("pause", "running"));
         }
         self.send(Request::Pause)?;
         self.wait_for_state(Duration::from_secs(10), |s| s != VmState::Running)
@@ -421,7 +468,7 @@ impl Vm {
 
     pub async fn resume(&self) -> Result<(), LifecycleError> {
         if self.state() != VmState::Paused {
-            return Err(self.invalid("Resume", "paused"));
+            return Err(self.invalid("resume", "paused"));
         }
         self.send(Request::Resume)?;
         self.wait_for_state(Duration::from_secs(10), |s| s != VmState::Paused)
@@ -628,7 +675,7 @@ impl Vm {
     pub fn kill(&self) -> Result<(), LifecycleError> {
         let mut runtime = self.runtime();
         if !self.state().is_active() {
-            return Err(self.invalid("Kill", "starting, running, paused or stopping"));
+            return Err(self.invalid("kill", "starting, running, paused or stopping"));
         }
         match runtime.pidfd.clone() {
             Some(pidfd) => self.kill_helper(&mut runtime, &pidfd),
@@ -699,7 +746,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
             None => run_helper(&manager, &vm).await,
         };
         notify::forget_vm_fds(&vm.name);
-        tracing::info!("VM {}: helper ended: {outcome:?}", vm.name);
+        tracing::debug!("VM {}: helper ended: {outcome:?}", vm.name);
         // A scope whose helper died before systemd moved it there stays active with no task
         // (and would refuse the next start with UnitExists): make sure it goes.
         if let Err(err) = scope::stop_scope(manager.bus(), &vm.name).await {
@@ -774,8 +821,14 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
                 (VmState::Failed, reason)
             }
         };
+        // The one line a failure leaves in vmd's journal.
         if !reason.is_empty() {
-            tracing::warn!("VM {}: {reason}", vm.name);
+            let ended = if state == VmState::Failed {
+                "failed"
+            } else {
+                "stopped"
+            };
+            tracing::warn!("VM {} {ended}: {reason}", vm.name);
         }
         let failed = state == VmState::Failed;
         let last_output = vm
@@ -789,6 +842,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
             // The pty goes with the VM (the host's ptys are few); clients holding its
             // terminal see it hang up.
             runtime.console = None;
+            runtime.console_client = None;
             runtime.last_output = last_output;
         });
         if let Err(refused) = ended {
@@ -1008,8 +1062,10 @@ async fn handle_event(
                 notify::status(manager);
             }
         }
+        // Logged once, as the VM's failure reason, when the helper has ended (the helper's
+        // own messages are in its scope's journal).
         Event::Failed { reason } | Event::Error { reason } => {
-            tracing::warn!("VM {}: {reason}", vm.name);
+            tracing::debug!("VM {}: the helper reports: {reason}", vm.name);
             last.error = Some(reason);
         }
         Event::GuestPowerOff => {
@@ -1149,10 +1205,10 @@ fn open_disks(
 fn open_error_text(error: &DiskOpenError, rights: &Rights) -> String {
     let text = error_chain(error);
     match rights {
-        Rights::User(user) if !text.contains("as uid") => {
+        Rights::User(user) if !text.contains("as user") => {
             format!(
-                "{text} (opened as uid {}, the one who started the VM)",
-                user.uid
+                "{text} (opened as user {}, who started the VM)",
+                super::authority::user_name(user.uid)
             )
         }
         _ => text,
@@ -1295,23 +1351,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_console_exists_from_start_on_only() {
+    #[tokio::test]
+    async fn a_console_exists_from_start_on_only_and_has_one_client_at_a_time() {
         let vm = vm_in(VmState::Stopped);
         assert!(vm.runtime().console.is_none());
         assert!(matches!(
-            vm.open_console(),
+            vm.open_console("first".into(), false).await,
             Err(LifecycleError::InvalidState { .. })
         ));
         vm.claim_start(Rights::Daemon).expect("start");
-        vm.open_console().expect("a console while starting");
+        let first = vm
+            .open_console("first".into(), false)
+            .await
+            .expect("a console while starting");
+        match vm.open_console("second".into(), false).await {
+            Err(LifecycleError::ConsoleBusy(text)) => assert!(text.contains("first"), "{text}"),
+            other => panic!("a second client got {other:?}"),
+        }
+        vm.open_console("second".into(), true)
+            .await
+            .expect("taken over");
+        let mut buf = [0u8; 8];
+        let read = tokio::task::spawn_blocking(move || nix::unistd::read(first.as_fd(), &mut buf))
+            .await
+            .expect("read");
+        assert_eq!(read, Ok(0), "the first client's fd still works");
     }
 
-    #[test]
-    fn an_ended_vms_console_reads_its_last_output() {
+    #[tokio::test]
+    async fn an_ended_vms_console_reads_its_last_output() {
         let vm = vm_in(VmState::Stopped);
         vm.runtime().last_output = Some(Arc::from(&b"bye\n"[..]));
-        let console = vm.open_console().expect("last words");
+        let console = vm
+            .open_console("reader".into(), false)
+            .await
+            .expect("last words");
         let mut buf = [0u8; 16];
         let n = nix::unistd::read(console.as_fd(), &mut buf).expect("read");
         assert_eq!(&buf[..n], b"bye\n");

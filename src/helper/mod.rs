@@ -244,11 +244,46 @@ fn probe_sandbox(fds: &mut ReceivedFds) {
 /// An error and its sources, joined by ": ".
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        // Some errors print their source in their own message as well ("Kernel Loader:
+        // Invalid bzImage", whose source is "Invalid bzImage"): say each cause once.
+        if !last.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        last = cause_text;
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("Invalid bzImage")]
+    struct Inner;
+
+    /// As linux-loader's errors: the source's message inside its own.
+    #[derive(Debug, thiserror::Error)]
+    #[error("Kernel Loader: {0}")]
+    struct Repeats(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the kernel is not a bzImage")]
+    struct Outer(#[source] Repeats);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        assert_eq!(
+            error_chain(&Outer(Repeats(Inner))),
+            "the kernel is not a bzImage: Kernel Loader: Invalid bzImage"
+        );
+        let io = std::io::Error::other("disk gone");
+        assert_eq!(error_chain(&io), "disk gone");
+    }
 }
