@@ -1286,6 +1286,133 @@ fn vmctl_console_in_a_terminal() {
     );
 }
 
+/// Definitions as wholes: `vmctl load`, `info`'s definition, `edit` (unchanged, changed, a
+/// bad edit refused and the VM kept as it was, an administrator's VM refused), `reload`; and
+/// the console for one client at a time, `--force` taking it over.
+#[test]
+fn vmctl_load_edit_reload_and_one_console_client() {
+    let Some(vmd) = Vmd::boot() else { return };
+    let stderr = |output: &Output| String::from_utf8_lossy(&output.stderr).into_owned();
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "printf 'kernel = \"{GUEST}\"\\ncmdline = \"testguest=spin\"\\nmemory-bytes = 67108864\\n' \
+             > /root/loaded.toml"
+        ),
+    ]);
+    vmd.ok(&["vmctl", "load", "/root/loaded.toml"]);
+    assert_eq!(vmd.property("loaded", "DefinitionSource"), "vmd");
+    let info = vmd.ok(&["vmctl", "info", "loaded"]);
+    assert!(
+        info.contains("# definition (vmd.toml(5))") && info.contains("testguest=spin"),
+        "{info}"
+    );
+
+    // An editor that changes nothing: nothing done.
+    let unchanged = vmd.run(&["env", "EDITOR=true", "vmctl", "edit", "loaded"]);
+    assert!(unchanged.status.success(), "{}", stderr(&unchanged));
+    assert!(
+        stderr(&unchanged).contains("vm loaded unchanged"),
+        "{}",
+        stderr(&unchanged)
+    );
+    // A change is applied when the editor exits.
+    let changed = vmd.run(&[
+        "env",
+        "EDITOR=sed -i s/^vcpus\\ =\\ 1$/vcpus\\ =\\ 2/",
+        "vmctl",
+        "edit",
+        "loaded",
+    ]);
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert_eq!(vmd.property("loaded", "VCPUs"), "2");
+    // A bad edit says why; not edited again (no answer), the VM stays as it was.
+    let bad = vmd.run(&[
+        "env",
+        "EDITOR=sed -i s/^vcpus\\ =.*/vcpus\\ =\\ \\\"two\\\"/",
+        "vmctl",
+        "edit",
+        "loaded",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("vcpus must be a whole number")
+            && stderr(&bad).contains("vm loaded is unchanged"),
+        "{}",
+        stderr(&bad)
+    );
+    assert_eq!(vmd.property("loaded", "VCPUs"), "2");
+
+    // The administrator's VMs: reload finds them; edit sends the user to the file.
+    vmd.ok(&["install", "-d", "/etc/vmd/vms"]);
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "printf 'uuid = \"0b7c1c8e-3f4e-4c3a-9f0e-2d3c4b5a6f70\"\\nkernel = \"{GUEST}\"\\n' \
+             > /etc/vmd/vms/admin1.toml"
+        ),
+    ]);
+    let reloaded = vmd.run(&["vmctl", "reload"]);
+    assert!(reloaded.status.success(), "{}", stderr(&reloaded));
+    assert!(
+        stderr(&reloaded).contains("added: admin1"),
+        "{}",
+        stderr(&reloaded)
+    );
+    let refused = vmd.fails(&["env", "EDITOR=true", "vmctl", "edit", "admin1"]);
+    assert!(refused.contains("/etc/vmd/vms/admin1.toml"), "{refused}");
+
+    // One console client at a time; --force takes it over.
+    vmd.ok(&["vmctl", "start", "loaded"]);
+    let tmux = |args: &[&str]| {
+        let mut argv = vec!["tmux"];
+        argv.extend(args);
+        vmd.ok(&argv)
+    };
+    tmux(&["new-session", "-d", "-s", "keep", "sleep 900"]);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "one",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console loaded; sleep 600",
+    ]);
+    wait_screen(&vmd, "one", "heartbeat");
+    let busy = vmd.fails(&["vmctl", "console", "loaded"]);
+    assert!(
+        busy.contains("vmctl console --force loaded takes it over"),
+        "{busy}"
+    );
+    assert_eq!(busy.lines().count(), 1, "{busy}");
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "two",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console --force loaded; sleep 600",
+    ]);
+    wait_screen(&vmd, "two", "heartbeat");
+    let first = wait_screen(&vmd, "one", "was taken over by another client");
+    assert!(
+        first
+            .lines()
+            .any(|line| line.starts_with("vmctl: the console of vm loaded was taken over")),
+        "{first}"
+    );
+    tmux(&["kill-server"]);
+    vmd.ok(&["sh", "-c", "vmctl stop -f loaded && vmctl remove loaded"]);
+}
+
 #[test]
 fn the_served_interfaces_match_dbus_xml() {
     let Some(vmd) = Vmd::boot() else { return };

@@ -138,10 +138,18 @@ pub async fn attach(
     if interactive && !quiet && ended == RelayEnd::Escape {
         eprintln!("{new_line}[EOT]");
     }
+    let mut taken_over = false;
     if ended == RelayEnd::ConsoleClosed && down.is_none() {
-        // The console usually closes because the VM went down: say how, if it did.
-        if let Ok(Ok(how)) = tokio::time::timeout(STATE_GRACE, watcher.wait_down()).await {
-            down = Some(how);
+        // The console closes because the VM goes down, or because another client took it
+        // over: then the daemon says the console is busy.
+        match vm.open_console().await {
+            Err(error) if is_console_busy(&error) => taken_over = true,
+            // Free again (the fd is closed at once), or gone with the VM: say how it went down.
+            _ => {
+                if let Ok(Ok(how)) = tokio::time::timeout(STATE_GRACE, watcher.wait_down()).await {
+                    down = Some(how);
+                }
+            }
         }
     }
     match down {
@@ -160,17 +168,21 @@ pub async fn attach(
             }
             Ok(0)
         }
-        None if ended == RelayEnd::ConsoleClosed => {
-            // The VM runs on, but our console was closed: another client took it over.
+        None if taken_over => {
             eprintln!("{new_line}vmctl: the console of vm {name} was taken over by another client");
+            Ok(1)
+        }
+        None if ended == RelayEnd::ConsoleClosed => {
+            eprintln!("{new_line}vmctl: the console of vm {name} closed");
             Ok(1)
         }
         None => Ok(0),
     }
 }
 
-/// How long to wait for the VM's state to settle after its console closed.
-const STATE_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for the VM's state to settle after its console closed (the helper's exit,
+/// disks flushed, the scope gone).
+const STATE_GRACE: Duration = Duration::from_secs(15);
 
 /// Sends one control byte to the relay; it cannot fail in a way worth reporting (the relay
 /// holds the read end until it returns).
