@@ -13,6 +13,8 @@ command -v objdump >/dev/null || need_packages+=(binutils)
 command -v machinectl >/dev/null || need_packages+=(systemd-container)
 command -v gdbus >/dev/null || need_packages+=(libglib2.0-bin)
 command -v dbus-daemon >/dev/null || need_packages+=(dbus)
+# The desktop-client test talks to the daemon through Gio from Python.
+/usr/bin/python3 -c 'import gi' 2>/dev/null || need_packages+=(python3-gi)
 [ -x /usr/lib/polkit-1/polkitd ] || need_packages+=(polkitd)
 command -v nsenter >/dev/null || need_packages+=(util-linux)
 command -v dpkg-shlibdeps >/dev/null || need_packages+=(dpkg-dev)

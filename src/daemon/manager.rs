@@ -121,17 +121,18 @@ impl Manager {
         (vms.len(), running)
     }
 
-    /// A connection builder that serves the manager and every current VM from the start.
+    /// A connection builder that serves the manager and every current VM from the start. No
+    /// ObjectManager yet: it would announce every VM with InterfacesAdded as the connection
+    /// starts, before a bus-minded client (busctl, gdbus) has its answer to Hello, which such a
+    /// client takes for a broken connection (see `serve_object_manager`).
     pub fn serving<'a>(
         self: &Arc<Self>,
         builder: zbus::connection::Builder<'a>,
     ) -> zbus::connection::Builder<'a> {
-        let mut builder = builder
-            .serve_at(
-                MANAGER_PATH,
-                ReadOnlyChecked(ManagerObject::new(self.clone())),
-            )
-            .serve_at(MANAGER_PATH, ObjectManager);
+        let mut builder = builder.serve_at(
+            MANAGER_PATH,
+            ReadOnlyChecked(ManagerObject::new(self.clone())),
+        );
         for vm in self.all() {
             builder = builder.serve_at(
                 vm_object_path(&vm.name),
@@ -157,9 +158,7 @@ impl Manager {
                 ReadOnlyChecked(ManagerObject::new(self.clone())),
             )
             .await?;
-        // Every VM object is below it: zbus answers GetManagedObjects and sends
-        // InterfacesAdded/InterfacesRemoved as VM objects come and go.
-        server.at(MANAGER_PATH, ObjectManager).await?;
+
         for vm in self.all() {
             server
                 .at(
@@ -169,6 +168,17 @@ impl Manager {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Serves org.freedesktop.DBus.ObjectManager at /org/vmd/vmd1 on `connection`: every VM
+    /// object is below it, so zbus answers GetManagedObjects and sends InterfacesAdded and
+    /// InterfacesRemoved as VM objects come and go.
+    pub async fn serve_object_manager(connection: &Connection) -> zbus::Result<()> {
+        connection
+            .object_server()
+            .at(MANAGER_PATH, ObjectManager)
+            .await
+            .map(|_| ())
     }
 
     /// Adds a VM: stored (unless transient or the administrator's), served, announced.

@@ -5,7 +5,9 @@
 //! - [`manager`] holds the VMs; [`vm`] is one VM's lifecycle and its helper supervisor, whose
 //!   states and their transitions are [`lifecycle`]'s, and [`state_file`] keeps them across
 //!   daemon restarts;
-//! - [`dbus`] is the D-Bus face of both, [`errors`] the named errors;
+//! - [`dbus`] (the manager) and [`dbus_vm`] (each VM) are the D-Bus face of both,
+//!   [`read_only`] makes Set of a read-only property say so, [`peer_bus`] answers busctl's
+//!   and gdbus's Hello on vmd.sock, and [`errors`] are the named errors;
 //! - [`definition`] and [`store`] are VM definitions and their TOML files, [`disks`] their
 //!   disks (parsed, shown, and opened with their backing chains and locked at start),
 //!   [`network`] their interfaces (made into taps at start) and [`switches`] the bridges
@@ -13,12 +15,13 @@
 //! - [`authority`] decides who may do what; [`files`] checks and copies callers' fds, and
 //!   [`host_files`] opens definitions' paths with the rights of whoever starts the VM;
 //! - [`scope`], [`machined`] and [`notify`] talk to systemd; [`console`] owns the ptys;
-//!   [`signal`] signals helpers.
+//!   [`console_relay`] hands the console to one client at a time; [`signal`] signals helpers.
 
 pub mod authority;
 pub mod console;
 pub mod console_relay;
 pub mod dbus;
+pub mod dbus_vm;
 pub mod definition;
 pub mod disks;
 pub mod errors;
@@ -29,6 +32,7 @@ pub mod machined;
 pub mod manager;
 pub mod network;
 pub mod notify;
+pub mod peer_bus;
 pub mod read_only;
 pub mod scope;
 pub mod signal;
@@ -251,6 +255,9 @@ async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<(
         .serve_on(bus.clone())
         .await
         .context("cannot serve on the system bus")?;
+    Manager::serve_object_manager(&bus)
+        .await
+        .context("cannot serve the object manager on the system bus")?;
     bus.request_name(BUS_NAME)
         .await
         .with_context(|| format!("cannot own {BUS_NAME} on the system bus"))?;
@@ -330,8 +337,9 @@ async fn serve_peer(manager: Arc<Manager>, stream: tokio::net::UnixStream) -> an
     let builder = zbus::connection::Builder::unix_stream(stream)
         .server(zbus::Guid::generate())
         .p2p();
+    let (peer_bus, said_hello) = peer_bus::PeerBus::new();
     let connection: Connection = manager
-        .serving(builder)
+        .serving(builder.serve_at(peer_bus::PATH, peer_bus))
         .build()
         .await
         .context("D-Bus handshake failed")?;
@@ -339,6 +347,17 @@ async fn serve_peer(manager: Arc<Manager>, stream: tokio::net::UnixStream) -> an
         .serve_on(connection.clone())
         .await
         .context("cannot serve objects")?;
+    // The object manager comes once a bus-minded client has had its answer to Hello (which
+    // such clients send first), or soon for one that says no Hello (zbus peer-to-peer).
+    if tokio::time::timeout(peer_bus::HELLO_WAIT, said_hello)
+        .await
+        .is_ok()
+    {
+        tokio::time::sleep(peer_bus::AFTER_HELLO).await;
+    }
+    Manager::serve_object_manager(&connection)
+        .await
+        .context("cannot serve the object manager")?;
     connection.closed().await;
     Ok(())
 }

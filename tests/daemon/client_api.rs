@@ -588,3 +588,110 @@ fn a_start_failure_is_one_line_in_the_journal_in_the_users_words() {
         "{err}"
     );
 }
+
+#[test]
+fn one_console_client_at_a_time_and_busctl_and_gdbus_on_the_socket() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&["systemctl", "start", "vmd.socket"]);
+    const ADDRESS: &str = "unix:path=/run/vmd/vmd.sock";
+    // busctl and gdbus take the socket for a bus: they say Hello, and are answered.
+    let listed = vmd.ok(&[
+        "busctl",
+        "--address",
+        ADDRESS,
+        "call",
+        "org.vmd.vmd1",
+        MANAGER,
+        "org.vmd.vmd1.Manager",
+        "ListVMs",
+    ]);
+    assert_eq!(listed.trim(), "a(sso) 0");
+    vmd.create("talker", "spin", &[]);
+    let state = vmd.ok(&[
+        "gdbus",
+        "call",
+        "--address",
+        ADDRESS,
+        "--dest",
+        "org.vmd.vmd1",
+        "--object-path",
+        &Vmd::vm_path("talker"),
+        "--method",
+        "org.freedesktop.DBus.Properties.Get",
+        "org.vmd.vmd1.VM",
+        "State",
+    ]);
+    assert_eq!(state.trim(), "(<'defined'>,)");
+    let state = vmd.ok(&[
+        "busctl",
+        "--address",
+        ADDRESS,
+        "call",
+        "org.vmd.vmd1",
+        &Vmd::vm_path("talker"),
+        "org.freedesktop.DBus.Properties",
+        "Get",
+        "ss",
+        "org.vmd.vmd1.VM",
+        "State",
+    ]);
+    assert_eq!(state.trim(), "v s \"defined\"");
+
+    // The console: a first client holds it; a second is refused, naming the first; a forced
+    // one takes it, and the first client's console ends.
+    vmd.call("talker", "Start");
+    let mut first = vmd.systemd.spawn(&["vmctl", "console", "talker"]);
+    let first_lines = Lines::collect(first.stdout.take().expect("stdout"));
+    first_lines.wait_for("testguest: spin heartbeat", LIMIT);
+    let busy = gdbus(
+        &vmd,
+        &Vmd::vm_path("talker"),
+        "org.vmd.vmd1.VM.OpenConsole",
+        &[],
+    );
+    let stderr = stderr_of(&busy);
+    assert!(
+        stderr.contains("org.vmd.vmd1.Error.ConsoleBusy") && stderr.contains("user root"),
+        "{stderr}"
+    );
+    let second = vmd.run(&[
+        "sh",
+        "-c",
+        &format!(
+            "exec 3>&1; busctl call --json=short org.vmd.vmd1 {} org.vmd.vmd1.VM OpenConsoleForce >/dev/null && echo taken",
+            Vmd::vm_path("talker")
+        ),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("taken"),
+        "{}",
+        stderr_of(&second)
+    );
+    // The first client's console ended: vmctl console returns.
+    let start = Instant::now();
+    loop {
+        match first.try_wait().expect("wait") {
+            Some(_) => break,
+            None => {
+                assert!(start.elapsed() < LIMIT, "the first client kept the console");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // busctl has exited, closing its fd: the console is free again.
+    let start = Instant::now();
+    loop {
+        let again = gdbus(
+            &vmd,
+            &Vmd::vm_path("talker"),
+            "org.vmd.vmd1.VM.OpenConsole",
+            &[],
+        );
+        if again.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "{}", stderr_of(&again));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    vmd.call("talker", "Kill");
+}
