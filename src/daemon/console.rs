@@ -1,8 +1,8 @@
 //! A VM's console: a pseudo-terminal the daemon allocates when the VM starts and releases when
 //! it ends, so it survives guest reboots (each new helper gets the same master), daemon
 //! restarts (the master waits in systemd's fd store as `vmcon-<name>`, and the terminal side is
-//! opened again from it) and clients can come and go (each `OpenConsole` hands out the terminal
-//! side).
+//! opened again from it) and clients can come and go (`OpenConsole`'s one client is relayed to
+//! the terminal side by [`super::console_relay`]).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -102,7 +102,7 @@ impl Console {
         self.master.try_clone().map_err(ConsoleError::Dup)
     }
 
-    /// The fd handed to a client by `OpenConsole`.
+    /// The terminal side, for the relay to `OpenConsole`'s client.
     pub fn client_end(&self) -> Result<OwnedFd, ConsoleError> {
         self.terminal.try_clone().map_err(ConsoleError::Dup)
     }
