@@ -86,7 +86,8 @@ version=$(awk '
     exit 1
 }
 arch=amd64
-maintainer=${VMD_MAINTAINER:-vmd maintainers <vmd@localhost>}
+# A placeholder (packaging/README.md): set VMD_MAINTAINER for a package others install.
+maintainer=${VMD_MAINTAINER:-vmd maintainers <maintainers@vmd.example.org>}
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmd-deb.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -100,7 +101,9 @@ install -d "$root/usr/sbin" "$root/usr/bin" "$root/lib/systemd/system" \
     "$root/usr/lib/sysusers.d" "$root/usr/lib/tmpfiles.d" \
     "$root/usr/share/dbus-1/system-services" "$root/usr/share/dbus-1/system.d" \
     "$root/usr/share/dbus-1/interfaces" "$root/usr/share/polkit-1/actions" \
-    "$root/usr/share/doc/vmd" "$root/DEBIAN"
+    "$root/usr/share/doc/vmd/examples" "$root/usr/share/man/man5" "$root/usr/share/man/man8" \
+    "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
+    "$root/usr/share/fish/vendor_completions.d" "$root/DEBIAN"
 install -m 0755 "$vmd_bin" "$root/usr/sbin/vmd"
 install -m 0755 "$vmctl_bin" "$root/usr/bin/vmctl"
 if [[ $profile = release ]] && command -v strip >/dev/null; then
@@ -114,14 +117,38 @@ install -m 0644 "$repo/dbus/org.vmd.vmd1.service" "$root/usr/share/dbus-1/system
 install -m 0644 "$repo/dbus/org.vmd.vmd1.conf" "$root/usr/share/dbus-1/system.d/"
 install -m 0644 "$repo/dbus/org.vmd.vmd1.xml" "$root/usr/share/dbus-1/interfaces/"
 install -m 0644 "$repo/dbus/org.vmd.vmd1.policy" "$root/usr/share/polkit-1/actions/"
-install -m 0644 "$repo/README.md" "$root/usr/share/doc/vmd/README.md"
+# The user's README (the repository's README.md is the developers' and points into the source).
+install -m 0644 "$repo/packaging/doc/README" "$root/usr/share/doc/vmd/README"
+install -m 0644 "$repo/packaging/examples/web.toml" "$repo/packaging/examples/lan.toml" \
+    "$repo/packaging/examples/50-vmd.rules" "$root/usr/share/doc/vmd/examples/"
+# Manual pages, compressed as Debian's policy wants (gzip -9n: no name or time stamp).
+for page in vmctl.8 vmd.8 vmd.toml.5; do
+    gzip -9n <"$repo/man/$page" >"$root/usr/share/man/man${page##*.}/$page.gz"
+    chmod 0644 "$root/usr/share/man/man${page##*.}/$page.gz"
+done
+install -m 0644 "$repo/completions/vmctl.bash" "$root/usr/share/bash-completion/completions/vmctl"
+install -m 0644 "$repo/completions/_vmctl" "$root/usr/share/zsh/vendor-completions/_vmctl"
+install -m 0644 "$repo/completions/vmctl.fish" "$root/usr/share/fish/vendor_completions.d/vmctl.fish"
 cat >"$root/usr/share/doc/vmd/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: vmd
 
 Files: *
-Copyright: the vmd authors
+Copyright: 2026 the vmd authors
 License: ISC
+
+License: ISC
+ Permission to use, copy, modify, and/or distribute this software for any
+ purpose with or without fee is hereby granted, provided that the above
+ copyright notice and this permission notice appear in all copies.
+ .
+ THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
 EOF
 # A native package's changelog: one entry for this build (dated SOURCE_DATE_EPOCH when set).
 build_date=$(date -R ${SOURCE_DATE_EPOCH:+-d "@$SOURCE_DATE_EPOCH"})
@@ -152,7 +179,7 @@ Version: $version
 Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $installed_size
-Depends: $shlibs, systemd (>= 252), dbus
+Depends: $shlibs, systemd (>= 252), dbus, init-system-helpers (>= 1.54)
 Section: admin
 Priority: optional
 Description: virtual machine manager: sandboxed KVM guests in systemd scopes
@@ -165,8 +192,10 @@ Description: virtual machine manager: sandboxed KVM guests in systemd scopes
  vmctl is its command-line client.
 EOF
 
-# Maintainer scripts. They never depend on systemd running (a chroot, a container build):
-# what needs a running systemd or bus is skipped or allowed to fail.
+# Maintainer scripts, in the shape debhelper's dh_installsystemd gives them: units are enabled,
+# started and stopped through deb-systemd-helper and deb-systemd-invoke (init-system-helpers),
+# which keep an administrator's choices (a disabled or masked unit) and honour policy-rc.d.
+# They never depend on systemd running (a chroot, a container build).
 cat >"$root/DEBIAN/postinst" <<'EOF'
 #!/bin/sh
 set -e
@@ -176,27 +205,33 @@ if [ "$1" = configure ]; then
     systemd-sysusers /usr/lib/sysusers.d/vmd.conf
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/vmd.conf ||
         echo "vmd: systemd-tmpfiles failed; vmd.service creates its directories itself" >&2
+fi
 
-    # Enable on the first installation only (also after a purge), so that an administrator's
-    # "systemctl disable" survives upgrades. Enabling works without a running systemd.
-    if [ -z "$2" ]; then
-        systemctl --no-reload enable vmd.socket vmd.service >/dev/null 2>&1 ||
-            echo "vmd: could not enable vmd.socket and vmd.service" >&2
-    fi
+if [ "$1" = configure ] || [ "$1" = abort-upgrade ] || [ "$1" = abort-deconfigure ] ||
+    [ "$1" = abort-remove ]; then
+    for unit in vmd.socket vmd.service; do
+        # Lifts only the mask postrm set at removal.
+        deb-systemd-helper unmask "$unit" >/dev/null || true
+        # Enabled on the first installation (and after a purge); an administrator's
+        # "systemctl disable" survives upgrades. Works without a running systemd.
+        if deb-systemd-helper --quiet was-enabled "$unit"; then
+            deb-systemd-helper enable "$unit" >/dev/null || true
+        else
+            deb-systemd-helper update-state "$unit" >/dev/null || true
+        fi
+    done
 
     if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload || true
+        systemctl --system daemon-reload >/dev/null || true
         # dbus-daemon notices new policy files itself (inotify); ask anyway, best effort.
         busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
             ReloadConfig >/dev/null 2>&1 || true
         # Listen now if enabled (also after a removal and reinstallation); no-op if listening.
-        if systemctl --quiet is-enabled vmd.socket 2>/dev/null; then
-            systemctl start vmd.socket || true
-        fi
+        deb-systemd-invoke start vmd.socket >/dev/null || true
         if [ -n "$2" ]; then
             # An upgrade: restart (never stop + start) a running daemon, so that systemd keeps
             # its fd store and the new daemon re-adopts the running VMs.
-            systemctl try-restart vmd.service || true
+            deb-systemd-invoke try-restart vmd.service >/dev/null || true
         fi
     fi
 fi
@@ -210,7 +245,7 @@ set -e
 # On upgrade, nothing: the running daemon keeps going until postinst restarts it.
 # On removal, stop it: the VMs' control sockets close with it and the VMs power off.
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-    systemctl stop vmd.socket vmd.service || true
+    deb-systemd-invoke stop vmd.socket vmd.service >/dev/null || true
 fi
 exit 0
 EOF
@@ -219,29 +254,31 @@ cat >"$root/DEBIAN/postrm" <<'EOF'
 #!/bin/sh
 set -e
 
-case "$1" in
-remove)
-    if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload || true
-        busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
-            ReloadConfig >/dev/null 2>&1 || true
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
+    systemctl --system daemon-reload >/dev/null || true
+    busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+        ReloadConfig >/dev/null 2>&1 || true
+fi
+
+if [ "$1" = remove ] && command -v deb-systemd-helper >/dev/null; then
+    # Keeps the units from being started (by the socket, the bus) while the package is
+    # removed but not purged; postinst lifts it on reinstallation.
+    deb-systemd-helper mask vmd.socket vmd.service >/dev/null || true
+fi
+
+if [ "$1" = purge ]; then
+    if command -v deb-systemd-helper >/dev/null; then
+        # Forget that the units were enabled, and the mask.
+        deb-systemd-helper purge vmd.socket vmd.service >/dev/null || true
+        deb-systemd-helper unmask vmd.socket vmd.service >/dev/null || true
     fi
-    ;;
-purge)
-    # Forget that the units were enabled (the unit files are gone, so no systemctl disable).
-    rm -f /etc/systemd/system/multi-user.target.wants/vmd.service \
-        /etc/systemd/system/sockets.target.wants/vmd.socket
     rm -rf /run/vmd
-    if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload || true
-    fi
     # /var/lib/vmd and /etc/vmd hold VM definitions and disk images: kept. So is the user
     # vmd-vm (Debian never removes system users).
     if [ -d /var/lib/vmd ] || [ -d /etc/vmd ]; then
         echo "vmd: /var/lib/vmd and /etc/vmd are kept; remove them by hand if you wish" >&2
     fi
-    ;;
-esac
+fi
 exit 0
 EOF
 chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"

@@ -1042,6 +1042,7 @@ fn socket_activation_serves_peer_to_peer_clients() {
         "/run/vmd/vmd.sock",
         "start",
         "sockvm",
+        "--define",
         "-k",
         GUEST,
         "-m",
@@ -1065,6 +1066,7 @@ fn vmctl_drives_vms_like_openbsd_vmctl() {
         "vmctl",
         "start",
         "alpha",
+        "--define",
         "-k",
         GUEST,
         "-m",
@@ -1113,6 +1115,455 @@ fn vmctl_drives_vms_like_openbsd_vmctl() {
         vmd.fails(&["vmctl", "status", "alpha"])
             .contains("no VM named")
     );
+}
+
+/// What `tmux` shows of the session `session` in the box, a line each (trailing blanks gone).
+fn screen(vmd: &Vmd, session: &str) -> String {
+    vmd.ok(&["tmux", "capture-pane", "-p", "-t", session])
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until the screen of `session` shows `needle`; returns the screen.
+fn wait_screen(vmd: &Vmd, session: &str, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let shown = screen(vmd, session);
+        if shown.contains(needle) {
+            return shown;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the screen never showed {needle:?}:\n{shown}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// vmctl's commands through the installed package: manual, ad-hoc (transient) VMs and their
+/// failed starts, --define, show/status -r with reasons, IDs, info, autostart, sizes, stop of a
+/// stopped VM, `stop -f && remove`.
+#[test]
+fn vmctl_commands_as_a_vmctl8_user_expects() {
+    let Some(vmd) = Vmd::boot() else { return };
+    // The manual is installed and found.
+    let manual = vmd.ok(&["sh", "-c", "MANWIDTH=80 man -P cat vmctl | col -b"]);
+    assert!(
+        manual.contains("control the virtual machines of vmd"),
+        "{manual}"
+    );
+    assert!(
+        vmd.ok(&["sh", "-c", "man -P cat 5 vmd.toml | col -b"])
+            .contains("[[disk]]"),
+        "vmd.toml(5)"
+    );
+
+    // An ad-hoc VM whose start fails leaves nothing behind; the retry with a kernel works.
+    let failed = vmd.run(&[
+        "vmctl",
+        "start",
+        "adhoc",
+        "-k",
+        "/etc/hostname",
+        "-m",
+        "64M",
+    ]);
+    assert!(!failed.status.success(), "a text file booted");
+    let error = String::from_utf8_lossy(&failed.stderr).into_owned();
+    assert!(
+        error.starts_with("vmctl: cannot start vm adhoc: "),
+        "{error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert!(vmd.fails(&["vmctl", "status", "adhoc"]).contains("adhoc"));
+    let started = vmd.run(&[
+        "vmctl",
+        "start",
+        "adhoc",
+        "-k",
+        GUEST,
+        "-m",
+        "64.5M",
+        "--cmdline",
+        "testguest=spin",
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    // vmctl(8) rounds down to megabytes, and says so.
+    assert!(
+        String::from_utf8_lossy(&started.stderr).contains("vmctl: memory size rounded to 64.0M"),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    assert_eq!(vmd.property("adhoc", "MemoryBytes"), "67108864");
+    // A bare number is bytes, as in vmctl(8): too small, and said so.
+    assert!(
+        vmd.fails(&["vmctl", "start", "tiny", "-k", GUEST, "-m", "64"])
+            .contains("did you mean 64M?")
+    );
+
+    // A kept VM next to it; show is status; -r shows only running VMs.
+    vmd.ok(&[
+        "vmctl",
+        "start",
+        "kept",
+        "--define",
+        "-k",
+        GUEST,
+        "-m",
+        "64M",
+        "--cmdline",
+        "testguest=spin",
+    ]);
+    vmd.ok(&["vmctl", "stop", "-w", "kept"]);
+    let table = vmd.ok(&["vmctl", "show"]);
+    assert!(
+        table.contains(" kept") && table.contains(" adhoc"),
+        "{table}"
+    );
+    let running = vmd.ok(&["vmctl", "status", "-r"]);
+    assert!(
+        running.contains(" adhoc") && !running.contains(" kept"),
+        "{running}"
+    );
+
+    // IDs: the table's ID works wherever a VM is named.
+    let id_of = |name: &str| -> String {
+        let table = vmd.ok(&["vmctl", "status"]);
+        let row = table
+            .lines()
+            .find(|line| line.split_whitespace().nth(8) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in:\n{table}"));
+        row.split_whitespace().next().unwrap_or_default().to_owned()
+    };
+    let kept = id_of("kept");
+    let info = vmd.ok(&["vmctl", "info", &kept]);
+    for needle in [
+        "name:       kept",
+        "state:      stopped",
+        "memory:     64.0M",
+        "cmdline:    testguest=spin",
+    ] {
+        assert!(info.contains(needle), "{needle:?} not in:\n{info}");
+    }
+    vmd.ok(&["vmctl", "autostart", &kept, "on"]);
+    assert_eq!(vmd.property("kept", "Autostart"), "true");
+    vmd.ok(&["vmctl", "autostart", "kept", "off"]);
+    assert_eq!(vmd.property("kept", "Autostart"), "false");
+
+    // Stopping a stopped VM succeeds, as systemctl stop does.
+    vmd.ok(&["vmctl", "stop", &kept]);
+    vmd.ok(&["vmctl", "stop", "-f", "kept"]);
+
+    // A failed VM shows why in the table.
+    let broken = vmd.run(&[
+        "vmctl",
+        "start",
+        "broken",
+        "--define",
+        "-k",
+        "/etc/hostname",
+    ]);
+    assert!(!broken.status.success());
+    let table = vmd.ok(&["vmctl", "status"]);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.ends_with("REASON"), "{table}");
+    let row = table
+        .lines()
+        .find(|line| line.split_whitespace().nth(8) == Some("broken"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("failed") && row.split_whitespace().count() > 10,
+        "{row}"
+    );
+
+    // stop -f returns once the VM is down: remove right after works. The transient VM is
+    // gone once stopped.
+    vmd.ok(&[
+        "sh",
+        "-c",
+        "vmctl stop -f adhoc && vmctl status adhoc; true",
+    ]);
+    vmd.ok(&["vmctl", "start", "kept"]);
+    // The ID is the daemon's, and stays while VMs come and go (adhoc is gone now).
+    assert_eq!(id_of("kept"), kept);
+    assert_eq!(vmd.property("kept", "ID"), kept);
+    // reboot asks the guest (spin powers off on the button, and vmd starts it again); reset
+    // does not ask.
+    let restarts = |count: &str| {
+        let start = Instant::now();
+        while vmd.property("kept", "Restarts") != count {
+            assert!(start.elapsed() < LIMIT, "Restarts never became {count}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        vmd.wait_state("kept", "running", LIMIT);
+    };
+    vmd.ok(&["vmctl", "reboot", &kept]);
+    restarts("1");
+    vmd.ok(&["vmctl", "reset", "kept"]);
+    restarts("2");
+    vmd.ok(&["sh", "-c", "vmctl stop -f kept && vmctl remove kept"]);
+    let table = vmd.ok(&["vmctl", "status"]);
+    assert!(
+        !table.contains(" kept") && !table.contains(" adhoc"),
+        "{table}"
+    );
+    vmd.ok(&["vmctl", "remove", "broken"]);
+}
+
+/// `vmctl console` in a terminal (tmux in the box): the escapes, another escape character,
+/// lines as the guest sent them, and the notice when the VM stops on a line of its own.
+#[test]
+fn vmctl_console_in_a_terminal() {
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.ok(&[
+        "vmctl",
+        "start",
+        "term",
+        "-k",
+        GUEST,
+        "-m",
+        "64M",
+        "--cmdline",
+        "testguest=spin",
+    ]);
+    let tmux = |args: &[&str]| {
+        let mut argv = vec!["tmux"];
+        argv.extend(args);
+        vmd.ok(&argv)
+    };
+    // A session for the whole test: the server would exit with its last session, and a new
+    // session started meanwhile fails.
+    tmux(&["new-session", "-d", "-s", "keep", "sleep 900"]);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "c",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console term; sleep 600",
+    ]);
+    let shown = wait_screen(&vmd, "c", "testguest: spin heartbeat");
+    assert!(
+        shown.contains("Connected to vm term (type ~. to disconnect, ~? for help)"),
+        "{shown}"
+    );
+    // Every guest line starts at the left margin: no staircase.
+    let beats: Vec<&str> = shown.lines().filter(|l| l.contains("heartbeat")).collect();
+    assert!(
+        beats
+            .iter()
+            .all(|line| line.starts_with("testguest: spin heartbeat")),
+        "{shown}"
+    );
+    // ~? lists the escapes; ~. leaves.
+    tmux(&["send-keys", "-t", "c", "Enter", "~?"]);
+    wait_screen(&vmd, "c", "~.  - disconnect");
+    tmux(&["send-keys", "-t", "c", "Enter", "~."]);
+    wait_screen(&vmd, "c", "[EOT]");
+    tmux(&["kill-session", "-t", "c"]);
+
+    // Another escape character: ~. is data then, ^]. leaves.
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "e",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console -e '^]' term; sleep 600",
+    ]);
+    wait_screen(&vmd, "e", "type ^]. to disconnect");
+    tmux(&["send-keys", "-t", "e", "Enter", "C-]", "."]);
+    wait_screen(&vmd, "e", "[EOT]");
+    tmux(&["kill-session", "-t", "e"]);
+
+    // The VM stops while attached: the notice has a line of its own.
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "s",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console term; sleep 600",
+    ]);
+    wait_screen(&vmd, "s", "heartbeat");
+    vmd.ok(&["vmctl", "stop", "-w", "term"]);
+    let shown = wait_screen(&vmd, "s", "vmctl: vm term stopped");
+    assert!(
+        shown
+            .lines()
+            .any(|line| line.starts_with("vmctl: vm term stopped")),
+        "{shown}"
+    );
+    tmux(&["kill-server"]);
+
+    // vmctl log reads the console lines vmd keeps in the journal (VM_NAME=, VM_CONSOLE=1),
+    // of a VM that is gone too. Written here as vmd writes them, with logger.
+    vmd.ok(&[
+        "sh",
+        "-c",
+        "for entry in 'ghost first line' 'other not mine' 'ghost second line'; do \
+             printf 'VM_NAME=%s\\nVM_CONSOLE=1\\nMESSAGE=%s\\n' \"${entry%% *}\" \"${entry#* }\" | \
+             logger --journald; done",
+    ]);
+    let start = Instant::now();
+    loop {
+        let log = vmd.ok(&["vmctl", "log", "ghost"]);
+        if log.contains("second line") {
+            assert_eq!(log, "first line\nsecond line\n");
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "vmctl log never showed the lines: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        vmd.ok(&["vmctl", "log", "-n", "1", "ghost"]),
+        "second line\n"
+    );
+}
+
+/// Definitions as wholes: `vmctl load`, `info`'s definition, `edit` (unchanged, changed, a
+/// bad edit refused and the VM kept as it was, an administrator's VM refused), `reload`; and
+/// the console for one client at a time, `--force` taking it over.
+#[test]
+fn vmctl_load_edit_reload_and_one_console_client() {
+    let Some(vmd) = Vmd::boot() else { return };
+    let stderr = |output: &Output| String::from_utf8_lossy(&output.stderr).into_owned();
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "printf 'kernel = \"{GUEST}\"\\ncmdline = \"testguest=spin\"\\nmemory-bytes = 67108864\\n' \
+             > /root/loaded.toml"
+        ),
+    ]);
+    vmd.ok(&["vmctl", "load", "/root/loaded.toml"]);
+    assert_eq!(vmd.property("loaded", "DefinitionSource"), "vmd");
+    let info = vmd.ok(&["vmctl", "info", "loaded"]);
+    assert!(
+        info.contains("# definition (vmd.toml(5))") && info.contains("testguest=spin"),
+        "{info}"
+    );
+
+    // An editor that changes nothing: nothing done.
+    let unchanged = vmd.run(&["env", "EDITOR=true", "vmctl", "edit", "loaded"]);
+    assert!(unchanged.status.success(), "{}", stderr(&unchanged));
+    assert!(
+        stderr(&unchanged).contains("vm loaded unchanged"),
+        "{}",
+        stderr(&unchanged)
+    );
+    // A change is applied when the editor exits.
+    let changed = vmd.run(&[
+        "env",
+        "EDITOR=sed -i s/^vcpus\\ =\\ 1$/vcpus\\ =\\ 2/",
+        "vmctl",
+        "edit",
+        "loaded",
+    ]);
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert_eq!(vmd.property("loaded", "VCPUs"), "2");
+    // A bad edit says why; not edited again (no answer), the VM stays as it was.
+    let bad = vmd.run(&[
+        "env",
+        "EDITOR=sed -i s/^vcpus\\ =.*/vcpus\\ =\\ \\\"two\\\"/",
+        "vmctl",
+        "edit",
+        "loaded",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("vcpus must be a whole number")
+            && stderr(&bad).contains("vm loaded is unchanged"),
+        "{}",
+        stderr(&bad)
+    );
+    assert_eq!(vmd.property("loaded", "VCPUs"), "2");
+
+    // The administrator's VMs: reload finds them; edit sends the user to the file.
+    vmd.ok(&["install", "-d", "/etc/vmd/vms"]);
+    vmd.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "printf 'uuid = \"0b7c1c8e-3f4e-4c3a-9f0e-2d3c4b5a6f70\"\\nkernel = \"{GUEST}\"\\n' \
+             > /etc/vmd/vms/admin1.toml"
+        ),
+    ]);
+    let reloaded = vmd.run(&["vmctl", "reload"]);
+    assert!(reloaded.status.success(), "{}", stderr(&reloaded));
+    assert!(
+        stderr(&reloaded).contains("added: admin1"),
+        "{}",
+        stderr(&reloaded)
+    );
+    let refused = vmd.fails(&["env", "EDITOR=true", "vmctl", "edit", "admin1"]);
+    assert!(refused.contains("/etc/vmd/vms/admin1.toml"), "{refused}");
+
+    // One console client at a time; --force takes it over.
+    vmd.ok(&["vmctl", "start", "loaded"]);
+    let tmux = |args: &[&str]| {
+        let mut argv = vec!["tmux"];
+        argv.extend(args);
+        vmd.ok(&argv)
+    };
+    tmux(&["new-session", "-d", "-s", "keep", "sleep 900"]);
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "one",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console loaded; sleep 600",
+    ]);
+    wait_screen(&vmd, "one", "heartbeat");
+    let busy = vmd.fails(&["vmctl", "console", "loaded"]);
+    assert!(
+        busy.contains("vmctl console --force loaded takes it over"),
+        "{busy}"
+    );
+    assert_eq!(busy.lines().count(), 1, "{busy}");
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "two",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "vmctl console --force loaded; sleep 600",
+    ]);
+    wait_screen(&vmd, "two", "heartbeat");
+    let first = wait_screen(&vmd, "one", "was taken over by another client");
+    assert!(
+        first
+            .lines()
+            .any(|line| line.starts_with("vmctl: the console of vm loaded was taken over")),
+        "{first}"
+    );
+    tmux(&["kill-server"]);
+    vmd.ok(&["sh", "-c", "vmctl stop -f loaded && vmctl remove loaded"]);
 }
 
 #[test]
@@ -1298,6 +1749,7 @@ fn non_root_users_get_only_what_polkit_and_ownership_allow() {
         "vmctl",
         "start",
         "a1",
+        "--define",
         "-k",
         "/home/alice/guest.elf",
         "-m",
@@ -1774,6 +2226,7 @@ fn disks_from_vmctl_create_to_the_guest_and_back_through_the_daemon() {
         "vmctl",
         "start",
         "filler",
+        "--define",
         "-k",
         GUEST,
         "-m",
@@ -1783,7 +2236,7 @@ fn disks_from_vmctl_create_to_the_guest_and_back_through_the_daemon() {
         "-d",
         &top,
     ]);
-    vmd.ok(&["vmctl", "wait", "-t", "60", "filler"]);
+    vmd.ok(&["vmctl", "wait", "--timeout", "60", "filler"]);
     assert_eq!(vmd.property("filler", "FailureReason"), "");
     vmd.ok(&["qemu-img", "check", &top]);
     let read = vmd.ok(&["qemu-io", "-c", "read -P 0xa5 0 4M", &top]);
@@ -1839,10 +2292,10 @@ fn disks_from_vmctl_create_to_the_guest_and_back_through_the_daemon() {
         assert_eq!(vmd.property(name, "State"), "failed");
         assert_eq!(vmd.property(name, "LeaderPID"), "0");
     }
-    vmd.ok(&["vmctl", "stop", "-w", "-t", "60", "holder"]);
+    vmd.ok(&["vmctl", "stop", "-w", "--timeout", "60", "holder"]);
     let started = start("second");
     assert!(started.status.success(), "{}", stderr_of(&started));
-    vmd.ok(&["vmctl", "stop", "-f", "-w", "-t", "60", "second"]);
+    vmd.ok(&["vmctl", "stop", "-f", "-w", "--timeout", "60", "second"]);
 }
 
 #[test]
@@ -1994,6 +2447,7 @@ fn a_users_qcow2_cannot_reach_files_the_user_cannot_read() {
                 "vmctl",
                 "start",
                 name,
+                "--define",
                 "-k",
                 "/home/alice/guest.elf",
                 "-m",
@@ -2007,7 +2461,7 @@ fn a_users_qcow2_cannot_reach_files_the_user_cannot_read() {
     };
     let filled = start("mine", "/home/alice/mine.qcow2", "blk-fill=0x42");
     assert!(filled.status.success(), "{}", stderr_of(&filled));
-    as_alice(&["vmctl", "wait", "-t", "60", "mine"]);
+    as_alice(&["vmctl", "wait", "--timeout", "60", "mine"]);
     let read = vmd.ok(&[
         "qemu-io",
         "-c",
@@ -2031,7 +2485,7 @@ fn a_users_qcow2_cannot_reach_files_the_user_cannot_read() {
     ]);
     assert_eq!(stored.trim(), "1", "only mine's disk is kept");
     as_alice(&["vmctl", "start", "mine"]);
-    as_alice(&["vmctl", "wait", "-t", "60", "mine"]);
+    as_alice(&["vmctl", "wait", "--timeout", "60", "mine"]);
     assert_eq!(vmd.property("mine", "FailureReason"), "");
     let console = vmd.ok(&["vmctl", "console", "mine"]);
     assert!(
@@ -2617,6 +3071,7 @@ fn only_root_the_switch_group_or_polkit_may_attach_a_vm_to_a_switch() {
                 "vmctl",
                 "start",
                 name,
+                "--define",
                 "-k",
                 &kernel,
                 "-m",

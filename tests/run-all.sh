@@ -24,6 +24,14 @@ command -v qemu-io >/dev/null || need_packages+=(qemu-utils)
 # The virtio-net tests make a network namespace with a tap and ping the guest from it.
 command -v ip >/dev/null || need_packages+=(iproute2)
 command -v ping >/dev/null || need_packages+=(iputils-ping)
+# The package is checked with lintian, its manual pages with man, its shell completions with
+# each shell, and vmctl's console in a terminal multiplexer.
+command -v lintian >/dev/null || need_packages+=(lintian)
+command -v man >/dev/null || need_packages+=(man-db)
+command -v zsh >/dev/null || need_packages+=(zsh)
+command -v fish >/dev/null || need_packages+=(fish)
+[ -f /usr/share/bash-completion/bash_completion ] || need_packages+=(bash-completion)
+command -v tmux >/dev/null || need_packages+=(tmux)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"

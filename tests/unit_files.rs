@@ -784,7 +784,41 @@ fn expected_files() -> Vec<(&'static str, u32, PathBuf)> {
             0o644,
             repo_file("dbus/org.vmd.vmd1.policy"),
         ),
-        ("usr/share/doc/vmd/README.md", 0o644, repo_file("README.md")),
+        (
+            "usr/share/doc/vmd/README",
+            0o644,
+            repo_file("packaging/doc/README"),
+        ),
+        (
+            "usr/share/doc/vmd/examples/web.toml",
+            0o644,
+            repo_file("packaging/examples/web.toml"),
+        ),
+        (
+            "usr/share/doc/vmd/examples/lan.toml",
+            0o644,
+            repo_file("packaging/examples/lan.toml"),
+        ),
+        (
+            "usr/share/doc/vmd/examples/50-vmd.rules",
+            0o644,
+            repo_file("packaging/examples/50-vmd.rules"),
+        ),
+        (
+            "usr/share/bash-completion/completions/vmctl",
+            0o644,
+            repo_file("completions/vmctl.bash"),
+        ),
+        (
+            "usr/share/zsh/vendor-completions/_vmctl",
+            0o644,
+            repo_file("completions/_vmctl"),
+        ),
+        (
+            "usr/share/fish/vendor_completions.d/vmctl.fish",
+            0o644,
+            repo_file("completions/vmctl.fish"),
+        ),
     ]
 }
 
@@ -792,6 +826,10 @@ fn expected_files() -> Vec<(&'static str, u32, PathBuf)> {
 const GENERATED_FILES: &[&str] = &[
     "usr/share/doc/vmd/copyright",
     "usr/share/doc/vmd/changelog.gz",
+    // man/*, gzipped.
+    "usr/share/man/man5/vmd.toml.5.gz",
+    "usr/share/man/man8/vmctl.8.gz",
+    "usr/share/man/man8/vmd.8.gz",
 ];
 
 fn mode_of(permissions: &str) -> u32 {
@@ -952,7 +990,9 @@ fn debian_package_holds_every_file() {
     for needle in [
         "systemd-sysusers /usr/lib/sysusers.d/vmd.conf",
         "systemd-tmpfiles --create /usr/lib/tmpfiles.d/vmd.conf",
-        "enable vmd.socket",
+        "for unit in vmd.socket vmd.service",
+        "deb-systemd-helper enable \"$unit\"",
+        "deb-systemd-invoke try-restart vmd.service",
         "daemon-reload",
         "ReloadConfig",
         "/run/systemd/system",
@@ -986,4 +1026,164 @@ fn build_script_refuses_bad_arguments() {
         );
         assert!(output.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
+}
+
+/// A tool the test needs: missing is a failure under CI, a skip (said so) elsewhere.
+fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{tool} is missing (tests/run-all.sh installs it)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// lintian has nothing to say about the package: no error, no warning (packaging/README.md
+/// lists what it checks). Built as a release package is (stripped binaries), from the binaries
+/// `cargo test` built.
+#[test]
+fn lintian_accepts_the_package() {
+    if !have_tool("lintian") {
+        return;
+    }
+    let out = tempfile::tempdir().expect("temporary directory");
+    let output = run(Command::new(repo_file("packaging/build-deb.sh"))
+        .args([
+            "--profile",
+            "release",
+            "--vmd",
+            VMD,
+            "--vmctl",
+            VMCTL,
+            "--out",
+        ])
+        .arg(out.path()));
+    assert!(
+        output.status.success(),
+        "build-deb.sh: {}",
+        describe(&output)
+    );
+    let deb = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let output = run(Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--no-tag-display-limit"])
+        .arg(&deb));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success()
+            && !report
+                .lines()
+                .any(|l| l.starts_with("E:") || l.starts_with("W:")),
+        "lintian: {}",
+        describe(&output)
+    );
+}
+
+/// Each manual page renders without a warning from groff (what lintian's and man's
+/// `--warnings` report), and says what it documents.
+#[test]
+fn manual_pages_render_cleanly() {
+    if !have_tool("man") {
+        return;
+    }
+    for (page, needles) in [
+        (
+            "man/vmctl.8",
+            &["vmctl", "console", "--define", "autostart"][..],
+        ),
+        (
+            "man/vmd.8",
+            &["vmd daemon", "org.vmd.vmd1.manage", "VM_CONSOLE=1"][..],
+        ),
+        (
+            "man/vmd.toml.5",
+            &["memory-bytes", "[[disk]]", "/etc/vmd/switches"][..],
+        ),
+    ] {
+        let output = run(Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(repo_file(page))
+            .env("MANWIDTH", "80")
+            .env("PAGER", "cat"));
+        assert!(output.status.success(), "{page}: {}", describe(&output));
+        assert!(
+            output.stderr.is_empty(),
+            "{page} renders with warnings: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Bold and underline come as overstrikes ("v\x08v"): keep the last of each pair.
+        let mut text = String::new();
+        for c in String::from_utf8_lossy(&output.stdout).chars() {
+            match c {
+                '\u{8}' => {
+                    text.pop();
+                }
+                '\u{2010}' | '\u{2212}' => text.push('-'),
+                c => text.push(c),
+            }
+        }
+        for needle in needles {
+            assert!(text.contains(needle), "{page} lacks {needle:?}:\n{text}");
+        }
+    }
+}
+
+/// The shell completions load in their shells, and bash's completes VM names from
+/// `vmctl status` (here a stand-in vmctl printing a table) and commands.
+#[test]
+fn shell_completions_load_and_complete_vm_names() {
+    for (shell, file) in [
+        ("zsh", "completions/_vmctl"),
+        ("fish", "completions/vmctl.fish"),
+    ] {
+        if !have_tool(shell) {
+            continue;
+        }
+        let output = run(Command::new(shell).arg("-n").arg(repo_file(file)));
+        assert!(output.status.success(), "{file}: {}", describe(&output));
+    }
+    let bash_completion = Path::new("/usr/share/bash-completion/bash_completion");
+    if !bash_completion.exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "bash-completion is missing (tests/run-all.sh installs it)"
+        );
+        eprintln!("SKIPPED: bash-completion is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let fake = dir.path().join("vmctl");
+    fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         echo '   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME    REASON'\n\
+         echo '    1     -     1    512M       -       -         root  stopped web     -'\n\
+         echo '    2     -     1    512M       -       -         root   failed db.prod no kernel'\n",
+    )
+    .expect("write");
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let complete = |line: &str| -> String {
+        let script = format!(
+            ". {} && . {} && COMP_WORDS=({line}) && COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)) && \
+             COMP_LINE='{line}' && COMP_POINT=${{#COMP_LINE}} && _vmctl && echo \"${{COMPREPLY[*]}}\"",
+            bash_completion.display(),
+            repo_file("completions/vmctl.bash").display()
+        );
+        let output = run(Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display())));
+        assert!(output.status.success(), "{line}: {}", describe(&output));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    assert_eq!(complete("vmctl console ''"), "web db.prod");
+    assert_eq!(complete("vmctl stop d"), "db.prod");
+    assert_eq!(complete("vmctl autostart web ''"), "on off");
+    assert_eq!(complete("vmctl rel"), "reload");
 }

@@ -46,7 +46,23 @@ fn help_lists_the_commands() {
     assert_eq!(output.status.code(), Some(0));
     let help = stdout(&output);
     for command in [
-        "start", "stop", "pause", "unpause", "status", "console", "wait", "remove",
+        "start",
+        "stop",
+        "pause",
+        "unpause",
+        "reboot",
+        "reset",
+        "status",
+        "info",
+        "console",
+        "log",
+        "wait",
+        "remove",
+        "autostart",
+        "edit",
+        "load",
+        "reload",
+        "create",
     ] {
         assert!(
             help.lines()
@@ -55,6 +71,7 @@ fn help_lists_the_commands() {
         );
     }
     assert!(help.contains("--socket"), "{help}");
+    assert!(help.contains("[alias: show]"), "{help}");
 }
 
 #[test]
@@ -92,17 +109,24 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     for (args, expected) in [
         (&[][..], "Usage"),
         (&["frobnicate"], "unrecognized subcommand"),
-        (&["start"], "<NAME>"),
+        (&["start"], "<NAME|ID>"),
         (&["start", "web", "--bogus"], "--bogus"),
         (&["start", ".etc", "-k", "/k"], "no '.' at the start or end"),
         (&["start", "a/b"], "only ASCII letters, digits"),
-        (&["start", "web", "-m", "lots"], "is not a size"),
+        (&["start", "web", "-m", "lots"], "invalid memory size"),
         (&["start", "web", "-p", "0"], "--cpus"),
-        (&["stop"], "<NAME>"),
+        (&["stop"], "<NAME|ID>"),
         (&["stop", "web", "--all"], "cannot be used with"),
         (&["stop", "web", "--timeout", "3"], "--wait"),
-        (&["console"], "<NAME>"),
-        (&["wait", "web", "-t", "soon"], "invalid value"),
+        (
+            &["stop", "web", "-w", "-t", "3"],
+            "unexpected argument '-t'",
+        ),
+        (&["console"], "<NAME|ID>"),
+        (&["wait", "web", "--timeout", "soon"], "invalid value"),
+        (&["start", "web", "-m", "512"], "did you mean 512M?"),
+        (&["console", "web", "-e", "xy"], "not an escape character"),
+        (&["autostart", "web", "maybe"], "neither on nor off"),
     ] {
         let output = vmctl(args);
         let err = stderr(&output);
@@ -123,6 +147,12 @@ fn no_system_bus_is_a_clean_failure() {
         &["console", "web"],
         &["wait", "web"],
         &["remove", "web"],
+        &["show"],
+        &["info", "web"],
+        &["reboot", "web"],
+        &["reset", "3"],
+        &["autostart", "web", "on"],
+        &["reload"],
     ] {
         let output = vmctl(args);
         assert_clean_failure(
@@ -183,9 +213,14 @@ mod fake_vmd {
     fn sorted(config: &HashMap<String, OwnedVariant>) -> Vec<String> {
         let mut entries: Vec<String> = config
             .iter()
-            .map(|(key, value)| match <&str>::try_from(value) {
-                Ok(text) => format!("{key}={text:?}"),
-                Err(_) => format!("{key}={}", u32::try_from(value).expect("a u")),
+            .map(|(key, value)| {
+                if let Ok(text) = <&str>::try_from(value) {
+                    format!("{key}={text:?}")
+                } else if let Ok(flag) = bool::try_from(value) {
+                    format!("{key}={flag}")
+                } else {
+                    format!("{key}={}", u32::try_from(value).expect("a u"))
+                }
             })
             .collect();
         entries.sort();
@@ -338,7 +373,7 @@ fn start_passes_files_as_fds_unless_root() {
         calls,
         [
             format!(
-                "CreateVM web Initrd={:?} Kernel={:?} VCPUs=2",
+                "CreateVM web Initrd={:?} Kernel={:?} Transient=true VCPUs=2",
                 path(&initrd),
                 path(&kernel)
             ),
@@ -351,7 +386,7 @@ fn start_passes_files_as_fds_unless_root() {
     assert_eq!(
         calls,
         [
-            "CreateVMWithFiles web VCPUs=2 files: initrd(ro)=INITRD kernel(ro)=KERNEL",
+            "CreateVMWithFiles web Transient=true VCPUs=2 files: initrd(ro)=INITRD kernel(ro)=KERNEL",
             "Start",
         ]
     );

@@ -18,14 +18,22 @@ mod connect;
 mod console;
 #[path = "vmctl/create.rs"]
 mod create;
+#[path = "vmctl/edit.rs"]
+mod edit;
 #[path = "vmctl/error.rs"]
 mod error;
 #[path = "vmctl/escape.rs"]
 mod escape;
+#[path = "vmctl/info.rs"]
+mod info;
+#[path = "vmctl/log.rs"]
+mod log;
 #[path = "vmctl/proxies.rs"]
 mod proxies;
 #[path = "vmctl/relay.rs"]
 mod relay;
+#[path = "vmctl/size.rs"]
+mod size;
 #[path = "vmctl/table.rs"]
 mod table;
 #[path = "vmctl/watch.rs"]

@@ -18,10 +18,10 @@ use vmd::protocol::ImageFormat;
 use zbus::{Connection, Fd, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::{
-    cli::{Cli, Command, StartArgs, StatusArgs, StopArgs, WaitArgs},
+    cli::{Cli, Command, ConsoleArgs, EscapeChar, StartArgs, StatusArgs, StopArgs, WaitArgs},
     connect::connect,
     console,
-    error::{VmctlError, is_gone, is_no_such_vm},
+    error::{VmctlError, is_gone, is_invalid_state, is_no_such_vm},
     proxies::{self, ManagerProxy, VmProperties, VmProxy},
     table::{self, StatusRow, format_size},
     watch::{Down, Watcher},
@@ -46,21 +46,36 @@ pub async fn run(cli: Cli) -> Result<u8, VmctlError> {
     match cli.command {
         Command::Start(args) => start(&ctx, args).await,
         Command::Stop(args) => stop(&ctx, args).await,
-        Command::Pause(args) => pause(&ctx, &args.name).await,
-        Command::Unpause(args) => unpause(&ctx, &args.name).await,
+        Command::Pause(args) => pause(&ctx, &args.vm).await,
+        Command::Unpause(args) => unpause(&ctx, &args.vm).await,
+        Command::Reboot(args) => reboot(&ctx, &args.vm).await,
+        Command::Reset(args) => reset(&ctx, &args.vm).await,
         Command::Status(args) => status(&ctx, args).await,
-        Command::Console(args) => attach_console(&ctx, &args.name).await,
+        Command::Info(args) => crate::info::info(&ctx, &args.vm).await,
+        Command::Console(args) => attach_console(&ctx, args).await,
+        Command::Log(args) => crate::log::log(&ctx, args).await,
         Command::Wait(args) => wait(&ctx, args).await,
-        Command::Remove(args) => remove(&ctx, &args.name).await,
+        Command::Remove(args) => remove(&ctx, &args.vm).await,
+        Command::Autostart(args) => autostart(&ctx, &args.vm, args.on).await,
+        Command::Edit(args) => crate::edit::edit(&ctx, &args.vm).await,
+        Command::Load(args) => crate::edit::load(&ctx, &args.file).await,
+        Command::Reload => reload(&ctx).await,
         Command::Create(_) => Ok(SUCCESS),
     }
 }
 
 /// What every command needs: the connection, the manager, and whether to be quiet.
-struct Ctx {
-    conn: Connection,
-    manager: ManagerProxy<'static>,
+pub struct Ctx {
+    pub conn: Connection,
+    pub manager: ManagerProxy<'static>,
     quiet: bool,
+}
+
+/// A VM a command acts on, found by name or ID.
+pub struct Target {
+    pub name: String,
+    pub path: OwnedObjectPath,
+    pub vm: VmProxy<'static>,
 }
 
 impl Ctx {
@@ -75,57 +90,103 @@ impl Ctx {
     }
 
     /// A progress note on stderr.
-    fn note(&self, message: impl Display) {
+    pub fn note(&self, message: impl Display) {
         if !self.quiet {
             eprintln!("vmctl: {message}");
         }
     }
 
-    /// The object path and a proxy of the VM called `name`.
-    async fn vm(&self, name: &str) -> Result<(OwnedObjectPath, VmProxy<'static>), VmctlError> {
-        let path = self.manager.get_vm(name).await?;
+    /// The VM called `word`, or whose ID (as `vmctl status` shows it) is `word`. A number is
+    /// an ID first, as in vmctl(8); a VM whose name is that number is found when no VM has
+    /// that ID.
+    pub async fn vm(&self, word: &str) -> Result<Target, VmctlError> {
+        let (name, path) = self.find(word).await?;
         let vm = proxies::vm(&self.conn, path.clone()).await?;
-        Ok((path, vm))
+        Ok(Target { name, path, vm })
+    }
+
+    /// The name and object path of the VM `word` names or numbers.
+    pub async fn find(&self, word: &str) -> Result<(String, OwnedObjectPath), VmctlError> {
+        if let Ok(id) = word.parse::<u32>() {
+            let listed = proxies::list(&self.conn).await?;
+            if let Some(vm) = listed.into_iter().find(|vm| vm.id == id) {
+                return Ok((vm.name, vm.path));
+            }
+            return match self.manager.get_vm(word).await {
+                Ok(path) => Ok((word.to_owned(), path)),
+                Err(error) if is_no_such_vm(&error) => Err(VmctlError::Message(format!(
+                    "no VM has the ID {id} or the name {word}"
+                ))),
+                Err(error) => Err(error.into()),
+            };
+        }
+        let path = self.manager.get_vm(word).await?;
+        Ok((word.to_owned(), path))
     }
 }
 
-/// `vmctl start`: define the VM if needed, start it, and with `-c` attach to its console.
+/// `vmctl start`: start a VM; with -k and no such VM, define it first, transient unless
+/// `--define` (vmctl(8)'s ad-hoc VM, gone once it stops); with `-c` attach to its console.
 async fn start(ctx: &Ctx, args: StartArgs) -> Result<u8, VmctlError> {
+    if let Some(warning) = args.memory.and_then(|size| size.warning()) {
+        eprintln!("vmctl: {warning}");
+    }
     let config = NewVm::from_args(&args)?;
     // The daemon opens host paths only for root; anyone else opens the kernel and initrd here and
     // passes the fds (DESIGN.md, "Authorization").
     let by_path = nix::unistd::geteuid().is_root();
-    let path = match ctx.manager.get_vm(&args.name).await {
-        Ok(path) => {
+    let (name, path, created) = match ctx.find(&args.name).await {
+        Ok((name, path)) => {
             if args.has_config() {
                 let current = proxies::vm_properties(&ctx.conn, path.clone()).await?;
-                config.check_matches(&args.name, &current, by_path)?;
+                config.check_matches(&name, &current, by_path)?;
             }
-            path
+            (name, path, false)
         }
-        Err(error) if is_no_such_vm(&error) => {
+        Err(VmctlError::Bus(error)) if is_no_such_vm(&error) => {
             let Some(kernel) = &config.kernel else {
                 return Err(VmctlError::Message(format!(
-                    "vm {} does not exist; give its kernel with -k to define it",
+                    "there is no vm {}; give a kernel with -k to start one",
                     args.name
                 )));
             };
-            if by_path {
-                ctx.manager.create_vm(&args.name, config.to_dbus()?).await?
+            let transient = !args.define;
+            let path = if by_path {
+                let mut dbus = config.to_dbus()?;
+                dbus.insert("Transient", Variant::from(transient));
+                ctx.manager.create_vm(&args.name, dbus).await?
             } else {
                 let files = PassedFiles::open(kernel, config.initrd.as_deref(), &config.disks)?;
+                let mut settings = config.settings()?;
+                settings.insert("Transient", Variant::from(transient));
                 ctx.manager
-                    .create_vm_with_files(&args.name, config.settings()?, files.to_dbus())
+                    .create_vm_with_files(&args.name, settings, files.to_dbus())
                     .await?
-            }
+            };
+            (args.name.clone(), path, transient)
         }
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(error),
     };
     let vm = proxies::vm(&ctx.conn, path.clone()).await?;
-    vm.start().await?;
-    ctx.note(format_args!("started vm {} successfully", args.name));
+    if let Err(error) = vm.start().await {
+        if created {
+            // An ad-hoc VM that never ran leaves nothing behind, so that a retry (with the
+            // right kernel, say) starts afresh.
+            let _ = vm.remove().await;
+        }
+        return Err(VmctlError::Message(format!(
+            "cannot start vm {name}: {}",
+            crate::error::describe(&error)
+        )));
+    }
+    ctx.note(format_args!("started vm {name} successfully"));
     if args.console {
-        console::attach(&ctx.conn, &vm, &args.name, path, ctx.quiet).await
+        let options = console::Options {
+            escape: args.escape.unwrap_or(EscapeChar::Byte(b'~')),
+            force: false,
+            quiet: ctx.quiet,
+        };
+        console::attach(&ctx.conn, &vm, &name, path, options).await
     } else {
         Ok(SUCCESS)
     }
@@ -163,7 +224,7 @@ impl NewVm {
                 .transpose()?,
             cmdline: args.cmdline.clone(),
             vcpus: args.cpus,
-            memory: args.memory,
+            memory: args.memory.map(|size| size.bytes),
             disks: args
                 .disks
                 .iter()
@@ -488,16 +549,18 @@ async fn stop(ctx: &Ctx, args: StopArgs) -> Result<u8, VmctlError> {
     let targets = if args.all {
         active_vms(ctx, args.force).await?
     } else {
-        let Some(name) = args.name else {
+        let Some(word) = args.vm else {
             return Err(VmctlError::Message("give a VM name or -a".to_owned()));
         };
-        let path = ctx.manager.get_vm(&name).await?;
+        let (name, path) = ctx.find(&word).await?;
         vec![StopTarget {
             name,
             path,
             request: true,
         }]
     };
+    // `stop -f` returns once the VM is down, so that `vmctl stop -f x && vmctl remove x` works.
+    let wait = args.wait || args.force;
     let single = !args.all;
     let mut status = SUCCESS;
     let mut report = |error: VmctlError| -> Result<(), VmctlError> {
@@ -512,7 +575,7 @@ async fn stop(ctx: &Ctx, args: StopArgs) -> Result<u8, VmctlError> {
     let mut waiting = Vec::new();
     for target in targets {
         // Subscribe first, so that a VM going down right away is not missed.
-        let watcher = if args.wait {
+        let watcher = if wait {
             match Watcher::new(&ctx.conn, target.path.clone()).await {
                 Ok(watcher) => Some(watcher),
                 Err(error) => {
@@ -524,9 +587,17 @@ async fn stop(ctx: &Ctx, args: StopArgs) -> Result<u8, VmctlError> {
             None
         };
         if target.request {
-            if let Err(error) = request_stop(ctx, &target, args.force).await {
-                report(error)?;
-                continue;
+            match request_stop(ctx, &target, args.force).await {
+                Ok(Stop::Requested) => {}
+                // Already down: what the user wanted, as `systemctl stop` of a stopped unit.
+                Ok(Stop::NotRunning) => {
+                    ctx.note(format_args!("vm {} is not running", target.name));
+                    continue;
+                }
+                Err(error) => {
+                    report(error)?;
+                    continue;
+                }
             }
             if args.force {
                 ctx.note(format_args!("killed vm {}", target.name));
@@ -578,49 +649,110 @@ async fn active_vms(ctx: &Ctx, force: bool) -> Result<Vec<StopTarget>, VmctlErro
         .collect())
 }
 
-async fn request_stop(ctx: &Ctx, target: &StopTarget, force: bool) -> Result<(), VmctlError> {
+/// What a stop request came to.
+enum Stop {
+    Requested,
+    /// The VM was not running (stopped, failed, never started, or gone).
+    NotRunning,
+}
+
+async fn request_stop(ctx: &Ctx, target: &StopTarget, force: bool) -> Result<Stop, VmctlError> {
     let vm = proxies::vm(&ctx.conn, target.path.clone()).await?;
-    if force {
-        vm.kill().await?;
+    let result = if force {
+        vm.kill().await
     } else {
-        vm.shutdown().await?;
+        vm.shutdown().await
+    };
+    match result {
+        Ok(()) => Ok(Stop::Requested),
+        Err(error) if is_gone(&error) => Ok(Stop::NotRunning),
+        Err(error) if is_invalid_state(&error) => match vm.state().await {
+            Ok(state) if matches!(state.as_str(), "stopped" | "failed" | "defined") => {
+                Ok(Stop::NotRunning)
+            }
+            _ => Err(error.into()),
+        },
+        Err(error) => Err(error.into()),
     }
-    Ok(())
 }
 
 /// `vmctl pause`.
-async fn pause(ctx: &Ctx, name: &str) -> Result<u8, VmctlError> {
-    let (_, vm) = ctx.vm(name).await?;
-    vm.pause().await?;
-    ctx.note(format_args!("paused vm {name} successfully"));
+async fn pause(ctx: &Ctx, word: &str) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.pause().await?;
+    ctx.note(format_args!("paused vm {} successfully", target.name));
     Ok(SUCCESS)
 }
 
 /// `vmctl unpause`.
-async fn unpause(ctx: &Ctx, name: &str) -> Result<u8, VmctlError> {
-    let (_, vm) = ctx.vm(name).await?;
-    vm.resume().await?;
-    ctx.note(format_args!("unpaused vm {name} successfully"));
+async fn unpause(ctx: &Ctx, word: &str) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.resume().await?;
+    ctx.note(format_args!("unpaused vm {} successfully", target.name));
+    Ok(SUCCESS)
+}
+
+/// `vmctl reboot`: the guest is asked, as with Ctrl-Alt-Del.
+async fn reboot(ctx: &Ctx, word: &str) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.reboot().await?;
+    ctx.note(format_args!("asked vm {} to reboot", target.name));
+    Ok(SUCCESS)
+}
+
+/// `vmctl reset`: a hard reset, the guest is not asked.
+async fn reset(ctx: &Ctx, word: &str) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.reset().await?;
+    ctx.note(format_args!("reset vm {}", target.name));
     Ok(SUCCESS)
 }
 
 /// `vmctl remove`.
-async fn remove(ctx: &Ctx, name: &str) -> Result<u8, VmctlError> {
-    let (_, vm) = ctx.vm(name).await?;
-    vm.remove().await?;
-    ctx.note(format_args!("removed vm {name}"));
+async fn remove(ctx: &Ctx, word: &str) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.remove().await?;
+    ctx.note(format_args!("removed vm {}", target.name));
+    Ok(SUCCESS)
+}
+
+/// `vmctl autostart NAME on|off`.
+async fn autostart(ctx: &Ctx, word: &str, on: bool) -> Result<u8, VmctlError> {
+    let target = ctx.vm(word).await?;
+    target.vm.set_autostart(on).await?;
+    let now = if on { "starts" } else { "does not start" };
+    ctx.note(format_args!("vm {} {now} with vmd now", target.name));
+    Ok(SUCCESS)
+}
+
+/// `vmctl reload`: the daemon re-reads /etc/vmd/vms.
+async fn reload(ctx: &Ctx) -> Result<u8, VmctlError> {
+    let (added, changed, removed) = ctx.manager.reload().await?;
+    if added.is_empty() && changed.is_empty() && removed.is_empty() {
+        ctx.note("reloaded; no definition changed");
+    }
+    for (what, names) in [("added", added), ("changed", changed), ("removed", removed)] {
+        if !names.is_empty() {
+            ctx.note(format_args!("{what}: {}", names.join(", ")));
+        }
+    }
     Ok(SUCCESS)
 }
 
 /// `vmctl console`.
-async fn attach_console(ctx: &Ctx, name: &str) -> Result<u8, VmctlError> {
-    let (path, vm) = ctx.vm(name).await?;
-    console::attach(&ctx.conn, &vm, name, path, ctx.quiet).await
+async fn attach_console(ctx: &Ctx, args: ConsoleArgs) -> Result<u8, VmctlError> {
+    let target = ctx.vm(&args.vm).await?;
+    let options = console::Options {
+        escape: args.escape.unwrap_or(EscapeChar::Byte(b'~')),
+        force: args.force,
+        quiet: ctx.quiet,
+    };
+    console::attach(&ctx.conn, &target.vm, &target.name, target.path, options).await
 }
 
 /// `vmctl wait`: 0 once the VM has stopped (or was never started, or is gone), 1 if it failed.
 async fn wait(ctx: &Ctx, args: WaitArgs) -> Result<u8, VmctlError> {
-    let path = ctx.manager.get_vm(&args.name).await?;
+    let (name, path) = ctx.find(&args.vm).await?;
     let mut watcher = Watcher::new(&ctx.conn, path).await?;
     let deadline = args
         .timeout
@@ -633,49 +765,52 @@ async fn wait(ctx: &Ctx, args: WaitArgs) -> Result<u8, VmctlError> {
             } else {
                 reason
             };
-            eprintln!("vmctl: vm {} failed: {reason}", args.name);
+            eprintln!("vmctl: vm {name} failed: {reason}");
             Ok(FAILURE)
         }
         None => Err(VmctlError::Message(format!(
-            "timed out waiting for vm {} to stop",
-            args.name
+            "timed out waiting for vm {name} to stop"
         ))),
     }
 }
 
-/// `vmctl status`: the table of all VMs, or of one.
+/// `vmctl status`: the table of all VMs (`-r`: the running ones), or of one.
 async fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, VmctlError> {
-    let vms = ctx.manager.list_vms().await?;
-    if let Some(name) = &args.name
-        && !vms.iter().any(|(listed, _, _)| listed == name)
-    {
-        // Let the daemon say why (its NoSuchVM sentence). Should the VM have been defined
-        // since ListVMs, the table just has no row for it.
-        ctx.manager.get_vm(name).await?;
-    }
+    let wanted = match &args.vm {
+        Some(word) => Some(ctx.find(word).await?.0),
+        None => None,
+    };
+    let vms = proxies::list(&ctx.conn).await?;
     let mut rows = Vec::new();
     let mut details = String::new();
-    for (index, (name, state, path)) in vms.into_iter().enumerate() {
-        if args.name.as_ref().is_some_and(|wanted| *wanted != name) {
+    for vm in vms {
+        if wanted.as_ref().is_some_and(|wanted| *wanted != vm.name) {
             continue;
         }
-        let properties = match proxies::vm_properties(&ctx.conn, path).await {
-            Ok(properties) => properties,
-            // Removed since ListVMs: leave it out, keep the others' IDs.
-            Err(error) if is_gone(&error) => continue,
-            Err(error) => return Err(error.into()),
-        };
-        if args.name.is_some() {
-            details = disk_lines(&properties) + &interface_lines(&properties);
+        if args.running && !is_running(vm.state()) {
+            continue;
         }
-        rows.push(status_row(index + 1, name, state, &properties));
+        if wanted.is_some() {
+            details = disk_lines(&vm.properties) + &interface_lines(&vm.properties);
+        }
+        rows.push(status_row(
+            vm.id,
+            vm.name.clone(),
+            vm.state().to_owned(),
+            &vm.properties,
+        ));
     }
     print_out(&table::render(&rows))?;
     print_out(&details)?;
     Ok(SUCCESS)
 }
 
-fn status_row(id: usize, name: String, state: String, properties: &VmProperties) -> StatusRow {
+/// Whether a VM in `state` counts as running for `status -r`.
+fn is_running(state: &str) -> bool {
+    matches!(state, "starting" | "running" | "paused" | "stopping")
+}
+
+fn status_row(id: u32, name: String, state: String, properties: &VmProperties) -> StatusRow {
     StatusRow {
         id,
         pid: properties.u32("LeaderPID"),
@@ -684,6 +819,10 @@ fn status_row(id: usize, name: String, state: String, properties: &VmProperties)
         cur_mem: None,
         tty: None,
         owner: owner(properties),
+        reason: properties
+            .str("FailureReason")
+            .filter(|reason| !reason.is_empty() && !is_running(&state))
+            .map(str::to_owned),
         state,
         name,
     }
@@ -691,7 +830,7 @@ fn status_row(id: usize, name: String, state: String, properties: &VmProperties)
 
 /// One line per disk, for `vmctl status NAME`: `disk0: PATH (FORMAT[, read-only][, serial
 /// S][, passed])`.
-fn disk_lines(properties: &VmProperties) -> String {
+pub fn disk_lines(properties: &VmProperties) -> String {
     let Some(disks) = properties.disks() else {
         return String::new();
     };
@@ -716,7 +855,7 @@ fn disk_lines(properties: &VmProperties) -> String {
 
 /// One line per network interface, for `vmctl status NAME`: `net0: TAP (MAC[, switch S][,
 /// lladdr unlocked][, passed])`.
-fn interface_lines(properties: &VmProperties) -> String {
+pub fn interface_lines(properties: &VmProperties) -> String {
     let Some(interfaces) = properties.interfaces() else {
         return String::new();
     };
@@ -741,7 +880,7 @@ fn interface_lines(properties: &VmProperties) -> String {
 
 /// The `Owner` property (`user` or `user:group`); `root` when it is empty (a root-owned VM) or
 /// missing (a daemon older than owners).
-fn owner(properties: &VmProperties) -> String {
+pub fn owner(properties: &VmProperties) -> String {
     properties
         .str("Owner")
         .filter(|owner| !owner.is_empty())
@@ -750,7 +889,7 @@ fn owner(properties: &VmProperties) -> String {
 }
 
 /// Writes `text` to stdout; a closed stdout (`vmctl status | head -1`) is not an error.
-fn print_out(text: &str) -> Result<(), VmctlError> {
+pub fn print_out(text: &str) -> Result<(), VmctlError> {
     let mut stdout = io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
@@ -815,6 +954,7 @@ mod tests {
                 owner: "root".into(),
                 state: "running".into(),
                 name: "web".into(),
+                reason: None,
             }
         );
     }

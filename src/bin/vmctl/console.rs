@@ -19,11 +19,21 @@ use tokio::signal::unix::{SignalKind, signal};
 use zbus::{Connection, OwnedObjectPath};
 
 use crate::{
-    error::VmctlError,
+    cli::EscapeChar,
+    error::{VmctlError, is_console_busy},
     proxies::VmProxy,
     relay::{self, Ends, RelayEnd, control},
     watch::{Down, Watcher},
 };
+
+/// How to attach.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub escape: EscapeChar,
+    /// Take the console over from the client that has it.
+    pub force: bool,
+    pub quiet: bool,
+}
 
 /// Attaches to the console of `vm` (called `name`, at `path`) until the user leaves, the console
 /// closes, the VM goes down or a signal comes. Returns the exit status: 0, 1 if the VM failed, or
@@ -33,9 +43,30 @@ pub async fn attach(
     vm: &VmProxy<'_>,
     name: &str,
     path: OwnedObjectPath,
-    quiet: bool,
+    options: Options,
 ) -> Result<u8, VmctlError> {
-    let console: OwnedFd = vm.open_console().await?.into();
+    let quiet = options.quiet;
+    let opened = if options.force {
+        vm.open_console_force().await
+    } else {
+        vm.open_console().await
+    };
+    let console: OwnedFd = match opened {
+        Ok(fd) => fd.into(),
+        Err(error) if is_console_busy(&error) => {
+            // The daemon's sentence says who has it.
+            let said = crate::error::describe(&error);
+            let said = said.trim_end_matches('.');
+            return Err(VmctlError::Message(format!(
+                "{said}; vmctl console --force {name} takes it over"
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let escape = match options.escape {
+        EscapeChar::Byte(byte) => Some(byte),
+        EscapeChar::None => None,
+    };
     // Subscribe before the session starts, so that a VM stopping right away is noticed.
     let mut watcher = Watcher::new(conn, path).await?;
     let mut signals = Signals::new()?;
@@ -50,7 +81,13 @@ pub async fn attach(
         None
     };
     if interactive && !quiet {
-        eprint!("Connected to vm {name} (type ~. to disconnect)\r\n");
+        match escape {
+            Some(byte) => {
+                let e = crate::escape::shown(byte);
+                eprint!("Connected to vm {name} (type {e}. to disconnect, {e}? for help)\r\n");
+            }
+            None => eprint!("Connected to vm {name} (no escape character)\r\n"),
+        }
     }
 
     let mut relay = tokio::task::spawn_blocking(move || {
@@ -59,6 +96,7 @@ pub async fn attach(
             input: io::stdin().as_fd(),
             output: io::stdout().as_fd(),
             control: control_r.as_fd(),
+            escape,
         })
     });
 
@@ -85,19 +123,33 @@ pub async fn attach(
     drop(raw);
     let _ = io::stdout().flush();
 
-    let ended = ended
+    let outcome = ended
         .map_err(|error| VmctlError::Message(format!("the console relay failed: {error}")))?
         .map_err(|error| VmctlError::io("relaying the console", error))?;
+    let ended = outcome.end;
+    // Whatever is said now starts on a line of its own, not after the guest's last words.
+    let new_line = if outcome.mid_line { "\n" } else { "" };
     if let Some(signo) = caught {
+        if outcome.mid_line {
+            println!();
+        }
         return Ok(128u8.saturating_add(u8::try_from(signo).unwrap_or(0)));
     }
     if interactive && !quiet && ended == RelayEnd::Escape {
-        eprintln!("[EOT]");
+        eprintln!("{new_line}[EOT]");
     }
+    let mut taken_over = false;
     if ended == RelayEnd::ConsoleClosed && down.is_none() {
-        // The console usually closes because the VM went down: say how, if it did.
-        if let Ok(Ok(how)) = tokio::time::timeout(STATE_GRACE, watcher.wait_down()).await {
-            down = Some(how);
+        // The console closes because the VM goes down, or because another client took it
+        // over: then the daemon says the console is busy.
+        match vm.open_console().await {
+            Err(error) if is_console_busy(&error) => taken_over = true,
+            // Free again (the fd is closed at once), or gone with the VM: say how it went down.
+            _ => {
+                if let Ok(Ok(how)) = tokio::time::timeout(STATE_GRACE, watcher.wait_down()).await {
+                    down = Some(how);
+                }
+            }
         }
     }
     match down {
@@ -107,21 +159,30 @@ pub async fn attach(
             } else {
                 reason
             };
-            eprintln!("vmctl: vm {name} failed: {reason}");
+            eprintln!("{new_line}vmctl: vm {name} failed: {reason}");
             Ok(1)
         }
         Some(Down::Stopped | Down::Gone) => {
             if !quiet {
-                eprintln!("vmctl: vm {name} stopped");
+                eprintln!("{new_line}vmctl: vm {name} stopped");
             }
             Ok(0)
+        }
+        None if taken_over => {
+            eprintln!("{new_line}vmctl: the console of vm {name} was taken over by another client");
+            Ok(1)
+        }
+        None if ended == RelayEnd::ConsoleClosed => {
+            eprintln!("{new_line}vmctl: the console of vm {name} closed");
+            Ok(1)
         }
         None => Ok(0),
     }
 }
 
-/// How long to wait for the VM's state to settle after its console closed.
-const STATE_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for the VM's state to settle after its console closed (the helper's exit,
+/// disks flushed, the scope gone).
+const STATE_GRACE: Duration = Duration::from_secs(15);
 
 /// Sends one control byte to the relay; it cannot fail in a way worth reporting (the relay
 /// holds the read end until it returns).
@@ -172,6 +233,10 @@ impl<'a> RawMode<'a> {
             .map_err(|errno| VmctlError::io("cannot read the terminal mode", errno))?;
         let mut raw = saved.clone();
         cfmakeraw(&mut raw);
+        // Raw input, but output processing as the terminal had it: a guest that ends its lines
+        // with a bare \n (the pty already turns those into \r\n unless the guest side is raw)
+        // still shows lines that start at the left margin, not a staircase.
+        raw.output_flags = saved.output_flags;
         tcsetattr(fd, SetArg::TCSAFLUSH, &raw)
             .map_err(|errno| VmctlError::io("cannot put the terminal in raw mode", errno))?;
         Ok(Self { fd, saved })

@@ -66,6 +66,28 @@ pub fn is_no_such_vm(error: &zbus::Error) -> bool {
     error_name(error).as_deref() == Some(NO_SUCH_VM)
 }
 
+/// Whether the daemon does not know the method (an older vmd).
+pub fn is_unknown_method(error: &zbus::Error) -> bool {
+    matches!(
+        error_name(error).as_deref(),
+        Some(
+            "org.freedesktop.DBus.Error.UnknownMethod"
+                | "org.freedesktop.DBus.Error.UnknownInterface"
+                | "org.freedesktop.DBus.Error.UnknownObject"
+        )
+    )
+}
+
+/// Whether the daemon refused because the VM is not in a state for it.
+pub fn is_invalid_state(error: &zbus::Error) -> bool {
+    error_name(error).as_deref() == Some("org.vmd.vmd1.Error.InvalidState")
+}
+
+/// Whether another client has the console.
+pub fn is_console_busy(error: &zbus::Error) -> bool {
+    error_name(error).as_deref() == Some("org.vmd.vmd1.Error.ConsoleBusy")
+}
+
 /// Whether a call failed because the VM object is gone (removed meanwhile).
 pub fn is_gone(error: &zbus::Error) -> bool {
     matches!(

@@ -1,11 +1,14 @@
-//! The console's escape sequence: `~.` at the start of a line disconnects, as in cu(1) and ssh(1).
+//! The console's escape sequences, as in cu(1) and ssh(1): `~.` at the start of a line
+//! disconnects, `~?` lists the escapes. The escape character is `~` unless changed (`-e`), or
+//! there is none at all.
 //!
 //! "Start of a line" is the very first byte of the session and any byte that follows `\r` or `\n`
-//! (a terminal in raw mode sends `\r` for Enter). There, a `~` is held back until the next byte
-//! decides what it was:
+//! (a terminal in raw mode sends `\r` for Enter). There, an escape character is held back until
+//! the next byte decides what it was:
 //! - `.` disconnects; neither byte reaches the guest;
-//! - `~` sends one `~` (the way to type a `~` at the start of a line);
-//! - anything else sends the held `~` followed by that byte.
+//! - `?` asks for the list of escapes; neither byte reaches the guest;
+//! - the escape character again sends it once (the way to type it at the start of a line);
+//! - anything else sends the held escape character followed by that byte.
 //!
 //! Everywhere else every byte passes through unchanged. The detector keeps its state between
 //! calls, so a sequence split across two reads is still recognised.
@@ -17,6 +20,8 @@ pub struct Filtered {
     pub forward: Vec<u8>,
     /// `~.` was seen: disconnect after sending `forward` (the bytes before the escape).
     pub disconnect: bool,
+    /// `~?` was seen (at least once): show the list of escapes.
+    pub help: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +38,8 @@ enum State {
 #[derive(Debug, Clone)]
 pub struct EscapeDetector {
     state: State,
+    /// The escape character; `None`: no escapes.
+    escape: Option<u8>,
 }
 
 impl Default for EscapeDetector {
@@ -42,33 +49,67 @@ impl Default for EscapeDetector {
 }
 
 impl EscapeDetector {
-    /// A detector at the start of a line (the start of the session counts as one).
+    /// A detector for `~` at the start of a line (the start of the session counts as one).
     pub fn new() -> Self {
+        Self::with_escape(Some(b'~'))
+    }
+
+    /// A detector for `escape` (`None`: every byte passes).
+    pub fn with_escape(escape: Option<u8>) -> Self {
         Self {
             state: State::LineStart,
+            escape,
         }
+    }
+
+    /// The list of escapes for `~?`, with `\r\n` line ends (the terminal is raw).
+    pub fn help(&self) -> String {
+        let Some(escape) = self.escape else {
+            return String::new();
+        };
+        let e = shown(escape);
+        format!(
+            "\r\nSupported escape sequences (at the start of a line):\r\n \
+             {e}.  - disconnect\r\n \
+             {e}?  - this message\r\n \
+             {e}{e}  - send the escape character {e}\r\n\
+             (vmctl console -e CHAR changes the escape character)\r\n"
+        )
     }
 
     /// Runs `input` through the state machine. Once a disconnect is reported, the rest of
     /// `input` is dropped.
     pub fn filter(&mut self, input: &[u8]) -> Filtered {
         let mut forward = Vec::with_capacity(input.len() + 1);
+        let mut help = false;
+        let Some(escape) = self.escape else {
+            return Filtered {
+                forward: input.to_vec(),
+                disconnect: false,
+                help,
+            };
+        };
         for &byte in input {
             match (self.state, byte) {
-                (State::LineStart, b'~') => self.state = State::Tilde,
+                (State::LineStart, byte) if byte == escape => self.state = State::Tilde,
                 (State::Tilde, b'.') => {
                     self.state = State::LineStart;
                     return Filtered {
                         forward,
                         disconnect: true,
+                        help,
                     };
                 }
-                (State::Tilde, b'~') => {
-                    forward.push(b'~');
+                (State::Tilde, b'?') => {
+                    help = true;
+                    self.state = State::LineStart;
+                }
+                (State::Tilde, byte) if byte == escape => {
+                    forward.push(escape);
                     self.state = State::MidLine;
                 }
                 (State::Tilde, other) => {
-                    forward.extend_from_slice(&[b'~', other]);
+                    forward.extend_from_slice(&[escape, other]);
                     self.state = Self::after(other);
                 }
                 (State::LineStart | State::MidLine, other) => {
@@ -80,6 +121,7 @@ impl EscapeDetector {
         Filtered {
             forward,
             disconnect: false,
+            help,
         }
     }
 
@@ -90,6 +132,15 @@ impl EscapeDetector {
         } else {
             State::MidLine
         }
+    }
+}
+
+/// How an escape character is written: itself, or `^X` for a control character.
+pub fn shown(byte: u8) -> String {
+    match byte {
+        0x7f => "^?".to_owned(),
+        byte if byte < 0x20 => format!("^{}", char::from(byte + b'@')),
+        byte => char::from(byte).to_string(),
     }
 }
 
@@ -163,7 +214,8 @@ mod tests {
             detector.filter(b"~"),
             Filtered {
                 forward: vec![],
-                disconnect: false
+                disconnect: false,
+                help: false,
             }
         );
         assert_eq!(detector.filter(b"x").forward, b"~x".to_vec());
@@ -173,5 +225,37 @@ mod tests {
     fn control_bytes_are_data() {
         // Ctrl-C, Ctrl-D and Ctrl-Z go to the guest: only `~.` leaves.
         assert_eq!(run(&[b"\x03\x04\x1a"]), (b"\x03\x04\x1a".to_vec(), None));
+    }
+
+    #[test]
+    fn question_mark_asks_for_help_and_sends_nothing() {
+        let mut detector = EscapeDetector::new();
+        let out = detector.filter(b"~?ls\r");
+        assert!(out.help && !out.disconnect);
+        assert_eq!(out.forward, b"ls\r".to_vec());
+        let help = detector.help();
+        assert!(help.contains("~.  - disconnect\r\n"), "{help}");
+        assert!(help.contains("~?  - this message"), "{help}");
+        assert!(!detector.filter(b"a~?").help);
+    }
+
+    #[test]
+    fn another_escape_character_replaces_the_tilde() {
+        let mut detector = EscapeDetector::with_escape(Some(0x1d));
+        assert_eq!(detector.filter(b"~.").forward, b"~.".to_vec());
+        let out = detector.filter(b"\r\x1d.");
+        assert!(out.disconnect);
+        assert_eq!(out.forward, b"\r".to_vec());
+        assert!(
+            EscapeDetector::with_escape(Some(0x1d))
+                .help()
+                .contains("^].  - disconnect")
+        );
+        let mut none = EscapeDetector::with_escape(None);
+        let out = none.filter(b"~.~?");
+        assert_eq!(
+            (out.forward, out.disconnect, out.help),
+            (b"~.~?".to_vec(), false, false)
+        );
     }
 }

@@ -49,6 +49,14 @@ pub trait Manager {
     /// (name, state, object path) of every VM, sorted by name.
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> zbus::Result<Vec<(String, String, OwnedObjectPath)>>;
+
+    /// Re-reads /etc/vmd/vms: the names added, changed and removed.
+    #[zbus(allow_interactive_auth)]
+    fn reload(&self) -> zbus::Result<(Vec<String>, Vec<String>, Vec<String>)>;
+
+    /// Defines a VM from a whole definition (TOML, vmd.toml(5), with its `name`).
+    #[zbus(name = "DefineVM", allow_interactive_auth)]
+    fn define_vm(&self, toml: &str) -> zbus::Result<OwnedObjectPath>;
 }
 
 /// `org.vmd.vmd1.VM` at `/org/vmd/vmd1/vm/<escaped name>`.
@@ -78,9 +86,34 @@ pub trait Vm {
     #[zbus(allow_interactive_auth)]
     fn remove(&self) -> zbus::Result<()>;
 
-    /// A terminal fd on the guest's console.
+    /// Asks the guest to reboot.
+    #[zbus(allow_interactive_auth)]
+    fn reboot(&self) -> zbus::Result<()>;
+
+    /// Resets the VM at once.
+    #[zbus(allow_interactive_auth)]
+    fn reset(&self) -> zbus::Result<()>;
+
+    /// A terminal fd on the guest's console; refused with ConsoleBusy while another client
+    /// has it.
     #[zbus(allow_interactive_auth)]
     fn open_console(&self) -> zbus::Result<OwnedFd>;
+
+    /// As OpenConsole, taking the console over from the client that has it.
+    #[zbus(allow_interactive_auth)]
+    fn open_console_force(&self) -> zbus::Result<OwnedFd>;
+
+    /// Changes settings of the defined VM (config keys as for CreateVM).
+    #[zbus(allow_interactive_auth)]
+    fn update(&self, config: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+
+    /// Whether vmd starts the VM when it starts.
+    #[zbus(property)]
+    fn autostart(&self) -> zbus::Result<bool>;
+
+    /// Sets Autostart.
+    #[zbus(property)]
+    fn set_autostart(&self, on: bool) -> zbus::Result<()>;
 
     /// defined, starting, running, paused, stopping, stopped or failed.
     #[zbus(property)]
@@ -124,6 +157,72 @@ pub async fn vm_properties(conn: &Connection, path: OwnedObjectPath) -> zbus::Re
         .map_err(zbus::Error::from)
 }
 
+/// One VM as [`list`] finds it.
+#[derive(Debug)]
+pub struct Listed {
+    pub name: String,
+    pub path: OwnedObjectPath,
+    pub properties: VmProperties,
+    /// The `ID` property; where the daemon has none, the position in name order (1-based).
+    pub id: u32,
+}
+
+impl Listed {
+    /// `State`.
+    pub fn state(&self) -> &str {
+        self.properties.str("State").unwrap_or("unknown")
+    }
+}
+
+/// Every VM with its properties, sorted by name: one `GetManagedObjects` call where the daemon
+/// is an ObjectManager, else `ListVMs` and a `GetAll` per VM (a VM removed meanwhile is left
+/// out).
+pub async fn list(conn: &Connection) -> zbus::Result<Vec<Listed>> {
+    let objects = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(SERVICE)
+        .path("/org/vmd/vmd1")
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let mut vms: Vec<(String, OwnedObjectPath, VmProperties)> =
+        match objects.get_managed_objects().await {
+            Ok(objects) => objects
+                .into_iter()
+                .filter_map(|(path, mut interfaces)| {
+                    let properties = interfaces.remove(VM_INTERFACE)?;
+                    let properties = VmProperties(properties);
+                    let name = properties.str("Name")?.to_owned();
+                    Some((name, path, properties))
+                })
+                .collect(),
+            Err(error) if crate::error::is_unknown_method(&error.clone().into()) => {
+                let mut vms = Vec::new();
+                for (name, _, path) in manager(conn).await?.list_vms().await? {
+                    match vm_properties(conn, path.clone()).await {
+                        Ok(properties) => vms.push((name, path, properties)),
+                        Err(error) if crate::error::is_gone(&error) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+                vms
+            }
+            Err(error) => return Err(error.into()),
+        };
+    vms.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vms
+        .into_iter()
+        .enumerate()
+        .map(|(index, (name, path, properties))| Listed {
+            id: properties
+                .u32("ID")
+                .unwrap_or(u32::try_from(index + 1).unwrap_or(u32::MAX)),
+            name,
+            path,
+            properties,
+        })
+        .collect())
+}
+
 /// A VM's properties by name, as `GetAll` gave them.
 #[derive(Debug, Default)]
 pub struct VmProperties(pub HashMap<String, OwnedVariant>);
@@ -161,5 +260,12 @@ impl VmProperties {
     /// A `t` property; `None` if missing or of another type.
     pub fn u64(&self, name: &str) -> Option<u64> {
         self.0.get(name).and_then(|value| u64::try_from(value).ok())
+    }
+
+    /// A `b` property; `None` if missing or of another type.
+    pub fn bool(&self, name: &str) -> Option<bool> {
+        self.0
+            .get(name)
+            .and_then(|value| bool::try_from(value).ok())
     }
 }

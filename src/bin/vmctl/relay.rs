@@ -47,6 +47,15 @@ pub enum RelayEnd {
     Drained,
 }
 
+/// How the relay ended, and whether the user's screen was left in the middle of a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub end: RelayEnd,
+    /// The last byte written to the output was not a line end: a notice printed now must
+    /// start on a new line.
+    pub mid_line: bool,
+}
+
 /// The fds the relay works on.
 pub struct Ends<'a> {
     /// The guest's console.
@@ -57,12 +66,21 @@ pub struct Ends<'a> {
     pub output: BorrowedFd<'a>,
     /// The read end of the control pipe.
     pub control: BorrowedFd<'a>,
+    /// The escape character (`None`: no escapes).
+    pub escape: Option<u8>,
 }
 
 /// Relays until the end; see the [module documentation](self). With stdin at end of file, the
 /// console's output keeps being copied until another end comes.
-pub fn relay(ends: &Ends<'_>) -> io::Result<RelayEnd> {
-    let mut escape = EscapeDetector::new();
+pub fn relay(ends: &Ends<'_>) -> io::Result<Outcome> {
+    let mut mid_line = false;
+    let end = copy(ends, &mut mid_line)?;
+    Ok(Outcome { end, mid_line })
+}
+
+/// The loop of [`relay`]; `mid_line` follows what was written to the output.
+fn copy(ends: &Ends<'_>, mid_line: &mut bool) -> io::Result<RelayEnd> {
+    let mut escape = EscapeDetector::with_escape(ends.escape);
     let mut to_console: Vec<u8> = Vec::new();
     let mut to_output: Vec<u8> = Vec::new();
     let mut input_open = true;
@@ -104,6 +122,9 @@ pub fn relay(ends: &Ends<'_>) -> io::Result<RelayEnd> {
                 Ok(Some(bytes)) => {
                     let filtered = escape.filter(bytes);
                     to_console.extend_from_slice(&filtered.forward);
+                    if filtered.help {
+                        to_output.extend_from_slice(escape.help().as_bytes());
+                    }
                     if filtered.disconnect {
                         return Ok(RelayEnd::Escape);
                     }
@@ -120,25 +141,27 @@ pub fn relay(ends: &Ends<'_>) -> io::Result<RelayEnd> {
                 // Interrupted, or nothing to read after all.
                 Ok(Some(_)) if !ready.console_hup => {}
                 // End of file, or a hang-up with nothing left to read.
-                Ok(_) => return finish(ends.output, &to_output, RelayEnd::ConsoleClosed),
+                Ok(_) => {
+                    return finish(ends.output, &to_output, mid_line, RelayEnd::ConsoleClosed);
+                }
                 // EIO: the other side of the pty is closed.
                 Err(error) if error.raw_os_error() == Some(libc::EIO) => {
-                    return finish(ends.output, &to_output, RelayEnd::ConsoleClosed);
+                    return finish(ends.output, &to_output, mid_line, RelayEnd::ConsoleClosed);
                 }
                 Err(error) => return Err(error),
             }
         }
         if ready.console_out {
-            match write_some(ends.console, &mut to_console) {
+            match write_some(ends.console, &mut to_console, &mut false) {
                 Ok(()) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EIO) => {
-                    return finish(ends.output, &to_output, RelayEnd::ConsoleClosed);
+                    return finish(ends.output, &to_output, mid_line, RelayEnd::ConsoleClosed);
                 }
                 Err(error) => return Err(error),
             }
         }
         if ready.output {
-            match write_some(ends.output, &mut to_output) {
+            match write_some(ends.output, &mut to_output, mid_line) {
                 Ok(()) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EPIPE) => {
                     return Ok(RelayEnd::OutputClosed);
@@ -217,10 +240,14 @@ fn read_some<'b>(fd: BorrowedFd<'_>, buffer: &'b mut [u8]) -> io::Result<Option<
     }
 }
 
-/// One write from the front of `pending`; what was written is removed from it.
-fn write_some(fd: BorrowedFd<'_>, pending: &mut Vec<u8>) -> io::Result<()> {
+/// One write from the front of `pending`; what was written is removed from it, and
+/// `mid_line` says whether it ended inside a line.
+fn write_some(fd: BorrowedFd<'_>, pending: &mut Vec<u8>, mid_line: &mut bool) -> io::Result<()> {
     match write(fd, pending) {
         Ok(n) => {
+            if let Some(&last) = pending[..n].last() {
+                *mid_line = !matches!(last, b'\n' | b'\r');
+            }
             pending.drain(..n);
             Ok(())
         }
@@ -230,11 +257,21 @@ fn write_some(fd: BorrowedFd<'_>, pending: &mut Vec<u8>) -> io::Result<()> {
 }
 
 /// Writes out what is left for the user, then reports `end`.
-fn finish(output: BorrowedFd<'_>, pending: &[u8], end: RelayEnd) -> io::Result<RelayEnd> {
+fn finish(
+    output: BorrowedFd<'_>,
+    pending: &[u8],
+    mid_line: &mut bool,
+    end: RelayEnd,
+) -> io::Result<RelayEnd> {
     let mut rest = pending;
     while !rest.is_empty() {
         match write(output.as_fd(), rest) {
-            Ok(n) => rest = &rest[n..],
+            Ok(n) => {
+                if let Some(&last) = rest[..n].last() {
+                    *mid_line = !matches!(last, b'\n' | b'\r');
+                }
+                rest = &rest[n..];
+            }
             Err(Errno::EINTR | Errno::EAGAIN) => {}
             Err(Errno::EPIPE) => return Ok(RelayEnd::OutputClosed),
             Err(errno) => return Err(errno.into()),
@@ -278,7 +315,9 @@ mod tests {
                 input: input_r.as_fd(),
                 output: output_w.as_fd(),
                 control: control_r.as_fd(),
+                escape: Some(b'~'),
             })
+            .map(|outcome| outcome.end)
         });
         Harness {
             guest,
@@ -349,5 +388,52 @@ mod tests {
         let mut rest = Vec::new();
         h.output.read_to_end(&mut rest).expect("read");
         assert_eq!(rest, b"Power down.\n");
+    }
+
+    #[test]
+    fn says_whether_the_screen_was_left_mid_line() {
+        for (said, mid_line) in [(&b"login: "[..], true), (b"Power down.\r\n", false)] {
+            let (console, mut guest) = UnixStream::pair().expect("socketpair");
+            let (input_r, _input_w) = pipe().expect("pipe");
+            let (output_r, output_w) = pipe().expect("pipe");
+            let (control_r, _control_w) = pipe().expect("pipe");
+            guest.write_all(said).expect("write");
+            drop(guest);
+            let outcome = relay(&Ends {
+                console: console.as_fd(),
+                input: input_r.as_fd(),
+                output: output_w.as_fd(),
+                control: control_r.as_fd(),
+                escape: Some(b'~'),
+            })
+            .expect("relay");
+            assert_eq!(outcome.end, RelayEnd::ConsoleClosed);
+            assert_eq!(outcome.mid_line, mid_line, "{said:?}");
+            drop(output_w);
+            let mut shown = Vec::new();
+            File::from(output_r).read_to_end(&mut shown).expect("read");
+            assert_eq!(shown, said);
+        }
+    }
+
+    #[test]
+    fn help_goes_to_the_user_not_the_guest() {
+        let mut h = start();
+        let input = h.input.as_mut().expect("input");
+        input.write_all(b"~?").expect("write");
+        let help = String::from_utf8(read_exactly(&mut h.output, 40)).expect("utf-8");
+        assert!(help.contains("Supported escape sequences"), "{help}");
+        h.input
+            .as_mut()
+            .expect("input")
+            .write_all(b"x~.")
+            .expect("write");
+        // x went to the guest (mid-line, so ~. is data there too) ...
+        assert_eq!(read_exactly(&mut h.guest, 3), b"x~.");
+        h.control.write_all(&[control::QUIT]).expect("write");
+        assert_eq!(
+            h.relay.join().expect("join").expect("relay"),
+            RelayEnd::Quit
+        );
     }
 }

@@ -7,12 +7,14 @@
 //!
 //! Every column but NAME is right-aligned to at least vmctl(8)'s width, wider when a value needs
 //! it; NAME comes last and is not padded. A value the daemon did not give is shown as `-`.
+//! When a VM that is down has a reason (it failed, or vmd stopped it), a REASON column follows
+//! NAME, which is then padded.
 
 /// One VM's line in the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StatusRow {
-    /// 1-based position in the daemon's `ListVMs` order.
-    pub id: usize,
+    /// The daemon's `ID` (or, from an older daemon, the position in name order).
+    pub id: u32,
     /// The helper's pid (`LeaderPID`); `None` or 0 when the VM is not running.
     pub pid: Option<u32>,
     /// `VCPUs`.
@@ -29,6 +31,8 @@ pub struct StatusRow {
     pub state: String,
     /// The VM's name.
     pub name: String,
+    /// Why the VM is down, when it failed or vmd stopped it.
+    pub reason: Option<String>,
 }
 
 const HEADERS: [&str; 9] = [
@@ -47,9 +51,27 @@ pub fn render(rows: &[StatusRow]) -> String {
         }
     }
     let mut out = String::new();
-    push_line(&mut out, &HEADERS.map(str::to_owned), &widths);
-    for line in &cells {
-        push_line(&mut out, line, &widths);
+    let with_reasons = rows.iter().any(|row| row.reason.is_some());
+    let name_width = if with_reasons {
+        cells
+            .iter()
+            .map(|line| line[8].chars().count())
+            .chain(std::iter::once(HEADERS[8].len()))
+            .max()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let reasons = std::iter::once("REASON")
+        .chain(rows.iter().map(|row| row.reason.as_deref().unwrap_or("-")));
+    let lines = std::iter::once(HEADERS.map(str::to_owned)).chain(cells);
+    for (line, reason) in lines.zip(reasons) {
+        push_line(&mut out, &line, &widths);
+        if with_reasons {
+            out.pop();
+            let pad = name_width - line[8].chars().count();
+            out.push_str(&format!("{:pad$} {reason}\n", ""));
+        }
     }
     out
 }
@@ -153,7 +175,7 @@ mod tests {
         assert_eq!(format_size(1000 * KIB + 400), "1000K");
     }
 
-    fn row(id: usize, name: &str) -> StatusRow {
+    fn row(id: u32, name: &str) -> StatusRow {
         StatusRow {
             id,
             owner: "root".into(),
@@ -201,6 +223,23 @@ mod tests {
         assert_eq!(
             render(&[row(7, "x")]).lines().nth(1),
             Some("    7     -     -       -       -       -         root  stopped x")
+        );
+    }
+
+    #[test]
+    fn reasons_follow_the_names() {
+        let failed = StatusRow {
+            state: "failed".into(),
+            reason: Some("cannot load the kernel".into()),
+            ..row(2, "db.prod")
+        };
+        assert_eq!(
+            render(&[row(1, "web"), failed]),
+            concat!(
+                "   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME    REASON\n",
+                "    1     -     -       -       -       -         root  stopped web     -\n",
+                "    2     -     -       -       -       -         root   failed db.prod cannot load the kernel\n",
+            )
         );
     }
 
