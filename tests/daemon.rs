@@ -2671,6 +2671,71 @@ fn vms_and_consoles_survive_restarts_and_kills_of_the_daemon() {
     assert_eq!(vmd.property("crashy", "FailureReason"), reason);
 }
 
+/// A client attached to a console stays attached while the daemon restarts (its end of the
+/// relay waits in the fd store) and is killed: output reaches it and its input reaches the
+/// guest afterwards, and a takeover still cuts it off.
+#[test]
+fn an_attached_console_client_survives_daemon_restarts() {
+    use std::io::Write;
+    let Some(vmd) = Vmd::boot() else { return };
+    vmd.create("kept", "spin", &[]);
+    vmd.call("kept", "Start");
+    let mut console = vmd.systemd.spawn(&["vmctl", "console", "kept"]);
+    let lines = Lines::collect(console.stdout.take().expect("stdout"));
+    let errors = Lines::collect(console.stderr.take().expect("stderr"));
+    lines.wait_for("testguest: spin heartbeat", LIMIT);
+    let mut input = console.stdin.take().expect("stdin");
+    let heartbeats = |lines: &Lines| {
+        lines
+            .snapshot()
+            .iter()
+            .filter(|line| line.contains("spin heartbeat"))
+            .count()
+    };
+    for (round, stop) in ["restart", "kill"].into_iter().enumerate() {
+        match stop {
+            "restart" => vmd.ok(&["systemctl", "restart", "vmd.service"]),
+            _ => {
+                vmd.ok(&["systemctl", "kill", "-s", "KILL", "vmd.service"]);
+                vmd.ok(&["systemctl", "start", "vmd.service"])
+            }
+        };
+        assert_eq!(vmd.property("kept", "State"), "running");
+        let before = heartbeats(&lines);
+        let start = Instant::now();
+        while heartbeats(&lines) <= before {
+            assert!(
+                start.elapsed() < LIMIT,
+                "no output after the daemon's {stop}:\n{}\nvmctl said: {}\nfd store: {}",
+                lines.text(),
+                errors.text(),
+                vmd.ok(&["systemctl", "show", "-P", "NFileDescriptorStore", "vmd.service"]),
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let key = b'x' + round as u8;
+        input.write_all(&[key]).expect("type");
+        input.flush().expect("flush");
+        lines.wait_for(&format!("testguest: spin input {key}"), LIMIT);
+    }
+    // The restored client still holds the console: a second client is refused...
+    let second = vmd.run(&["timeout", "5", "vmctl", "console", "kept"]);
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    // ...and a takeover ends the first one's session.
+    let mut taker = vmd.systemd.spawn(&["vmctl", "console", "--force", "kept"]);
+    let taken = Lines::collect(taker.stdout.take().expect("stdout"));
+    taken.wait_for("testguest: spin heartbeat", LIMIT);
+    assert!(
+        lines.wait_for_eof(Instant::now() + LIMIT),
+        "the first client kept its console after a takeover"
+    );
+}
+
 /// Kill right after Start, at varying delays: the VM ends stopped, no scope stays behind, and
 /// it starts again.
 #[test]

@@ -5,11 +5,12 @@
 //! and a controlling terminal, neither of which vmd.service has): ending the relay closes the
 //! daemon's end, and the old client reads end of file. A client that goes away (exits, crashes,
 //! closes its fd) ends its relay by closing its end, so the console is free again at once, for
-//! bus and peer-to-peer clients alike. Across a daemon restart the pty master waits in the fd
-//! store as before; relays end with the daemon, and clients open the console again.
+//! bus and peer-to-peer clients alike. Across a daemon restart the pty master and the daemon's
+//! end of the client's socket wait in the fd store, and the next daemon relays again: an
+//! attached client only sees a pause.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -27,6 +28,9 @@ pub struct ConsoleClient {
     pub holder: String,
     stop: Option<oneshot::Sender<()>>,
     relay: JoinHandle<()>,
+    /// The daemon's end of the client's socket, kept for the fd store and for the takeover's
+    /// shutdown (which reaches every copy of it, the fd store's included).
+    ours: OwnedFd,
 }
 
 impl ConsoleClient {
@@ -34,6 +38,14 @@ impl ConsoleClient {
     /// client gets the socket's other end.
     pub fn start(terminal: OwnedFd, holder: String) -> std::io::Result<(ConsoleClient, OwnedFd)> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let client = ConsoleClient::resume(terminal, OwnedFd::from(ours), holder)?;
+        Ok((client, OwnedFd::from(theirs)))
+    }
+
+    /// Relays again to a client whose socket end a previous daemon kept in the fd store.
+    pub fn resume(terminal: OwnedFd, ours: OwnedFd, holder: String) -> std::io::Result<Self> {
+        let kept = ours.try_clone()?;
+        let ours = std::os::unix::net::UnixStream::from(ours);
         ours.set_nonblocking(true)?;
         let flags = fcntl(terminal.as_fd(), FcntlArg::F_GETFL)?;
         fcntl(
@@ -46,12 +58,17 @@ impl ConsoleClient {
         let socket = tokio::net::UnixStream::from_std(ours)?;
         let (stop, stopped) = oneshot::channel();
         let relay = tokio::spawn(relay(terminal, socket, stopped));
-        let client = ConsoleClient {
+        Ok(ConsoleClient {
             holder,
             stop: Some(stop),
             relay,
-        };
-        Ok((client, OwnedFd::from(theirs)))
+            ours: kept,
+        })
+    }
+
+    /// The daemon's end of the client's socket, for the fd store.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.ours.as_fd()
     }
 
     /// Whether the client still holds the console (its relay runs).
@@ -61,6 +78,8 @@ impl ConsoleClient {
 
     /// Ends the relay: the client's fd reads end of file from now on.
     pub async fn take_away(mut self) {
+        // Shut down, not just closed: the fd store holds a copy of the daemon's end.
+        let _ = nix::sys::socket::shutdown(self.ours.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -80,10 +99,12 @@ impl Drop for ConsoleClient {
 /// ends (the client closes its fd, or the console goes with the VM) or `stop` fires.
 async fn relay(
     terminal: AsyncFd<std::fs::File>,
-    socket: tokio::net::UnixStream,
+    mut socket: tokio::net::UnixStream,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let (mut from_client, mut to_client) = socket.into_split();
+    // Borrowed halves: an owned write half would shut the socket down when dropped, and the
+    // fd store's copy of it must outlive this daemon.
+    let (mut from_client, mut to_client) = socket.split();
     let mut output = [0u8; 4096];
     let mut input = [0u8; 4096];
     loop {

@@ -123,6 +123,9 @@ struct StoredVm {
     definition: Option<OwnedFd>,
     /// The console's pty master.
     console: Option<OwnedFd>,
+    /// The daemon's ends of console clients' sockets (more than one only if systemd had not
+    /// yet dropped a client that hung up).
+    console_clients: Vec<OwnedFd>,
     /// Disk index → the fd a caller passed for it.
     disks: BTreeMap<usize, OwnedFd>,
 }
@@ -150,6 +153,10 @@ fn take_activation_fds() -> Activation {
                 StoredFd::Pidfd => &mut stored.pidfd,
                 StoredFd::Definition => &mut stored.definition,
                 StoredFd::Console => &mut stored.console,
+                StoredFd::ConsoleClient => {
+                    stored.console_clients.push(owned);
+                    continue;
+                }
             };
             *slot = Some(owned);
         } else {
@@ -191,7 +198,7 @@ async fn adopt_stored_vms(manager: &Arc<Manager>, stored: BTreeMap<String, Store
         let adopted = match (fds.control, fds.pidfd) {
             (Some(control), Some(pidfd)) => vm_to_adopt(manager, &name, fds.definition)
                 .await
-                .and_then(|vm| vm.adopt(manager, control, pidfd, fds.console)),
+                .and_then(|vm| vm.adopt(manager, control, pidfd, fds.console, fds.console_clients)),
             _ => Err("the fd store holds only part of it".to_string()),
         };
         match adopted {

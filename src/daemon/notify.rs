@@ -57,18 +57,21 @@ pub enum StoredFd {
     Definition,
     /// The console's pty master.
     Console,
+    /// The daemon's end of the attached console client's socket.
+    ConsoleClient,
 }
 
 /// The fd store name of each kind of fd, before the VM's name.
-const STORED_FD_PREFIXES: [(StoredFd, &str); 4] = [
+const STORED_FD_PREFIXES: [(StoredFd, &str); 5] = [
     (StoredFd::Control, "vmctl-"),
     (StoredFd::Pidfd, "vmpid-"),
     (StoredFd::Definition, "vmdef-"),
     (StoredFd::Console, "vmcon-"),
+    (StoredFd::ConsoleClient, "vmcli-"),
 ];
 
 /// The fd store names of a VM's fds, in the order of [`StoredFd`].
-pub fn stored_fd_names(vm_name: &str) -> [String; 4] {
+pub fn stored_fd_names(vm_name: &str) -> [String; 5] {
     STORED_FD_PREFIXES.map(|(_, prefix)| format!("{prefix}{vm_name}"))
 }
 
@@ -87,9 +90,10 @@ pub fn store_vm_fds(
     control: BorrowedFd<'_>,
     pidfd: BorrowedFd<'_>,
     console: Option<BorrowedFd<'_>>,
+    console_client: Option<BorrowedFd<'_>>,
     transient_definition: Option<&str>,
 ) {
-    let [control_name, pid_name, definition_name, console_name] = stored_fd_names(vm_name);
+    let [control_name, pid_name, definition_name, console_name, _] = stored_fd_names(vm_name);
     let definition = transient_definition.map(|toml| definition_memfd(vm_name, toml));
     let mut stored = vec![(control_name, control, true), (pid_name, pidfd, true)];
     // Not polled: a pty master hangs up whenever nobody holds the terminal side, which is the
@@ -105,17 +109,32 @@ pub fn store_vm_fds(
         None => {}
     }
     for (name, fd, pollable) in stored {
-        // systemd drops a polled fd on POLLHUP (the helper gone); a memfd cannot be polled,
-        // and a console must not be.
-        let poll = if pollable { "FDPOLL=1" } else { "FDPOLL=0" };
-        let state = [
-            NotifyState::FdStore,
-            NotifyState::FdName(&name),
-            NotifyState::Custom(poll),
-        ];
-        if let Err(err) = sd_notify::notify_with_fds(&state, &[fd]) {
-            tracing::warn!("cannot keep {name} in systemd's fd store: {err}");
-        }
+        store_fd(&name, fd, pollable);
+    }
+    if let Some(client) = console_client {
+        store_console_client(vm_name, client);
+    }
+}
+
+/// Keeps the daemon's end of a console client's socket in the fd store, so the client stays
+/// attached across a daemon restart. Polled: systemd drops it once the client hangs up (or
+/// the daemon took the console from it).
+pub fn store_console_client(vm_name: &str, socket: BorrowedFd<'_>) {
+    let [.., client_name] = stored_fd_names(vm_name);
+    store_fd(&client_name, socket, true);
+}
+
+fn store_fd(name: &str, fd: BorrowedFd<'_>, pollable: bool) {
+    // systemd drops a polled fd on POLLHUP (the helper or the client gone); a memfd cannot be
+    // polled, and a console must not be.
+    let poll = if pollable { "FDPOLL=1" } else { "FDPOLL=0" };
+    let state = [
+        NotifyState::FdStore,
+        NotifyState::FdName(name),
+        NotifyState::Custom(poll),
+    ];
+    if let Err(err) = sd_notify::notify_with_fds(&state, &[fd]) {
+        tracing::warn!("cannot keep {name} in systemd's fd store: {err}");
     }
 }
 
@@ -215,7 +234,7 @@ mod tests {
 
     #[test]
     fn stored_fd_names_read_back_as_what_they_name() {
-        let [control, pidfd, definition, console] = stored_fd_names("web-1");
+        let [control, pidfd, definition, console, client] = stored_fd_names("web-1");
         assert_eq!(console, "vmcon-web-1");
         assert_eq!(
             parse_stored_fd_name(&console),
@@ -232,6 +251,10 @@ mod tests {
         assert_eq!(
             parse_stored_fd_name(&definition),
             Some((StoredFd::Definition, "web-1"))
+        );
+        assert_eq!(
+            parse_stored_fd_name(&client),
+            Some((StoredFd::ConsoleClient, "web-1"))
         );
         assert_eq!(parse_stored_fd_name("vmd"), None);
         assert_eq!(

@@ -333,6 +333,9 @@ impl Vm {
                 let (client, fd) = ConsoleClient::start(terminal, holder).map_err(|e| {
                     LifecycleError::Failed(format!("cannot relay the console: {e}"))
                 })?;
+                if runtime.control.is_some() {
+                    notify::store_console_client(&self.name, client.socket());
+                }
                 // A client that got in during a takeover loses it as well.
                 runtime.console_client = Some(client);
                 Ok(fd)
@@ -585,6 +588,37 @@ impl Vm {
         })
     }
 
+    /// Relays again to the console client that was attached when the previous daemon ended:
+    /// the one whose socket the client has not hung up.
+    fn resume_console_client(
+        &self,
+        console: &Console,
+        sockets: Vec<OwnedFd>,
+    ) -> Option<ConsoleClient> {
+        let socket = sockets.into_iter().rev().find(|socket| !hung_up(socket))?;
+        let resumed = console
+            .client_end()
+            .map_err(|e| error_chain(&e))
+            .and_then(|terminal| {
+                ConsoleClient::resume(
+                    terminal,
+                    socket,
+                    "a client attached before vmd restarted".into(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match resumed {
+            Ok(client) => Some(client),
+            Err(err) => {
+                tracing::warn!(
+                    "VM {}: cannot relay to its console client again: {err}",
+                    self.name
+                );
+                None
+            }
+        }
+    }
+
     /// Takes over a helper that a previous daemon started (its control socket, pidfd and
     /// console come back from systemd's fd store).
     pub fn adopt(
@@ -593,6 +627,7 @@ impl Vm {
         control: OwnedFd,
         pidfd: OwnedFd,
         console: Option<OwnedFd>,
+        console_clients: Vec<OwnedFd>,
     ) -> Result<(), String> {
         let pid = pid_of(&pidfd).ok_or("its helper has already exited")?;
         let console = match console.map(Console::from_master) {
@@ -616,12 +651,16 @@ impl Vm {
             pid: nix::unistd::Pid::from_raw(pid),
             child: false,
         };
+        let console_client = console
+            .as_ref()
+            .and_then(|console| self.resume_console_client(console, console_clients));
         self.change(manager, Some(Lifecycle::Adopt), |runtime| {
             runtime.control = Some(helper.control.clone());
             runtime.pidfd = Some(helper.pidfd.clone());
             runtime.leader_pid = pid as u32;
             runtime.unit = scope::unit_name(&self.name);
             runtime.console = console;
+            runtime.console_client = console_client;
             runtime.stop_request = None;
             runtime.file_rights = None;
         })
@@ -1032,11 +1071,17 @@ async fn handle_event(
                 .then(|| definition.to_toml().ok())
                 .flatten();
             let console = vm.runtime().console.clone();
+            let client_socket = vm
+                .runtime()
+                .console_client
+                .as_ref()
+                .and_then(|client| client.socket().try_clone_to_owned().ok());
             notify::store_vm_fds(
                 &vm.name,
                 helper.control.as_fd(),
                 helper.pidfd.as_fd(),
                 console.as_ref().map(|c| c.master()),
+                client_socket.as_ref().map(|s| s.as_fd()),
                 transient_toml.as_deref(),
             );
             if machined::available(manager.bus()).await
@@ -1268,6 +1313,16 @@ async fn wait_for_exit(helper: &Helper) -> nix::Result<Option<WaitStatus>> {
             status => return Ok(Some(status)),
         }
     }
+}
+
+/// Whether the peer of a stored socket has gone (or was cut off by a takeover).
+fn hung_up(socket: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
 #[cfg(test)]

@@ -103,17 +103,29 @@ pub async fn attach(
     let mut down: Option<Down> = None;
     let mut watching = true;
     let mut caught: Option<i32> = None;
+    let mut pause = None;
     let ended = loop {
+        let pause_first = pause.take();
         tokio::select! {
             ended = &mut relay => break ended,
-            result = watcher.wait_down(), if watching => {
-                watching = false;
-                // Not knowing the state is no reason to end the session: keep relaying.
-                if let Ok(how) = result {
+            result = async {
+                if let Some(pause) = pause_first {
+                    tokio::time::sleep(pause).await;
+                }
+                watcher.wait_down().await
+            }, if watching => match result {
+                // While the daemon restarts, the VM's object is missing for a moment; the
+                // session goes on (the daemon keeps it), and a VM really gone closes its
+                // console.
+                Ok(Down::Gone) => pause = Some(GONE_RECHECK),
+                Ok(how) => {
+                    watching = false;
                     down = Some(how);
                     tell(&control_w, control::DRAIN);
                 }
-            }
+                // Not knowing the state is no reason to end the session: keep relaying.
+                Err(_) => watching = false,
+            },
             signo = signals.next() => {
                 caught = Some(signo);
                 tell(&control_w, control::QUIT);
@@ -179,6 +191,9 @@ pub async fn attach(
         None => Ok(0),
     }
 }
+
+/// How long to wait before asking again about a VM whose object was missing.
+const GONE_RECHECK: Duration = Duration::from_millis(500);
 
 /// How long to wait for the VM's state to settle after its console closed (the helper's exit,
 /// disks flushed, the scope gone).
