@@ -22,6 +22,8 @@ command -v qemu-io >/dev/null || need_packages+=(qemu-utils)
 # The virtio-net tests make a network namespace with a tap and ping the guest from it.
 command -v ip >/dev/null || need_packages+=(iproute2)
 command -v ping >/dev/null || need_packages+=(iputils-ping)
+# The helper benchmark measures peak RSS with GNU time, like `/usr/bin/time -f %M`.
+[ -x /usr/bin/time ] || need_packages+=(time)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"
