@@ -290,7 +290,14 @@ fn firecracker_first_byte(runs: usize) -> Option<Duration> {
     for _ in 0..runs {
         let start = Instant::now();
         let mut child = std::process::Command::new(&firecracker)
-            .args(["--no-api", "--level", "Error", "--config-file"])
+            .args(["--no-api", "--level", "Error"])
+            // As in benches/helper.rs: e.g. `--no-seccomp` for a glibc build.
+            .args(
+                std::env::var("VMD_BENCH_FIRECRACKER_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
+            .arg("--config-file")
             .arg(&config)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())

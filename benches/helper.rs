@@ -298,7 +298,9 @@ impl Peers {
                 std::fs::write(&config, text).expect("write the Firecracker configuration");
                 let firecracker = self.firecracker.clone().expect("checked by available()");
                 let mut argv = vec![firecracker.into_os_string()];
-                argv.extend(["--no-api", "--level", "Error", "--config-file"].map(OsString::from));
+                argv.extend(["--no-api", "--level", "Error"].map(OsString::from));
+                argv.extend(firecracker_extra_args());
+                argv.push("--config-file".into());
                 argv.push(config.into_os_string());
                 argv
             }
@@ -359,6 +361,16 @@ const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 /// a process of its own size. A VMM spawned from this (larger) process would inherit this
 /// process's high-water mark in wait4's `ru_maxrss`, which survives exec.
 const GNU_TIME: &str = "/usr/bin/time";
+
+/// `VMD_BENCH_FIRECRACKER_ARGS`: more arguments for Firecracker, split at whitespace (e.g.
+/// `--no-seccomp` for a glibc build, whose syscalls its musl filter does not allow).
+fn firecracker_extra_args() -> Vec<OsString> {
+    std::env::var("VMD_BENCH_FIRECRACKER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(OsString::from)
+        .collect()
+}
 
 fn on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
