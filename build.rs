@@ -18,6 +18,10 @@ fn main() {
     println!("cargo:rerun-if-changed={GUEST_SOURCE}");
     println!("cargo:rerun-if-changed={GUEST_LINKER_SCRIPT}");
     println!("cargo:rerun-if-env-changed=CC");
+    // Relative relocations packed as DT_RELR (glibc 2.36, binutils 2.38): the dynamic loader
+    // applies them several times faster at every start of `vmd` (each VM's helper is one), and
+    // the table is a fraction of the size. PIE and full RELRO stay as they are.
+    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
 
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is not set"));

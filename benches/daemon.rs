@@ -1,9 +1,12 @@
-//! Daemon figures, printed as medians: D-Bus `Start` → first console byte of a VM, and 20 VMs
-//! started concurrently (time until all run, and the daemon's RSS then). The daemon runs in a
-//! private systemd (tests/systemd_box) with the package installed; this process talks to it
-//! over that systemd's system bus, as a D-Bus client on the host.
+//! Daemon figures, printed as medians: D-Bus `Start` → first console byte of a VM (beside
+//! Firecracker's bare exec → first byte of the same guest, when a `firecracker` is on PATH or in
+//! `VMD_BENCH_FIRECRACKER`), and density: 100 VMs started concurrently (time until all run, the
+//! daemon's RSS then, and each helper's private memory, USS from `/proc/PID/smaps_rollup`). The
+//! daemon runs in a private systemd (tests/systemd_box) with the package installed; this process
+//! talks to it over that systemd's system bus, as a D-Bus client on the host.
 //!
 //! Run with `cargo bench --bench daemon` as root (`VMD_BENCH_RUNS` sets the repeat count).
+//! Under `cargo test` it runs once, with 3 VMs for the density figures.
 
 #[path = "../tests/systemd_box/mod.rs"]
 #[allow(dead_code)]
@@ -19,7 +22,11 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 const GUEST: &str = "/var/lib/vmd-bench/testguest.elf";
 const DEB: &str = "/var/cache/vmd-bench/vmd.deb";
-const CONCURRENT_VMS: usize = 20;
+/// VMs started at once for the density figures (`cargo bench`); 3 under `cargo test`.
+const DENSITY_VMS: usize = 100;
+/// What the issue asks of the density figures.
+const DENSITY_TARGET: Duration = Duration::from_secs(10);
+const DAEMON_RSS_TARGET_KIB: u64 = 30 << 10;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -36,6 +43,8 @@ fn main() {
     } else {
         1
     };
+    let concurrent_vms = if bench { DENSITY_VMS } else { 3 };
+    let firecracker_first_byte = firecracker_first_byte(runs);
     if let Err(reason) = SystemdBox::supported() {
         println!("daemon benchmark skipped: cannot boot a private systemd here: {reason}");
         return;
@@ -94,9 +103,10 @@ fn main() {
 
         let mut all_running = Vec::new();
         let mut rss = Vec::new();
+        let mut helpers_uss = Vec::new();
         for round in 0..runs.div_ceil(5) {
             let mut vms = Vec::new();
-            for i in 0..CONCURRENT_VMS {
+            for i in 0..concurrent_vms {
                 vms.push(create(&bus, &format!("many{round}x{i}"), "spin").await);
             }
             let start = Instant::now();
@@ -109,6 +119,12 @@ fn main() {
             }
             all_running.push(start.elapsed());
             rss.push(daemon_rss_kib(&systemd));
+            helpers_uss = helpers_uss_kib(&systemd);
+            assert_eq!(
+                helpers_uss.len(),
+                concurrent_vms,
+                "one helper per running VM scope"
+            );
             for vm in &vms {
                 call(&bus, vm, "Kill").await;
             }
@@ -116,12 +132,50 @@ fn main() {
         }
 
         println!(
-            "vmd daemon benchmark ({runs} runs of Start -> first console byte, {} of {CONCURRENT_VMS} VMs at once)",
+            "vmd daemon benchmark ({runs} runs of Start -> first console byte, {} of {concurrent_vms} VMs at once)",
             all_running.len()
         );
-        println!("  D-Bus Start -> first console byte  median {:>8.2} ms", median(&mut first_byte).as_secs_f64() * 1e3);
-        println!("  {CONCURRENT_VMS} VMs started concurrently, all running  median {:>8.2} ms", median(&mut all_running).as_secs_f64() * 1e3);
-        println!("  daemon RSS with {CONCURRENT_VMS} VMs running      median {:>8} KiB", median(&mut rss));
+        let first_byte = median(&mut first_byte);
+        println!(
+            "  D-Bus Start -> first console byte  median {:>8.2} ms",
+            first_byte.as_secs_f64() * 1e3
+        );
+        match firecracker_first_byte {
+            Some(firecracker) => println!(
+                "  Firecracker exec -> first byte     median {:>8.2} ms; vmd (D-Bus) / Firecracker (bare) {:.2}x (target <= 1.0)",
+                firecracker.as_secs_f64() * 1e3,
+                first_byte.as_secs_f64() / firecracker.as_secs_f64()
+            ),
+            None => println!(
+                "  Firecracker: none on PATH and VMD_BENCH_FIRECRACKER is not set; no ratio"
+            ),
+        }
+        let all_running = median(&mut all_running);
+        println!(
+            "  {concurrent_vms} VMs started concurrently, all running  median {:>8.2} ms ({:.2}x of the {} s target)",
+            all_running.as_secs_f64() * 1e3,
+            all_running.as_secs_f64() / DENSITY_TARGET.as_secs_f64(),
+            DENSITY_TARGET.as_secs()
+        );
+        let rss = median(&mut rss);
+        println!(
+            "  daemon RSS with {concurrent_vms} VMs running      median {rss:>8} KiB ({:.2}x of the {} MiB target)",
+            rss as f64 / DAEMON_RSS_TARGET_KIB as f64,
+            DAEMON_RSS_TARGET_KIB >> 10
+        );
+        let mut sorted = helpers_uss.clone();
+        sorted.sort();
+        println!(
+            "  helper USS with {concurrent_vms} VMs running: min {} KiB, median {} KiB, max {} KiB, total {} KiB",
+            sorted[0],
+            sorted[sorted.len() / 2],
+            sorted[sorted.len() - 1],
+            sorted.iter().sum::<u64>()
+        );
+        for chunk in helpers_uss.chunks(20) {
+            let line: Vec<String> = chunk.iter().map(u64::to_string).collect();
+            println!("    {}", line.join(" "));
+        }
     });
     let _ = systemd.stop();
 }
@@ -185,6 +239,80 @@ async fn open_console_once_starting(bus: &Connection, vm: &OwnedObjectPath) -> O
             Err(_) => tokio::time::sleep(Duration::from_micros(200)).await,
         }
     }
+}
+
+/// Each running helper's USS (Private_Clean + Private_Dirty + Private_Hugetlb of
+/// `/proc/PID/smaps_rollup`, so guest memory the guest never touched is not counted), in KiB,
+/// one per running VM scope (the box's cgroup v2 hierarchy is at /sys/fs/cgroup/unified).
+fn helpers_uss_kib(systemd: &SystemdBox) -> Vec<u64> {
+    let script = r#"for unit in $(systemctl list-units --plain --no-legend --state=running 'vmd-*.scope' | awk '{ print $1 }'); do
+  for pid in $(cat "/sys/fs/cgroup/unified$(systemctl show -P ControlGroup "$unit")/cgroup.procs"); do
+    awk '/^Private_/ { kib += $2 } END { print kib }' "/proc/$pid/smaps_rollup"
+  done
+done"#;
+    let output = systemd.exec(&["sh", "-c", script]);
+    assert!(
+        output.status.success() && output.stderr.is_empty(),
+        "read the helpers' smaps_rollup: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            line.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("a USS that is not a number: {line:?}"))
+        })
+        .collect()
+}
+
+/// Firecracker's exec → first console byte of `testguest=hello` (median of `runs`), when there
+/// is a Firecracker to run.
+fn firecracker_first_byte(runs: usize) -> Option<Duration> {
+    let firecracker = std::env::var_os("VMD_BENCH_FIRECRACKER")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|dir| dir.join("firecracker"))
+                .find(|path| path.is_file())
+        })?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hello.json");
+    let guest = env!("VMD_TESTGUEST_ELF");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{guest}", "boot_args": "testguest=hello"}},
+"drives": [], "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#
+        ),
+    )
+    .expect("write the Firecracker configuration");
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut child = std::process::Command::new(&firecracker)
+            .args(["--no-api", "--level", "Error"])
+            // As in benches/helper.rs: e.g. `--no-seccomp` for a glibc build.
+            .args(
+                std::env::var("VMD_BENCH_FIRECRACKER_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
+            .arg("--config-file")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start Firecracker");
+        let mut byte = [0u8; 1];
+        let n = std::io::Read::read(&mut child.stdout.take().expect("stdout"), &mut byte)
+            .expect("read Firecracker's console");
+        times.push(start.elapsed());
+        assert_eq!(n, 1, "Firecracker printed nothing");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Some(median(&mut times))
 }
 
 fn daemon_rss_kib(systemd: &SystemdBox) -> u64 {

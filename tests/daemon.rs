@@ -2709,7 +2709,13 @@ fn an_attached_console_client_survives_daemon_restarts() {
                 "no output after the daemon's {stop}:\n{}\nvmctl said: {}\nfd store: {}",
                 lines.text(),
                 errors.text(),
-                vmd.ok(&["systemctl", "show", "-P", "NFileDescriptorStore", "vmd.service"]),
+                vmd.ok(&[
+                    "systemctl",
+                    "show",
+                    "-P",
+                    "NFileDescriptorStore",
+                    "vmd.service"
+                ]),
             );
             std::thread::sleep(Duration::from_millis(50));
         }

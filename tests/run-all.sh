@@ -32,6 +32,8 @@ command -v zsh >/dev/null || need_packages+=(zsh)
 command -v fish >/dev/null || need_packages+=(fish)
 [ -f /usr/share/bash-completion/bash_completion ] || need_packages+=(bash-completion)
 command -v tmux >/dev/null || need_packages+=(tmux)
+# The helper benchmark measures peak RSS with GNU time, like `/usr/bin/time -f %M`.
+[ -x /usr/bin/time ] || need_packages+=(time)
 if ((${#need_packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"

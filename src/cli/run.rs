@@ -217,8 +217,10 @@ fn run_vm(args: &RunArgs) -> Result<i32, String> {
         }
     }
 
-    relay(&helper, &console, &signal_fd)?;
-    let status = finish(&helper);
+    let status = match relay(&helper, &console, &signal_fd)? {
+        Some(done) => done,
+        None => finish(&helper),
+    };
     Ok(match status {
         HelperExit::Exited(code) => {
             if code == EXIT_REBOOT {
@@ -247,22 +249,35 @@ fn finish(helper: &HelperProcess) -> HelperExit {
 }
 
 /// Copies the console to stdout and stdin to the console, reports the helper's events, and
-/// returns when the helper has exited and its output is written out (or given up on: a signal
+/// returns when the helper is done and its output is written out (or given up on: a signal
 /// after the helper's end leaves what stdout has not taken yet).
-fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> Result<(), String> {
+///
+/// The helper is done when it has exited, or when it said the guest powered off or rebooted
+/// and then closed its control socket: it does so once its vCPUs are stopped and its disks
+/// flushed and closed, before the kernel tears down the KVM VM (milliseconds nobody needs to
+/// wait for). Then the exit status is returned here, and the helper is not waited for.
+fn relay(
+    helper: &HelperProcess,
+    console: &UnixStream,
+    signal_fd: &SignalFd,
+) -> Result<Option<HelperExit>, String> {
     let stdin = std::io::stdin();
     let mut stdin_open = true;
     let mut control_open = true;
     let mut console_open = true;
     let mut exited = false;
+    let mut guest_end = GuestEnd::default();
     let mut interrupts = 0;
     let mut stdout = StdoutSink::new();
     let mut input: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         if exited && !console_open && !stdout.has_pending() {
-            report_remaining_events(helper, control_open);
-            return Ok(());
+            if guest_end.done && !control_open {
+                return Ok(guest_end.status);
+            }
+            report_remaining_events(helper, control_open, &mut guest_end);
+            return Ok(None);
         }
         let mut fds = PollSet::new();
         // A full stdout buffer stops console reads: the console socket fills, and the helper's
@@ -286,9 +301,20 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
         if !input.is_empty() && !exited {
             fds.watch(Source::ConsoleInput, console.as_fd(), PollFlags::POLLOUT);
         }
+        // Once the helper is done nothing more reaches the console: take what is there without
+        // waiting for more.
+        let draining = exited && console_open && stdout.has_room();
+        let timeout = if draining {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
+        };
         let ready = fds
-            .wait(PollTimeout::NONE)
+            .wait(timeout)
             .map_err(|err| format!("poll failed: {err}"))?;
+        if draining && !ready.contains(&Source::Console) {
+            console_open = false;
+        }
 
         for source in ready {
             match source {
@@ -307,7 +333,13 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
                 // The helper is gone, so its end of the console is closed: what is left in the
                 // socket is drained by the loop, then reads see EOF.
                 Source::Exit => exited = true,
-                Source::Control => control_open = report_events(helper),
+                Source::Control => {
+                    control_open = report_events(helper, &mut guest_end);
+                    if guest_end.closed && guest_end.status.is_some() {
+                        guest_end.done = true;
+                        exited = true;
+                    }
+                }
                 Source::Stdin => {
                     let room = (INPUT_BUFFER - input.len()).min(buf.len());
                     match nix::unistd::read(stdin.as_fd(), &mut buf[..room]) {
@@ -325,8 +357,11 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
                     }
                     if exited {
                         // Only stdout is left, and it has stalled: stop waiting for it.
-                        report_remaining_events(helper, control_open);
-                        return Ok(());
+                        if guest_end.done {
+                            return Ok(guest_end.status);
+                        }
+                        report_remaining_events(helper, control_open, &mut guest_end);
+                        return Ok(None);
                     }
                     if interrupts == 1 {
                         let _ = helper.control.send_request(&Request::Shutdown {
@@ -342,9 +377,43 @@ fn relay(helper: &HelperProcess, console: &UnixStream, signal_fd: &SignalFd) -> 
 }
 
 /// Reports the events the helper sent before it ended.
-fn report_remaining_events(helper: &HelperProcess, mut control_open: bool) {
+fn report_remaining_events(helper: &HelperProcess, mut control_open: bool, end: &mut GuestEnd) {
     while control_open {
-        control_open = report_events(helper);
+        control_open = report_events(helper, end);
+    }
+}
+
+/// How the guest ended, from the helper's events.
+#[derive(Default)]
+struct GuestEnd {
+    /// The exit status the helper's report stands for: power-off or reboot, and no error
+    /// reported (a failure is only believed from the helper's real exit status).
+    status: Option<HelperExit>,
+    /// The helper reported an error or failure.
+    error: bool,
+    /// The helper closed its control socket (end of file, not an error).
+    closed: bool,
+    /// It did so after that report: it is done.
+    done: bool,
+}
+
+impl GuestEnd {
+    fn record(&mut self, event: &Event) {
+        match event {
+            Event::GuestPowerOff if !self.error => {
+                let status = HelperExit::Exited(crate::helper::EXIT_POWER_OFF);
+                self.status.get_or_insert(status);
+            }
+            Event::GuestReboot if !self.error => {
+                self.status.get_or_insert(HelperExit::Exited(EXIT_REBOOT));
+            }
+            // Whatever was said before or after, an error leaves the status to the helper.
+            Event::Error { .. } | Event::Failed { .. } => {
+                self.error = true;
+                self.status = None;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -493,17 +562,22 @@ impl StdoutSink {
 }
 
 /// Reads one event and reports what a user needs to see; false once the channel is closed.
-fn report_events(helper: &HelperProcess) -> bool {
+fn report_events(helper: &HelperProcess, end: &mut GuestEnd) -> bool {
     match helper.control.recv_event_timeout(Duration::ZERO) {
-        Ok(Some(Event::Error { reason } | Event::Failed { reason })) => {
-            eprintln!("vmd: {reason}");
-            true
-        }
         Ok(Some(event)) => {
-            tracing::debug!("helper event: {event:?}");
+            end.record(&event);
+            match event {
+                Event::Error { reason } | Event::Failed { reason } => {
+                    eprintln!("vmd: {reason}");
+                }
+                event => tracing::debug!("helper event: {event:?}"),
+            }
             true
         }
-        Ok(None) => false,
+        Ok(None) => {
+            end.closed = true;
+            false
+        }
         Err(crate::protocol::RecvError::TimedOut { .. }) => false,
         Err(err) => {
             eprintln!("vmd: {}", error_chain(&err));
@@ -517,6 +591,30 @@ mod tests {
     use std::io::Read;
 
     use super::*;
+
+    #[test]
+    fn only_a_guest_report_without_an_error_stands_for_the_exit_status() {
+        let mut end = GuestEnd::default();
+        end.record(&Event::Created);
+        assert_eq!(end.status, None);
+        end.record(&Event::GuestReboot);
+        assert_eq!(end.status, Some(HelperExit::Exited(EXIT_REBOOT)));
+        // A failure after the report: only the helper's real status counts.
+        end.record(&Event::Error {
+            reason: "disk flush failed".into(),
+        });
+        assert_eq!(end.status, None);
+        end.record(&Event::GuestPowerOff);
+        assert_eq!(end.status, None);
+        let mut powered_off = GuestEnd::default();
+        powered_off.record(&Event::GuestPowerOff);
+        assert_eq!(powered_off.status, Some(HelperExit::Exited(0)));
+        let mut failed_first = GuestEnd::default();
+        failed_first.record(&Event::Failed {
+            reason: "no".into(),
+        });
+        assert_eq!(failed_first.status, None);
+    }
 
     #[test]
     fn input_the_console_cannot_take_yet_waits_instead_of_being_lost() {

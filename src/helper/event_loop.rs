@@ -157,8 +157,9 @@ impl<'a> EventLoop<'a> {
     }
 
     /// Answers `Created`, lets the vCPUs run, and loops until the VM ends; returns the exit
-    /// status.
-    pub fn run(mut self) -> i32 {
+    /// status and the VM, whose vCPUs are stopped and whose devices are flushed and closed
+    /// (the caller decides when guest memory and the KVM VM go, see `helper::main`).
+    pub fn run(mut self) -> (i32, Vm) {
         // A panic stops the vCPUs like any other end, before the VM (and the guest memory
         // they run on) is dropped, and is reported as a failure.
         let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_until_end()))
@@ -202,15 +203,15 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    /// Stops the vCPUs and exits with `code`.
-    fn finish(mut self, code: i32) -> i32 {
+    /// Stops the vCPUs and the devices; returns `code` and the VM.
+    fn finish(mut self, code: i32) -> (i32, Vm) {
         if let Some(vcpus) = self.vcpus.take() {
             vcpus.stop();
         }
         self.vm.finish_console();
-        // Whatever ended the VM, disks are flushed before the helper exits.
+        // Whatever ended the VM, disks are flushed (and closed) before the helper exits.
         self.vm.stop_devices();
-        code
+        (code, self.vm)
     }
 
     /// Turns a recorded stop into events and an exit status.

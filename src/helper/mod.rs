@@ -66,7 +66,17 @@ pub fn main(
     }))
     .unwrap_or_else(|payload| Err(panic_reason("while starting", payload.as_ref())));
     match started {
-        Ok(running) => running.run(),
+        Ok(running) => {
+            let (code, vm) = running.run();
+            // Nothing the guest did can be lost any more: its vCPUs are stopped, its disks
+            // flushed and closed, its last events sent. Closing the control socket says so
+            // (`vmd run` exits on it); only then go guest memory and the KVM VM, whose fd
+            // takes milliseconds to close (the kernel waits for RCU grace periods), so that
+            // nobody waits for that.
+            drop(control);
+            drop(vm);
+            code
+        }
         Err(reason) => {
             tracing::error!("cannot start the VM: {reason}");
             let _ = control.send_event(&Event::Failed { reason });
