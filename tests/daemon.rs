@@ -556,6 +556,7 @@ fn linux_through_the_daemon_logs_its_console_and_stops_with_systemctl() {
         "vmctl",
         "start",
         "penguin",
+        "--define",
         "-k",
         &vmlinux,
         "-m",
