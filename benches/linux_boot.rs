@@ -19,6 +19,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/linux.rs"]
+mod linux;
+use linux::Kernel;
+
 const VMD: &str = env!("CARGO_BIN_EXE_vmd");
 const QEMU: &str = "qemu-system-x86_64";
 const MEMORY_MIB: u32 = 128;
@@ -28,32 +32,6 @@ const READY: &str = "linux-guest: ready";
 const DONE: &str = "linux-guest: done";
 /// Longest a boot may take before the benchmark gives up on it.
 const BOOT_LIMIT: Duration = Duration::from_secs(240);
-
-/// The test kernel: built (or found in the cache) by tests/linux/build.sh.
-struct Kernel {
-    vmlinux: PathBuf,
-    bzimage: PathBuf,
-}
-
-fn build_kernel() -> Kernel {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/linux/build.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{} failed:\n{stdout}{}",
-        script.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let vmlinux = PathBuf::from(stdout.lines().last().expect("build.sh printed nothing"));
-    let bzimage = vmlinux.with_file_name("bzImage");
-    assert!(bzimage.is_file(), "{} was not built", bzimage.display());
-    Kernel { vmlinux, bzimage }
-}
 
 /// One boot's figures.
 #[derive(Clone, Copy)]
@@ -229,7 +207,7 @@ fn main() {
         // SAFETY: still single-threaded; the VMMs started later inherit the variable.
         unsafe { std::env::set_var("VMD_LOG", "warn") };
     }
-    let kernel = build_kernel();
+    let kernel = linux::kernel();
     let scratch = tempfile::tempdir().expect("scratch directory");
 
     let mut vmms = vec![Vmm::Vmd];
@@ -251,7 +229,7 @@ fn main() {
     let mut boots: Vec<Vec<Boot>> = vec![Vec::new(); vmms.len()];
     for _ in 0..runs {
         for (vmm, samples) in vmms.iter().zip(&mut boots) {
-            samples.push(boot(vmm, &kernel, scratch.path()));
+            samples.push(boot(vmm, kernel, scratch.path()));
         }
     }
 

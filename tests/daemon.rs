@@ -1570,27 +1570,30 @@ fn vmctl_load_edit_reload_and_one_console_client() {
 #[test]
 fn the_served_interfaces_match_dbus_xml() {
     let Some(vmd) = Vmd::boot() else { return };
+    let (served, documented) = served_and_documented_xml(&vmd);
+    assert_eq!(api_members(&served), api_members(&documented));
+}
+
+/// The introspection XML the daemon serves for the manager and a VM (`probe`, created here),
+/// and the one in `dbus/`.
+fn served_and_documented_xml(vmd: &Vmd) -> (String, String) {
     vmd.create("probe", "spin", &[]);
-    let mut served = vmd.ok(&[
-        "busctl",
-        "introspect",
-        "--xml-interface",
-        "org.vmd.vmd1",
-        MANAGER,
-    ]);
-    served.push_str(&vmd.ok(&[
-        "busctl",
-        "introspect",
-        "--xml-interface",
-        "org.vmd.vmd1",
-        "/org/vmd/vmd1/vm/probe",
-    ]));
+    let mut served = String::new();
+    for path in [MANAGER, &Vmd::vm_path("probe")] {
+        served.push_str(&vmd.ok(&[
+            "busctl",
+            "introspect",
+            "--xml-interface",
+            "org.vmd.vmd1",
+            path,
+        ]));
+    }
     let documented = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/dbus/org.vmd.vmd1.xml"
     ))
     .expect("xml");
-    assert_eq!(api_members(&served), api_members(&documented));
+    (served, documented)
 }
 
 /// The org.vmd.vmd1 members of introspection XML, one normalized line per method, argument,

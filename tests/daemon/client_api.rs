@@ -481,26 +481,7 @@ fn polkit_lines(xml: &str) -> std::collections::BTreeMap<String, String> {
 #[test]
 fn every_method_says_which_polkit_action_it_needs_in_the_served_xml_and_dbus_xml() {
     let Some(vmd) = Vmd::boot() else { return };
-    vmd.create("probe", "spin", &[]);
-    let mut served = vmd.ok(&[
-        "busctl",
-        "introspect",
-        "--xml-interface",
-        "org.vmd.vmd1",
-        MANAGER,
-    ]);
-    served.push_str(&vmd.ok(&[
-        "busctl",
-        "introspect",
-        "--xml-interface",
-        "org.vmd.vmd1",
-        &Vmd::vm_path("probe"),
-    ]));
-    let documented = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dbus/org.vmd.vmd1.xml"
-    ))
-    .expect("xml");
+    let (served, documented) = served_and_documented_xml(&vmd);
     let served = polkit_lines(&served);
     let documented = polkit_lines(&documented);
     assert!(served.len() >= 17, "{served:?}");
