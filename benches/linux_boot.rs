@@ -7,7 +7,8 @@
 //!
 //! vmd and Firecracker boot the ELF vmlinux; QEMU loads an ELF kernel only through a PVH note,
 //! which this kernel has not (no Xen guest support), so QEMU boots the bzImage (its payload is
-//! uncompressed). Firecracker is `$VMD_BENCH_FIRECRACKER` or `firecracker` on PATH.
+//! uncompressed). Firecracker is `$VMD_BENCH_FIRECRACKER` or `firecracker` on PATH, with
+//! `$VMD_BENCH_FIRECRACKER_ARGS` added to its arguments.
 //!
 //! Run with `cargo bench --bench linux_boot` (`VMD_BENCH_RUNS` sets the boots per VMM, default
 //! 3; a boot takes 10-30 s on a kvm_pvm host). Under `cargo test` no Linux boots unless
@@ -88,7 +89,14 @@ impl Vmm {
                 let mut command = Command::new(binary);
                 command
                     .args(["--no-api", "--level", "Warning", "--config-file"])
-                    .arg(&config);
+                    .arg(&config)
+                    // As in the helper bench: e.g. `--no-seccomp` for a glibc build, whose
+                    // system calls Firecracker's musl filter does not allow.
+                    .args(
+                        std::env::var("VMD_BENCH_FIRECRACKER_ARGS")
+                            .unwrap_or_default()
+                            .split_whitespace(),
+                    );
                 command
             }
         }
