@@ -201,6 +201,7 @@ fn linux_drives_a_qcow2_disk_a_tap_and_entropy() {
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.name, VMD, "run"])
         .args(["--kernel", path_str(&kernel.vmlinux), "--memory", MEMORY])
+        .args(["--cpus", "2"])
         .args(["--cmdline", &cmdline, "--disk", &disk])
         .args(["--net", "tap=lg0", "--entropy"])
         .stdin(Stdio::null())
@@ -221,6 +222,8 @@ fn linux_drives_a_qcow2_disk_a_tap_and_entropy() {
         eprintln!("console: {line}");
     }
     for line in [
+        // The second vCPU, found in vmd's MP table and started with INIT/SIPI.
+        "smp: Brought up 1 node, 2 CPUs",
         "linux-guest: ready",
         // Sector 0 comes from the raw base, through the qcow2 top.
         "linux-guest: vda first byte 42",
