@@ -56,9 +56,14 @@ fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-/// Boots `kernel` under `vmd run` to the end of /init; returns the console, the exit code and
-/// how long the guest took to print its ready line.
-fn boot_with_vmd_run(kernel: &Path) -> (String, Option<i32>, Duration) {
+/// Boots `kernel` under `vmd run` with the kernel command line `cmdline`; once the console
+/// shows `signal_at` (if given), sends `vmd run` a SIGTERM. Returns the console, the exit code
+/// and how long the guest took to print its ready line.
+fn boot_with_vmd_run(
+    kernel: &Path,
+    cmdline: &str,
+    signal_at: Option<&str>,
+) -> (String, Option<i32>, Duration) {
     let started = Instant::now();
     let running = RunningVm::start(
         "",
@@ -68,10 +73,14 @@ fn boot_with_vmd_run(kernel: &Path) -> (String, Option<i32>, Duration) {
             "--memory",
             MEMORY,
             "--cmdline",
-            "console=ttyS0",
+            cmdline,
         ],
     );
     let ready = wait_ready(&running.console, started);
+    if let Some(line) = signal_at {
+        running.console.wait_for(line, BOOT_LIMIT);
+        running.signal(libc::SIGTERM);
+    }
     let finished = running.wait(BOOT_LIMIT);
     (
         format!("{}\nstderr:\n{}", finished.console, finished.stderr),
@@ -110,17 +119,34 @@ fn assert_plain_boot(console: &str) {
     );
 }
 
+/// The ELF kernel, with vmd's ACPI tables: Linux loads the DSDT and finds the fixed-feature
+/// power button; `vmd run`'s SIGTERM presses it, /init (which waits for it, as logind would)
+/// powers off, and Linux's ACPI soft-off through `\_S5` ends `vmd run` with status 0.
 #[test]
-fn the_elf_kernel_boots_to_init_and_reboots() {
+fn the_elf_kernel_boots_to_init_and_powers_off_at_the_power_button() {
     if let Some(reason) = unavailable() {
         eprintln!("SKIPPED: {reason}");
         return;
     }
     let kernel = kernel();
     let _one = one_at_a_time();
-    let (console, code, _) = boot_with_vmd_run(&kernel.vmlinux);
+    let (console, code, _) = boot_with_vmd_run(
+        &kernel.vmlinux,
+        "console=ttyS0 linux_guest_end=power-button",
+        Some("linux-guest: waiting for the power button"),
+    );
     assert_plain_boot(&console);
-    assert_eq!(code, Some(EXIT_REBOOT), "{console}");
+    for line in [
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "ACPI: 1 ACPI AML tables successfully acquired and loaded",
+        "ACPI: PM: (supports S0 S5)",
+        "ACPI: button: Power Button [PWRF]",
+        "linux-guest: power button pressed",
+        "ACPI: PM: Preparing to enter system sleep state S5",
+    ] {
+        assert!(console.contains(line), "no {line:?} in:\n{console}");
+    }
+    assert_eq!(code, Some(0), "{console}");
 }
 
 #[test]
@@ -131,7 +157,7 @@ fn the_bzimage_boots_to_init_and_reboots() {
     }
     let kernel = kernel();
     let _one = one_at_a_time();
-    let (console, code, _) = boot_with_vmd_run(&kernel.bzimage);
+    let (console, code, _) = boot_with_vmd_run(&kernel.bzimage, "console=ttyS0", None);
     assert_plain_boot(&console);
     assert_eq!(code, Some(EXIT_REBOOT), "{console}");
 }
@@ -222,7 +248,7 @@ fn linux_drives_a_qcow2_disk_a_tap_and_entropy() {
         eprintln!("console: {line}");
     }
     for line in [
-        // The second vCPU, found in vmd's MP table and started with INIT/SIPI.
+        // The second vCPU, found in vmd's MADT and started with INIT/SIPI.
         "smp: Brought up 1 node, 2 CPUs",
         "linux-guest: ready",
         // Sector 0 comes from the raw base, through the qcow2 top.

@@ -15,7 +15,9 @@
  *                                                                 -> "linux-guest: net ok"
  * and forks a child that execs /init again (which exits 42), waits for it -> "linux-guest: fork ok".
  * Then it ends the VM: reboot (LINUX_REBOOT_CMD_RESTART; vmd run exits 75) unless the kernel
- * command line says linux_guest_end=poweroff or linux_guest_end=halt.
+ * command line says linux_guest_end=poweroff or linux_guest_end=halt, or
+ * linux_guest_end=power-button: wait until the ACPI power button is pressed (the VMM's graceful
+ * stop), then power off, as systemd-logind would.
  */
 
 #define SYS_read 0
@@ -64,6 +66,12 @@
 #define LINUX_REBOOT_CMD_RESTART 0x01234567
 #define LINUX_REBOOT_CMD_HALT 0xcdef0123
 #define LINUX_REBOOT_CMD_POWER_OFF 0x4321fedc
+
+/* Input events (linux/input-event-codes.h): the ACPI button driver reports the power button as
+ * a KEY_POWER press on its own event device. */
+#define EV_KEY 1
+#define KEY_POWER 116
+#define MAX_EVENT_DEVICES 8
 
 /* Where the vda pattern goes, and how much of it (the test reads it back from the image). */
 #define PATTERN_OFFSET (1L << 20)
@@ -545,8 +553,61 @@ static void check_fork(char *self)
 	say("fork ok", "");
 }
 
+/* struct input_event on x86-64. */
+struct input_event {
+	long tv_sec;
+	long tv_usec;
+	unsigned short type;
+	unsigned short code;
+	int value;
+};
+
+/*
+ * Waits for a press of the ACPI power button: finds the event device whose name is the ACPI
+ * button driver's ("Power Button"), then reads events until KEY_POWER goes down. Returns 0 then,
+ * or -1 without such a device.
+ */
+static int wait_for_power_button(void)
+{
+	char name_path[] = "/sys/class/input/event0/device/name";
+	char device_path[] = "/dev/input/event0";
+	char name[64];
+	struct input_event event;
+	long fd = -1;
+	long n;
+
+	for (int i = 0; i < MAX_EVENT_DEVICES && fd < 0; i++) {
+		name_path[length("/sys/class/input/event")] = (char)('0' + i);
+		device_path[length("/dev/input/event")] = (char)('0' + i);
+		if (read_text(name_path, name, sizeof(name)) != 0 || !starts_with(name, "Power Button"))
+			continue;
+		fd = sys3(SYS_open, device_path, O_RDONLY | O_CLOEXEC, 0);
+		if (fd < 0)
+			fail("open the power button's event device", fd);
+	}
+	if (fd < 0) {
+		say("no power button", "");
+		return -1;
+	}
+	say("waiting for the power button", "");
+	for (;;) {
+		n = sys3(SYS_read, fd, &event, sizeof(event));
+		if (n != (long)sizeof(event)) {
+			fail("read the power button's events", n);
+			sys3(SYS_close, fd, 0, 0);
+			return -1;
+		}
+		if (event.type == EV_KEY && event.code == KEY_POWER && event.value == 1)
+			break;
+	}
+	sys3(SYS_close, fd, 0, 0);
+	say("power button pressed", "");
+	return 0;
+}
+
 static void init_main(long argc, char **argv, char **envp)
 {
+	int power_button = 0;
 	char uptime[64];
 	unsigned int end = LINUX_REBOOT_CMD_RESTART;
 
@@ -558,6 +619,8 @@ static void init_main(long argc, char **argv, char **envp)
 			end = LINUX_REBOOT_CMD_POWER_OFF;
 		else if (starts_with(*e, "linux_guest_end=halt"))
 			end = LINUX_REBOOT_CMD_HALT;
+		else if (starts_with(*e, "linux_guest_end=power-button"))
+			power_button = 1;
 	}
 
 	sys3(SYS_mkdir, "/dev", 0755, 0);
@@ -578,6 +641,8 @@ static void init_main(long argc, char **argv, char **envp)
 	check_fork(argv[0]);
 
 	say("done", "");
+	if (power_button)
+		end = wait_for_power_button() == 0 ? LINUX_REBOOT_CMD_POWER_OFF : LINUX_REBOOT_CMD_HALT;
 	sys3(SYS_sync, 0, 0, 0);
 	sys4(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, end, 0);
 	fail("reboot", 0);
