@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use vmd::cli::run::RunArgs;
 use vmd::helper::HelperOptions;
 use vmd::helper::listen_fds;
-use vmd::sandbox::SandboxMode;
+use vmd::sandbox::{Account, SandboxMode};
 
 /// vmd runs virtual machines on KVM, each in its own sandboxed helper process.
 #[derive(Parser)]
@@ -35,6 +35,10 @@ enum Command {
         /// The VM's name, for the logs (VM_NAME= in the journal).
         #[arg(long)]
         name: Option<String>,
+        /// The account to switch to (NAME:UID:GID), as the launcher resolved it; without it
+        /// the helper looks the account up itself.
+        #[arg(long, value_parser = Account::from_argument)]
+        account: Option<Account>,
     },
 }
 
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
             no_sandbox,
             probe_sandbox,
             name,
+            account,
         } => {
             // The passed fds come first, before anything else here opens an fd (logging may
             // connect to the journal): an fd number LISTEN_FDS claims but the launcher did not
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
                         SandboxMode::Enforce
                     },
                     probe_sandbox,
+                    account,
                 },
                 console_journal,
             )

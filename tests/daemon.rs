@@ -3052,6 +3052,16 @@ fn vms_on_a_switch_answer_the_host_and_a_spoofing_guest_reaches_nobody() {
             "{field} of the helper: {status}"
         );
     }
+    // It runs as vmd-vm, which the daemon looked up once and handed over (`--account`).
+    let passwd = vmd.ok(&["getent", "passwd", "vmd-vm"]);
+    let uid = passwd.split(':').nth(2).expect("uid field");
+    let uids = format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}");
+    assert!(status.contains(&uids), "no {uids:?} in {status}");
+    let cmdline = vmd.ok(&["cat", &format!("/proc/{leader}/cmdline")]);
+    assert!(
+        cmdline.contains(&format!("--account\0vmd-vm:{uid}:")),
+        "{cmdline:?}"
+    );
     let ports = ports_of_the_bridge(&vmd);
     for tap in ["vt-web", "vt-db", "vt-spoof"] {
         assert!(

@@ -26,8 +26,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork};
 use vmd::sandbox::{
-    FALLBACK_USER, LockDownError, SANDBOX_USER, SandboxMode, ThreadKind, apply_seccomp,
-    lock_down_process,
+    Account, FALLBACK_USER, LockDownError, ResolveUserError, SANDBOX_USER, SandboxMode, ThreadKind,
+    apply_seccomp, lock_down_process,
 };
 
 /// Serializes forks (and everything a child inherits) across the tests of this file.
@@ -211,7 +211,7 @@ fn lock_down_denies_paths_network_and_root() {
             return Err(format!("PR_SET_PDEATHSIG: errno {}", errno()));
         }
 
-        let lock = lock_down_process(SandboxMode::Enforce)
+        let lock = lock_down_process(SandboxMode::Enforce, None)
             .map_err(|e| format!("lock_down_process: {}", chain(&e)))?;
         report.say(&lock.to_string());
 
@@ -338,7 +338,7 @@ fn lock_down_disabled_changes_nothing() {
         return;
     }
     let outcome = in_child(|_report| {
-        let lock = lock_down_process(SandboxMode::Disabled)
+        let lock = lock_down_process(SandboxMode::Disabled, None)
             .map_err(|e| format!("lock_down_process: {}", chain(&e)))?;
         if lock.mode != SandboxMode::Disabled || lock.landlock.is_some() || lock.account.is_some() {
             return Err(format!("unexpected report {lock:?}"));
@@ -360,6 +360,61 @@ fn lock_down_disabled_changes_nothing() {
     outcome.assert_success();
 }
 
+/// A launcher resolves the account once and hands it over (`vmd vm --account`): the helper
+/// switches to exactly that account without a passwd lookup of its own.
+#[test]
+fn lock_down_switches_to_the_account_its_launcher_gave() {
+    if !require_root() {
+        return;
+    }
+    let given = Account {
+        name: "given".into(),
+        uid: 64_123,
+        gid: 64_124,
+    };
+    let outcome = in_child(move |report| {
+        let lock = lock_down_process(SandboxMode::Enforce, Some(given.clone()))
+            .map_err(|e| format!("lock_down_process: {}", chain(&e)))?;
+        report.say(&lock.to_string());
+        if lock.account.as_ref() != Some(&given) || (lock.uid, lock.gid) != (64_123, 64_124) {
+            return Err(format!("switched to {:?}, wanted {given:?}", lock.account));
+        }
+        let ids = nix::unistd::getresuid().map_err(|e| e.to_string())?;
+        if ids.real.as_raw() != 64_123 || ids.effective.as_raw() != 64_123 {
+            return Err(format!("uids are {ids:?}"));
+        }
+        Ok(())
+    });
+    outcome.assert_success();
+}
+
+/// A given account with uid or gid 0 is refused before anything is changed.
+#[test]
+fn lock_down_refuses_a_given_root_account() {
+    if !require_root() {
+        return;
+    }
+    let outcome = in_child(|_report| {
+        for (uid, gid) in [(0, 64_124), (64_123, 0)] {
+            let root = Account {
+                name: "root-ish".into(),
+                uid,
+                gid,
+            };
+            match lock_down_process(SandboxMode::Enforce, Some(root)) {
+                Err(LockDownError::ResolveUser(ResolveUserError::Privileged(_))) => {}
+                other => return Err(format!("expected Privileged, got {other:?}")),
+            }
+        }
+        File::open("/etc/hostname").map_err(|e| format!("/etc/hostname: {e}"))?;
+        if !nix::unistd::getuid().is_root() {
+            return Err("no longer root".into());
+        }
+        Ok(())
+    });
+    outcome.assert_success();
+}
+
 #[test]
 fn lock_down_refuses_a_multithreaded_process() {
     if !require_root() {
@@ -368,7 +423,7 @@ fn lock_down_refuses_a_multithreaded_process() {
     let outcome = in_child(|_report| {
         let (sender, receiver) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || receiver.recv());
-        let result = lock_down_process(SandboxMode::Enforce);
+        let result = lock_down_process(SandboxMode::Enforce, None);
         drop(sender);
         let _ = thread.join();
         match result {
@@ -738,7 +793,7 @@ fn helper_threads_live_and_exit_under_the_sandbox() {
     let outcome = in_child(|report| {
         // Like the VcpuFd: opened before, owned by the vCPU thread, closed when it ends.
         let owned_fd = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-        let lock = lock_down_process(SandboxMode::Enforce)
+        let lock = lock_down_process(SandboxMode::Enforce, None)
             .map_err(|e| format!("lock_down_process: {}", chain(&e)))?;
         report.say(&lock.to_string());
         // The kick signal's handler, installed before the filters (no rt_sigaction after).
@@ -827,7 +882,7 @@ fn kvm_works_under_the_sandbox() {
             .write(true)
             .open("/dev/kvm")
             .map_err(|e| format!("/dev/kvm: {e}"))?;
-        lock_down_process(SandboxMode::Enforce)
+        lock_down_process(SandboxMode::Enforce, None)
             .map_err(|e| format!("lock_down_process: {}", chain(&e)))?;
         // fds KVM creates after the lock-down work too.
         // SAFETY: KVM_CREATE_VM takes a machine type, no pointer.

@@ -244,7 +244,9 @@ async fn vm_to_adopt(
 }
 
 async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<()> {
-    let launcher = Launcher::current_executable().context("cannot open the vmd executable")?;
+    let launcher = Launcher::current_executable()
+        .context("cannot open the vmd executable")?
+        .resolve_account();
     let bus = zbus::connection::Builder::system()
         .build()
         .await

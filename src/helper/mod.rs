@@ -17,7 +17,7 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use crate::devices::console_journal::ConsoleJournal;
 use crate::devices::virtio::worker::{WorkerKind, WorkerSetup};
 use crate::protocol::{ControlChannel, Event, Request, VmConfig};
-use crate::sandbox::{self, SandboxMode, ThreadKind};
+use crate::sandbox::{self, Account, SandboxMode, ThreadKind};
 use crate::vmm::vcpu::install_kick_handler;
 use crate::vmm::vm::{DiskFiles, MachineConfig, MachineFiles, build_vm};
 use listen_fds::{FdIntakeFailure, FdName, ReceivedFds};
@@ -28,11 +28,13 @@ pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_REBOOT: i32 = 75;
 
 /// Command-line options of `vmd vm`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HelperOptions {
     pub sandbox: SandboxMode,
     /// Test aid: after the lock-down, try to open paths and report on stderr what happened.
     pub probe_sandbox: bool,
+    /// The account to switch to, as the launcher resolved it; looked up here without one.
+    pub account: Option<Account>,
 }
 
 /// Runs the helper on the fds `listen_fds::take_listen_fds` took (or the reason it refused
@@ -106,7 +108,8 @@ fn start(
     // thread inherits the mask and only the loop's signalfd sees them.
     let signals = event_loop::block_termination_signals().map_err(|e| e.to_string())?;
 
-    let report = sandbox::lock_down_process(options.sandbox).map_err(|e| error_chain(&e))?;
+    let report = sandbox::lock_down_process(options.sandbox, options.account.clone())
+        .map_err(|e| error_chain(&e))?;
     tracing::debug!("sandbox: {report:?}");
     if options.probe_sandbox {
         probe_sandbox(&mut fds);

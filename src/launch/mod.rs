@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use crate::helper::event_loop::handled_signals;
 use crate::helper::listen_fds::LISTEN_FDS_START;
 use crate::protocol::ControlChannel;
+use crate::sandbox::{Account, resolve_target_account};
 
 /// Errors from starting a helper.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +63,16 @@ pub enum LaunchError {
 /// Starts helpers from one executable, opened once.
 pub struct Launcher {
     executable: OwnedFd,
+    /// The account helpers switch to, when [`Launcher::resolve_account`] looked it up once for
+    /// all of them (`vmd vm --account`); otherwise each helper looks it up itself.
+    account: Option<Account>,
 }
 
 /// What to pass to a helper besides the control socket, which the launcher creates itself.
 pub struct HelperSpawn {
     /// Named fds, in order; they become fds 4.. in the helper (3 is `control`).
     pub fds: Vec<(String, OwnedFd)>,
-    /// Arguments after the program name, e.g. `["vm"]`.
+    /// Arguments after the program name, starting with `vm` (the launcher adds `--account`).
     pub args: Vec<String>,
 }
 
@@ -118,7 +122,27 @@ impl Launcher {
                     source,
                 }
             })?;
-        Ok(Launcher { executable })
+        Ok(Launcher {
+            executable,
+            account: None,
+        })
+    }
+
+    /// Looks up the account helpers switch to once, here, and hands it to every helper: a
+    /// long-lived launcher (the daemon) saves each start the passwd lookup through NSS, which
+    /// loads its modules and probes the userdb directories every time. Nothing is handed over
+    /// when the launcher does not run as root or the lookup fails: each helper then looks the
+    /// account up itself and reports a failure as its own. A one-shot launcher (`vmd run`) gains
+    /// nothing from it: the lookup would only move from its helper to itself.
+    pub fn resolve_account(mut self) -> Self {
+        self.account = match resolve_target_account() {
+            Ok(account) => account,
+            Err(err) => {
+                tracing::warn!("helpers will look their account up themselves: {err}");
+                None
+            }
+        };
+        self
     }
 
     /// Forks and execs a helper with `spawn.fds` passed as LISTEN_FDS after `control`.
@@ -138,6 +162,10 @@ impl Launcher {
         let mut argv = vec![program];
         for arg in spawn.args {
             argv.push(CString::new(arg).map_err(|_| LaunchError::NulByte)?);
+        }
+        if let Some(account) = &self.account {
+            argv.push(c"--account".into());
+            argv.push(CString::new(account.to_argument()).map_err(|_| LaunchError::NulByte)?);
         }
         let mut env = environment_without_listen_vars()?;
         env.push(

@@ -54,7 +54,7 @@ use std::fmt;
 pub use self::landlock::{LANDLOCK_ABI, LandlockError, LandlockReport};
 pub use self::privileges::{
     Account, DropPrivilegesError, FALLBACK_USER, ResolveUserError, SANDBOX_USER,
-    resolve_target_account,
+    resolve_target_account, target_account,
 };
 pub use self::seccomp::{SeccompError, ThreadKind, apply_seccomp};
 
@@ -141,7 +141,13 @@ pub enum LockDownError {
 /// landlock, capabilities and prctl act per thread, threads spawned later inherit.
 ///
 /// Irreversible. On error the process is left partly locked down and should exit.
-pub fn lock_down_process(mode: SandboxMode) -> Result<LockDownReport, LockDownError> {
+///
+/// `account` is the account a launcher resolved for the helper ([`resolve_target_account`]);
+/// without one it is looked up here.
+pub fn lock_down_process(
+    mode: SandboxMode,
+    account: Option<Account>,
+) -> Result<LockDownReport, LockDownError> {
     if mode == SandboxMode::Disabled {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
         tracing::warn!("sandbox disabled: not restricting the VM helper");
@@ -163,7 +169,7 @@ pub fn lock_down_process(mode: SandboxMode) -> Result<LockDownReport, LockDownEr
     if threads != 1 {
         return Err(LockDownError::NotSingleThreaded(threads));
     }
-    let target = privileges::resolve_target_account().map_err(LockDownError::ResolveUser)?;
+    let target = privileges::target_account(account).map_err(LockDownError::ResolveUser)?;
     let parent_death_signal =
         privileges::parent_death_signal().map_err(LockDownError::DropPrivileges)?;
 

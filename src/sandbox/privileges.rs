@@ -33,6 +33,32 @@ impl fmt::Display for Account {
     }
 }
 
+impl Account {
+    /// The account as `vmd vm --account` takes it: `NAME:UID:GID` (a passwd name has no `:`).
+    pub fn to_argument(&self) -> String {
+        format!("{}:{}:{}", self.name, self.uid, self.gid)
+    }
+
+    /// Parses [`Account::to_argument`]'s form.
+    pub fn from_argument(text: &str) -> Result<Account, String> {
+        let bad = || format!("{text:?} is not NAME:UID:GID");
+        let mut parts = text.split(':');
+        let (Some(name), Some(uid), Some(gid), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        if name.is_empty() {
+            return Err(bad());
+        }
+        Ok(Account {
+            name: name.to_string(),
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 /// Errors from choosing the account a root helper switches to.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveUserError {
@@ -107,13 +133,11 @@ pub enum DropPrivilegesError {
 /// The account to switch to if the process runs as root (any of its real, effective or saved
 /// uids is 0), else `None` (an unprivileged helper keeps its ids: it cannot change them).
 ///
-/// Must run before landlock: it reads the passwd database.
+/// Reads the passwd database. A launcher resolves it once and hands it to each helper
+/// (`vmd vm --account`), which then only checks it with [`target_account`]: the lookup goes
+/// through NSS, which loads modules and probes userdb directories at every call.
 pub fn resolve_target_account() -> Result<Option<Account>, ResolveUserError> {
-    let uids = nix::unistd::getresuid().map_err(ResolveUserError::GetIds)?;
-    if ![uids.real, uids.effective, uids.saved]
-        .iter()
-        .any(|uid| uid.is_root())
-    {
+    if !runs_as_root()? {
         return Ok(None);
     }
     let user = match look_up(SANDBOX_USER)? {
@@ -125,10 +149,35 @@ pub fn resolve_target_account() -> Result<Option<Account>, ResolveUserError> {
         uid: user.uid.as_raw(),
         gid: user.gid.as_raw(),
     };
+    unprivileged(account).map(Some)
+}
+
+/// The account to switch to, as [`resolve_target_account`] says, or `given` by the launcher
+/// (which resolved it with the same rules): `None` unless the process runs as root, and never an
+/// account with uid or gid 0.
+///
+/// Must run before landlock when nothing is given: the lookup reads the passwd database.
+pub fn target_account(given: Option<Account>) -> Result<Option<Account>, ResolveUserError> {
+    match given {
+        None => resolve_target_account(),
+        Some(_) if !runs_as_root()? => Ok(None),
+        Some(account) => unprivileged(account).map(Some),
+    }
+}
+
+/// Whether any of the process's real, effective or saved uids is 0.
+fn runs_as_root() -> Result<bool, ResolveUserError> {
+    let uids = nix::unistd::getresuid().map_err(ResolveUserError::GetIds)?;
+    Ok([uids.real, uids.effective, uids.saved]
+        .iter()
+        .any(|uid| uid.is_root()))
+}
+
+fn unprivileged(account: Account) -> Result<Account, ResolveUserError> {
     if account.uid == 0 || account.gid == 0 {
         return Err(ResolveUserError::Privileged(account));
     }
-    Ok(Some(account))
+    Ok(account)
 }
 
 fn look_up(name: &'static str) -> Result<Option<User>, ResolveUserError> {
