@@ -13,7 +13,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, G
 
 use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Errors from [`create_guest_memory`].
+/// Errors from [`map_guest_memory`] and [`register_guest_memory`].
 #[derive(Debug, thiserror::Error)]
 pub enum GuestMemoryError {
     #[error("cannot create the memfd for guest RAM")]
@@ -32,6 +32,8 @@ pub enum GuestMemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("the thread registering guest memory with KVM panicked")]
+    RegistrationPanicked,
 }
 
 /// The guest-physical ranges that hold `size` bytes of RAM: below the MMIO gap first, the rest
@@ -47,8 +49,9 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Creates `size` bytes of guest RAM in a memfd, maps it, and registers every region with KVM.
-pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, GuestMemoryError> {
+/// Creates `size` bytes of guest RAM in a memfd and maps it. KVM does not know it yet:
+/// [`register_guest_memory`] tells it.
+pub fn map_guest_memory(size: u64) -> Result<GuestMemoryMmap, GuestMemoryError> {
     let memfd =
         memfd_create(c"vmd-guest-ram", MFdFlags::MFD_CLOEXEC).map_err(GuestMemoryError::Memfd)?;
     // Going through a raw fd keeps the File and the OwnedFd from both owning it.
@@ -71,8 +74,17 @@ pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Gues
         ));
         file_offset += len;
     }
-    let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(GuestMemoryError::Map)?;
+    GuestMemoryMmap::from_ranges_with_files(regions).map_err(GuestMemoryError::Map)
+}
 
+/// Registers every region of `memory` with KVM, as memory slots 0, 1...
+///
+/// The caller must keep `memory` mapped for as long as `vm` exists (`Vm` holds both).
+///
+/// Each new slot makes KVM wait for an SRCU grace period before the ioctl returns: 4-10 ms on a
+/// kvm_pvm host whatever the size, while the thread sleeps. `build_vm` runs this on a thread of
+/// its own meanwhile.
+pub fn register_guest_memory(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
     for (slot, region) in (0u32..).zip(memory.iter()) {
         let guest_addr = region.start_addr().0;
         let size = region.len();
@@ -94,7 +106,7 @@ pub fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, Gues
             }
         })?;
     }
-    Ok(memory)
+    Ok(())
 }
 
 #[cfg(test)]

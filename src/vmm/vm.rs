@@ -75,6 +75,8 @@ pub struct DiskFiles {
 /// Errors from [`build_vm`], one per stage.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildVmError {
+    #[error("cannot start the thread that registers guest memory with KVM")]
+    Thread(#[source] std::io::Error),
     #[error("/dev/kvm speaks API version {0}, not {KVM_API_VERSION}")]
     KvmApiVersion(i32),
     #[error("this host supports at most {max} vCPUs, {wanted} asked")]
@@ -196,7 +198,7 @@ pub fn build_vm(
 ) -> Result<Vm, BuildVmError> {
     let MachineFiles {
         kvm,
-        mut kernel,
+        kernel,
         initrd,
         console,
         console_journal,
@@ -241,9 +243,68 @@ pub fn build_vm(
         })
         .map_err(BuildVmError::Irqchip)?;
 
-    let memory =
-        memory::create_guest_memory(&vm_fd, config.memory_bytes).map_err(BuildVmError::Memory)?;
+    let memory = memory::map_guest_memory(config.memory_bytes).map_err(BuildVmError::Memory)?;
+    // Registering the memory with KVM sleeps through an SRCU grace period (4-10 ms on a kvm_pvm
+    // host, most of a helper's start), and nothing until the vCPUs run needs the slot: devices,
+    // boot data and vCPUs are set up meanwhile. (Only ioeventfd registration takes KVM's slots
+    // lock too, and waits for the registration.) Both threads end before the VM is returned.
+    std::thread::scope(|scope| {
+        let registration = std::thread::Builder::new()
+            .name("vmd-memslots".into())
+            .spawn_scoped(scope, || memory::register_guest_memory(&vm_fd, &memory))
+            .map_err(BuildVmError::Thread)?;
+        let furnished = furnish_vm(
+            config,
+            FurnishParts {
+                kvm,
+                vm_fd: vm_fd.clone(),
+                memory: memory.clone(),
+                kernel,
+                initrd,
+                console,
+                console_journal,
+                disks,
+                taps,
+                worker_setup,
+            },
+        );
+        let registered = registration
+            .join()
+            .unwrap_or(Err(GuestMemoryError::RegistrationPanicked));
+        let vm = furnished?;
+        registered.map_err(BuildVmError::Memory)?;
+        Ok(vm)
+    })
+}
 
+/// What [`furnish_vm`] builds the rest of the VM from.
+struct FurnishParts {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    kernel: File,
+    initrd: Option<File>,
+    console: Option<OwnedFd>,
+    console_journal: Option<ConsoleJournal>,
+    disks: Vec<DiskFiles>,
+    taps: Vec<File>,
+    worker_setup: WorkerSetup,
+}
+
+/// Everything after the VM and its memory exist: devices, boot data and vCPUs.
+fn furnish_vm(config: &MachineConfig, parts: FurnishParts) -> Result<Vm, BuildVmError> {
+    let FurnishParts {
+        kvm,
+        vm_fd,
+        memory,
+        mut kernel,
+        initrd,
+        console,
+        console_journal,
+        disks,
+        taps,
+        worker_setup,
+    } = parts;
     let stop = Arc::new(StopSignal::new().map_err(BuildVmError::EventFd)?);
     let (pio, devices) = attach_legacy_devices(&vm_fd, console, console_journal, &stop)?;
     let pio = Arc::new(pio);
