@@ -149,7 +149,10 @@ fn main() {
         // SAFETY: still single-threaded; the helpers inherit the variable.
         unsafe { std::env::set_var("VMD_LOG", "warn") };
     }
-    let launcher = Launcher::from_path(Path::new(VMD)).expect("vmd binary");
+    // As the daemon launches: the helpers' account looked up once, here.
+    let launcher = Launcher::from_path(Path::new(VMD))
+        .expect("vmd binary")
+        .resolve_account();
 
     let mut first = Vec::new();
     let mut total = Vec::new();
