@@ -130,7 +130,10 @@ fn reboot_and_reset_restart_the_vm_shutdown_of_a_stopped_vm_and_kill_then_remove
     console_lines.wait_for("testguest: spin heartbeat", LIMIT);
     // Graceful: the guest (spin powers off on the power button) is asked, and comes back.
     vmd.call("bounce", "Reboot");
-    assert_eq!(vmd.property("bounce", "State"), "running");
+    // The VM never stops on the way: the guest may already be powered off and the next helper
+    // starting by now.
+    let state = vmd.property("bounce", "State");
+    assert!(["running", "starting"].contains(&state.as_str()), "{state}");
     let start = Instant::now();
     while vmd.property("bounce", "Restarts") != "1" {
         assert!(start.elapsed() < LIMIT, "no restart after Reboot");
