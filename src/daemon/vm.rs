@@ -1084,15 +1084,14 @@ async fn handle_event(
                 client_socket.as_ref().map(|s| s.as_fd()),
                 transient_toml.as_deref(),
             );
-            if machined::available(manager.bus()).await
-                && let Err(err) = machined::register(
-                    manager.bus(),
-                    &vm.name,
-                    definition.uuid,
-                    leader,
-                    network::ifindices(&vm.name, &definition.interfaces),
-                )
-                .await
+            if let Err(err) = machined::register(
+                manager.bus(),
+                &vm.name,
+                definition.uuid,
+                leader,
+                network::ifindices(&vm.name, &definition.interfaces),
+            )
+            .await
             {
                 tracing::warn!(
                     "VM {}: cannot register with systemd-machined: {err}",
