@@ -17,6 +17,8 @@ use zbus_systemd::systemd1::ManagerProxy;
 pub const MEMORY_OVERHEAD_BYTES: u64 = 128 << 20;
 /// Tasks beyond one thread per vCPU: the VMM thread and some slack.
 pub const TASKS_OVERHEAD: u64 = 16;
+/// The scope's CPUWeight: systemd's default (see `Scopes::start`).
+const CPU_WEIGHT: u64 = 100;
 /// How long systemd may take to create the scope.
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a previous scope of the same name may take to be collected.
@@ -235,6 +237,12 @@ impl Scopes {
                 "DevicePolicy".to_string(),
                 variant(Variant::from("strict"))?,
             ),
+            // The default weight, set so that systemd puts the scope (and so machine.slice
+            // and its siblings) under CPU control wherever it does not already: the VMs then
+            // share the CPU with the host's services as one slice, instead of every busy vCPU
+            // thread weighing as much as systemd, the bus daemon, machined or vmd, which many
+            // spinning guests would otherwise starve (and every VM start waits on them).
+            ("CPUWeight".to_string(), variant(Variant::from(CPU_WEIGHT))?),
         ];
         // The VM runs no helper now, so a scope of the same name is stale: a previous helper's
         // on its way out (systemd collects it asynchronously), or one that stayed (its helper
