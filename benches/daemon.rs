@@ -5,7 +5,8 @@
 //! daemon runs in a private systemd (tests/systemd_box) with the package installed; this process
 //! talks to it over that systemd's system bus, as a D-Bus client on the host.
 //!
-//! Run with `cargo bench --bench daemon` as root (`VMD_BENCH_RUNS` sets the repeat count).
+//! Run with `cargo bench --bench daemon` as root (`VMD_BENCH_RUNS` sets the repeat count,
+//! `VMD_BENCH_VMS` the number of VMs started at once).
 //! Under `cargo test` it runs once, with 3 VMs for the density figures.
 
 #[path = "../tests/systemd_box/mod.rs"]
@@ -22,7 +23,8 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 const GUEST: &str = "/var/lib/vmd-bench/testguest.elf";
 const DEB: &str = "/var/cache/vmd-bench/vmd.deb";
-/// VMs started at once for the density figures (`cargo bench`); 3 under `cargo test`.
+/// VMs started at once for the density figures (`cargo bench`, unless `VMD_BENCH_VMS` says
+/// otherwise); 3 under `cargo test`.
 const DENSITY_VMS: usize = 100;
 /// What the issue asks of the density figures.
 const DENSITY_TARGET: Duration = Duration::from_secs(10);
@@ -43,7 +45,15 @@ fn main() {
     } else {
         1
     };
-    let concurrent_vms = if bench { DENSITY_VMS } else { 3 };
+    let concurrent_vms = if bench {
+        std::env::var("VMD_BENCH_VMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&vms| vms > 0)
+            .unwrap_or(DENSITY_VMS)
+    } else {
+        3
+    };
     let firecracker_first_byte = firecracker_first_byte(runs);
     if let Err(reason) = SystemdBox::supported() {
         println!("daemon benchmark skipped: cannot boot a private systemd here: {reason}");

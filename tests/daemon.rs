@@ -363,6 +363,12 @@ fn a_vm_through_its_whole_life_with_busctl_gdbus_systemctl_machinectl_and_journa
             .trim(),
         "18"
     );
+    // Under CPU control (the default weight), so that busy guests share the CPU as one slice.
+    assert_eq!(
+        vmd.ok(&["systemctl", "show", "-P", "CPUWeight", "vmd-web-1.scope"])
+            .trim(),
+        "100"
+    );
     let pids = vmd.ok(&["systemctl", "show", "-P", "ControlGroup", "vmd-web-1.scope"]);
     let procs = vmd.ok(&[
         "cat",

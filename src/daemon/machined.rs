@@ -29,16 +29,20 @@ pub async fn available(bus: &Connection) -> bool {
 /// Registers `leader` (the helper, already in its scope) as machine `name`, class `vm`, with
 /// the host side of its network interfaces (`ifindices`, which `machinectl status` lists).
 /// machined follows the leader's unit: stopping the scope ends the registration, and
-/// `machinectl terminate` stops the scope.
+/// `machinectl terminate` stops the scope. `Ok(false)`: there is no machined (it neither runs
+/// nor can the bus start it), so the VM is not registered.
+///
+/// No [`available`] first: the call itself starts machined or finds it missing, and each
+/// round trip on a VM's start path waits for the bus daemon, which every starting VM shares.
 pub async fn register(
     bus: &Connection,
     name: &str,
     uuid: uuid::Uuid,
     leader: u32,
     ifindices: Vec<i32>,
-) -> Result<(), zbus::Error> {
+) -> Result<bool, zbus::Error> {
     let machined = ManagerProxy::new(bus).await?;
-    machined
+    let registered = machined
         .register_machine_with_network(
             name.to_string(),
             uuid.as_bytes().to_vec(),
@@ -48,8 +52,28 @@ pub async fn register(
             String::new(),
             ifindices,
         )
-        .await?;
-    Ok(())
+        .await;
+    match registered {
+        Ok(_) => Ok(true),
+        Err(err) if is_missing_service(&err) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// The bus's answer to a call for a name that nobody owns and no service file provides.
+fn is_missing_service(error: &zbus::Error) -> bool {
+    const MISSING: [&str; 2] = [
+        "org.freedesktop.DBus.Error.ServiceUnknown",
+        "org.freedesktop.DBus.Error.NameHasNoOwner",
+    ];
+    match error {
+        zbus::Error::MethodError(name, _, _) => MISSING.contains(&name.as_str()),
+        zbus::Error::FDO(error) => matches!(
+            **error,
+            zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+        ),
+        _ => false,
+    }
 }
 
 /// How long [`wait_until_forgotten`] waits for machined to let go of a machine.

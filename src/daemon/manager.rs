@@ -27,6 +27,7 @@ use super::errors::VmdError;
 use super::host_files::Rights;
 use super::notify;
 use super::read_only::ReadOnlyChecked;
+use super::scope::Scopes;
 use super::state_file::{StateFiles, StateRecord};
 use super::store::{Origin, Store};
 use super::vm::{Change, LifecycleError, Property, Shown, Vm, VmState};
@@ -36,6 +37,8 @@ use crate::launch::Launcher;
 pub struct Manager {
     /// The system bus: systemd, machined, and the service name.
     bus: Connection,
+    /// The VMs' scopes, through systemd on `bus`.
+    scopes: Scopes,
     /// Connections the objects are served on: the system bus and peer-to-peer clients of
     /// vmd.sock.
     servers: Mutex<Vec<Connection>>,
@@ -54,6 +57,7 @@ pub struct Manager {
 impl Manager {
     pub fn new(
         bus: Connection,
+        scopes: Scopes,
         store: Store,
         states: StateFiles,
         launcher: Launcher,
@@ -61,6 +65,7 @@ impl Manager {
         let (changes, receiver) = mpsc::unbounded_channel();
         let manager = Arc::new(Manager {
             bus,
+            scopes,
             servers: Mutex::new(Vec::new()),
             vms: Mutex::new(BTreeMap::new()),
             store,
@@ -79,6 +84,10 @@ impl Manager {
 
     pub fn bus(&self) -> &Connection {
         &self.bus
+    }
+
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
     }
 
     pub fn launcher(&self) -> &Launcher {

@@ -251,12 +251,12 @@ async fn run(options: DaemonOptions, activation: Activation) -> anyhow::Result<(
         .build()
         .await
         .context("cannot connect to the system bus")?;
-    scope::subscribe(&bus)
+    let scopes = scope::Scopes::follow(&bus)
         .await
         .context("cannot subscribe to systemd's job signals")?;
     let store = Store::new(options.config_dir.clone(), options.state_dir.clone());
     let states = state_file::StateFiles::new(options.vm_state_dir.clone());
-    let manager = Manager::new(bus.clone(), store, states, launcher);
+    let manager = Manager::new(bus.clone(), scopes, store, states, launcher);
     manager.load_definitions().await;
     adopt_stored_vms(&manager, activation.stored_vms).await;
     manager.settle_unadopted();

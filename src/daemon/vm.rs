@@ -788,7 +788,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
         tracing::debug!("VM {}: helper ended: {outcome:?}", vm.name);
         // A scope whose helper died before systemd moved it there stays active with no task
         // (and would refuse the next start with UnitExists): make sure it goes.
-        if let Err(err) = scope::stop_scope(manager.bus(), &vm.name).await {
+        if let Err(err) = manager.scopes().stop(&vm.name).await {
             tracing::warn!("VM {}: {}", vm.name, error_chain(&err));
         }
         if machined::available(manager.bus()).await {
@@ -939,7 +939,7 @@ async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
         memory_bytes: definition.memory_bytes,
         vcpus: definition.vcpus,
     };
-    match scope::start_scope(manager.bus(), &request).await {
+    match manager.scopes().start(&request).await {
         Ok(unit) => {
             let _ = vm.change(manager, None, |runtime| runtime.unit = unit);
         }
@@ -1084,15 +1084,14 @@ async fn handle_event(
                 client_socket.as_ref().map(|s| s.as_fd()),
                 transient_toml.as_deref(),
             );
-            if machined::available(manager.bus()).await
-                && let Err(err) = machined::register(
-                    manager.bus(),
-                    &vm.name,
-                    definition.uuid,
-                    leader,
-                    network::ifindices(&vm.name, &definition.interfaces),
-                )
-                .await
+            if let Err(err) = machined::register(
+                manager.bus(),
+                &vm.name,
+                definition.uuid,
+                leader,
+                network::ifindices(&vm.name, &definition.interfaces),
+            )
+            .await
             {
                 tracing::warn!(
                     "VM {}: cannot register with systemd-machined: {err}",
