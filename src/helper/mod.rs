@@ -133,6 +133,7 @@ fn start(
     config
         .validate()
         .map_err(|e| format!("invalid configuration: {e}"))?;
+    let kvm = fds.take(FdName::Kvm).ok_or("no kvm fd")?;
     let mut files = machine_files(&mut fds, &config)?;
     files.console_journal = console_journal.map(|socket| ConsoleJournal::new(socket, &config.name));
     let mode = options.sandbox;
@@ -144,8 +145,8 @@ fn start(
         };
         sandbox::apply_seccomp(thread, mode).map_err(|e| error_chain(&e))
     });
-    let mut vm =
-        build_vm(&machine_config(&config), files, worker_setup).map_err(|e| error_chain(&e))?;
+    let mut vm = build_vm(&machine_config(&config), kvm, files, worker_setup)
+        .map_err(|e| error_chain(&e))?;
 
     install_kick_handler().map_err(|e| format!("cannot install the vCPU kick handler: {e}"))?;
     let vcpus = vm
@@ -178,7 +179,6 @@ fn machine_config(config: &VmConfig) -> MachineConfig {
 /// Takes the fds the configuration calls for; the intake already refused unknown names, and
 /// here a disk fd without a configuration (or the reverse) is refused too.
 fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFiles, String> {
-    let kvm = fds.take(FdName::Kvm).ok_or("no kvm fd")?;
     let kernel = File::from(fds.take(FdName::Kernel).ok_or("no kernel fd")?);
     let initrd = fds.take(FdName::Initrd).map(File::from);
     let console = fds.take(FdName::Console).map(set_nonblocking).transpose()?;
@@ -219,7 +219,6 @@ fn machine_files(fds: &mut ReceivedFds, config: &VmConfig) -> Result<MachineFile
         ));
     }
     Ok(MachineFiles {
-        kvm,
         kernel,
         initrd,
         console,

@@ -53,7 +53,6 @@ pub struct MachineConfig {
 
 /// The open files a VM is built from.
 pub struct MachineFiles {
-    pub kvm: OwnedFd,
     pub kernel: File,
     pub initrd: Option<File>,
     /// The console (read for guest input, written with guest output); must be non-blocking.
@@ -193,27 +192,19 @@ pub struct Vm {
 /// `worker_setup` first.
 pub fn build_vm(
     config: &MachineConfig,
+    kvm: OwnedFd,
     files: MachineFiles,
     worker_setup: WorkerSetup,
 ) -> Result<Vm, BuildVmError> {
-    let MachineFiles {
-        kvm,
-        kernel,
-        initrd,
-        console,
-        console_journal,
-        disks,
-        taps,
-    } = files;
-    if disks.len() != config.disks.len() {
+    if files.disks.len() != config.disks.len() {
         return Err(BuildVmError::DiskCount {
-            files: disks.len(),
+            files: files.disks.len(),
             configs: config.disks.len(),
         });
     }
-    if taps.len() != config.interfaces.len() {
+    if files.taps.len() != config.interfaces.len() {
         return Err(BuildVmError::TapCount {
-            files: taps.len(),
+            files: files.taps.len(),
             configs: config.interfaces.len(),
         });
     }
@@ -259,12 +250,7 @@ pub fn build_vm(
                 kvm,
                 vm_fd: vm_fd.clone(),
                 memory: memory.clone(),
-                kernel,
-                initrd,
-                console,
-                console_journal,
-                disks,
-                taps,
+                files,
                 worker_setup,
             },
         );
@@ -282,12 +268,7 @@ struct FurnishParts {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
-    kernel: File,
-    initrd: Option<File>,
-    console: Option<OwnedFd>,
-    console_journal: Option<ConsoleJournal>,
-    disks: Vec<DiskFiles>,
-    taps: Vec<File>,
+    files: MachineFiles,
     worker_setup: WorkerSetup,
 }
 
@@ -297,14 +278,17 @@ fn furnish_vm(config: &MachineConfig, parts: FurnishParts) -> Result<Vm, BuildVm
         kvm,
         vm_fd,
         memory,
+        files,
+        worker_setup,
+    } = parts;
+    let MachineFiles {
         mut kernel,
         initrd,
         console,
         console_journal,
         disks,
         taps,
-        worker_setup,
-    } = parts;
+    } = files;
     let stop = Arc::new(StopSignal::new().map_err(BuildVmError::EventFd)?);
     let (pio, devices) = attach_legacy_devices(&vm_fd, console, console_journal, &stop)?;
     let pio = Arc::new(pio);
