@@ -1,4 +1,4 @@
-//! Building a VM, as one linear recipe: KVM VM → irqchip → memory → legacy devices → virtio
+//! Building a VM, as one linear recipe: KVM VM → memory → irqchip → legacy devices → virtio
 //! devices (each attached through the device manager, adding its command-line entry) → kernel,
 //! initrd → command line, ACPI tables and boot parameters, written last so they describe every
 //! device → vCPUs. The result starts with every vCPU parked, so the caller can report `Created`
@@ -74,8 +74,6 @@ pub struct DiskFiles {
 /// Errors from [`build_vm`], one per stage.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildVmError {
-    #[error("cannot start the thread that registers guest memory with KVM")]
-    Thread(#[source] std::io::Error),
     #[error("/dev/kvm speaks API version {0}, not {KVM_API_VERSION}")]
     KvmApiVersion(i32),
     #[error("this host supports at most {max} vCPUs, {wanted} asked")]
@@ -226,6 +224,12 @@ pub fn build_vm(
     vm_fd
         .set_tss_address(KVM_TSS_ADDRESS)
         .map_err(BuildVmError::Irqchip)?;
+    // Memory comes before the irqchip on purpose. A new memory slot makes KVM wait for an SRCU
+    // grace period; as the VM's first one it takes about 0.1 ms, but right after the irqchip and
+    // PIT have put their devices on KVM's buses (grace periods of their own) it became a
+    // timer-driven one of a jiffy or two: 4-10 ms asleep, most of a helper's start.
+    let memory = memory::map_guest_memory(config.memory_bytes).map_err(BuildVmError::Memory)?;
+    memory::register_guest_memory(&vm_fd, &memory).map_err(BuildVmError::Memory)?;
     vm_fd.create_irq_chip().map_err(BuildVmError::Irqchip)?;
     vm_fd
         .create_pit2(kvm_pit_config {
@@ -233,54 +237,19 @@ pub fn build_vm(
             ..Default::default()
         })
         .map_err(BuildVmError::Irqchip)?;
-
-    let memory = memory::map_guest_memory(config.memory_bytes).map_err(BuildVmError::Memory)?;
-    // Registering the memory with KVM sleeps through an SRCU grace period (4-10 ms on a kvm_pvm
-    // host, most of a helper's start), and nothing until the vCPUs run needs the slot: devices,
-    // boot data and vCPUs are set up meanwhile. (Only ioeventfd registration takes KVM's slots
-    // lock too, and waits for the registration.) Both threads end before the VM is returned.
-    std::thread::scope(|scope| {
-        let registration = std::thread::Builder::new()
-            .name("vmd-memslots".into())
-            .spawn_scoped(scope, || memory::register_guest_memory(&vm_fd, &memory))
-            .map_err(BuildVmError::Thread)?;
-        let furnished = furnish_vm(
-            config,
-            FurnishParts {
-                kvm,
-                vm_fd: vm_fd.clone(),
-                memory: memory.clone(),
-                files,
-                worker_setup,
-            },
-        );
-        let registered = registration
-            .join()
-            .unwrap_or(Err(GuestMemoryError::RegistrationPanicked));
-        let vm = furnished?;
-        registered.map_err(BuildVmError::Memory)?;
-        Ok(vm)
-    })
+    furnish_vm(config, kvm, vm_fd, memory, files, worker_setup)
 }
 
-/// What [`furnish_vm`] builds the rest of the VM from.
-struct FurnishParts {
+/// Everything after the VM, its memory and its interrupt controller exist: devices, boot data
+/// and vCPUs.
+fn furnish_vm(
+    config: &MachineConfig,
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     files: MachineFiles,
     worker_setup: WorkerSetup,
-}
-
-/// Everything after the VM and its memory exist: devices, boot data and vCPUs.
-fn furnish_vm(config: &MachineConfig, parts: FurnishParts) -> Result<Vm, BuildVmError> {
-    let FurnishParts {
-        kvm,
-        vm_fd,
-        memory,
-        files,
-        worker_setup,
-    } = parts;
+) -> Result<Vm, BuildVmError> {
     let MachineFiles {
         mut kernel,
         initrd,
