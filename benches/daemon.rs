@@ -79,7 +79,9 @@ fn main() {
         "dpkg -i"
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread, as in vmd: the bench's vmd binary is built with the bench's tokio features, and
+    // a multi-thread runtime there would bring libm back into every vmd process it measures.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");

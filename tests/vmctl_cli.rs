@@ -291,27 +291,33 @@ mod fake_vmd {
         }
     }
 
-    /// Serves every connection to `socket` on `runtime` until the runtime is dropped.
-    pub fn serve(runtime: &tokio::runtime::Runtime, socket: &Path, log: Log) {
+    /// Serves every connection to `socket` from a thread of its own until the test ends.
+    pub fn serve(socket: &Path, log: Log) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         let listener = runtime
             .block_on(async { tokio::net::UnixListener::bind(socket) })
             .expect("bind");
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let stream = stream.into_std().expect("std stream");
-                    let connection = zbus::connection::Builder::unix_stream(stream)
-                        .server(zbus::Guid::generate())
-                        .p2p()
-                        .serve_at("/org/vmd/vmd1", Manager(log.clone()))
-                        .serve_at(VM_PATH, Vm(log))
-                        .build()
-                        .await
-                        .expect("handshake");
-                    connection.closed().await;
-                });
-            }
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let stream = stream.into_std().expect("std stream");
+                        let connection = zbus::connection::Builder::unix_stream(stream)
+                            .server(zbus::Guid::generate())
+                            .p2p()
+                            .serve_at("/org/vmd/vmd1", Manager(log.clone()))
+                            .serve_at(VM_PATH, Vm(log))
+                            .build()
+                            .await
+                            .expect("handshake");
+                        connection.closed().await;
+                    });
+                }
+            })
         });
     }
 }
@@ -339,9 +345,8 @@ fn start_passes_files_as_fds_unless_root() {
     std::fs::write(&secret, "SECRET").expect("write");
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let log = fake_vmd::Log::default();
-    fake_vmd::serve(&runtime, &socket, log.clone());
+    fake_vmd::serve(&socket, log.clone());
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
 
     let path = |path: &std::path::Path| path.to_str().expect("utf-8").to_owned();

@@ -52,8 +52,8 @@ impl From<LifecycleError> for VmdError {
 
 /// Runs file work that can block (opening host paths, reading and copying passed fds) on
 /// tokio's blocking pool: a file that never answers (a stalled FUSE or network mount) then
-/// holds a thread of that pool, not one of the runtime's two workers, which the other calls
-/// and the watchdog need.
+/// holds a thread of that pool, not the runtime's thread, which the other calls and the
+/// watchdog need.
 pub(super) async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, VmdError> {

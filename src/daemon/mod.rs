@@ -82,8 +82,11 @@ pub struct DaemonOptions {
 pub fn main(options: DaemonOptions) -> i32 {
     // Socket activation and stored VMs: take the fds while the process is single-threaded.
     let activation = take_activation_fds();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread, like machined's and systemd's event loops: every call is short, and what can
+    // block (file work, reading a helper's first bytes) goes to tokio's blocking pool. (A
+    // multi-thread runtime would also load libm into every vmd process, helpers and `vmd run`
+    // included, for the one `pow` of its scheduler statistics.)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -1,7 +1,7 @@
 //! What a VM's lifecycle looked like last (State, FailureReason, Restarts), one small file per
 //! VM in `/var/lib/vmd/state/<name>.state`, so that a restarted daemon shows a failed VM as
 //! failed, with its reason, until it is started again. Files are written atomically (temp file,
-//! fsync, rename) by one thread of their own, in order, off the async workers.
+//! fsync, rename) by one thread of their own, in order, off the runtime's thread.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

@@ -666,7 +666,7 @@ impl Vm {
         })
         .map_err(|_| format!("VM {} is already {}", self.name, self.state().as_str()))?;
         // Which files it holds, to name it to a start that collides with it: following the
-        // chains reads files, so off the async workers.
+        // chains reads files, so off the runtime's thread.
         let (vm, pidfd) = (self.clone(), helper.pidfd.clone());
         tokio::task::spawn_blocking(move || {
             let definition = vm.definition();
@@ -898,7 +898,7 @@ async fn supervise(manager: Arc<Manager>, vm: Arc<Vm>, mut adopted: Option<Helpe
 /// Launches one helper, puts it in its scope, configures it and follows it until it exits.
 async fn run_helper(manager: &Arc<Manager>, vm: &Arc<Vm>) -> HelperOutcome {
     let definition = vm.definition();
-    // Opening host paths may block on a slow filesystem: off the async workers.
+    // Opening host paths may block on a slow filesystem: off the runtime's thread.
     let launched = {
         let (manager, vm, definition) = (manager.clone(), vm.clone(), definition.clone());
         tokio::task::spawn_blocking(move || launch(&manager, &vm, &definition)).await

@@ -23,11 +23,20 @@ pub struct ReloadReport {
 impl Manager {
     pub async fn reload(self: &Arc<Self>) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock().await;
-        // A few small files, but still file system work: not on the async workers.
+        // A few small files, but still file system work: not on the runtime's thread.
+        let manager = Arc::clone(self);
         let files: BTreeMap<String, Option<VmDefinition>> =
-            tokio::task::block_in_place(|| self.store.read_admin())
-                .into_iter()
-                .collect();
+            match tokio::task::spawn_blocking(move || manager.store.read_admin()).await {
+                Ok(files) => files.into_iter().collect(),
+                Err(err) => {
+                    // Nothing was read, so nothing is known to be gone: change nothing.
+                    tracing::error!(
+                        "reload: cannot read {}: {err}",
+                        self.store.admin_dir().display()
+                    );
+                    return ReloadReport::default();
+                }
+            };
         let mut report = ReloadReport::default();
         for vm in self.all() {
             if vm.origin != Origin::Admin || files.contains_key(&vm.name) {
