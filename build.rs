@@ -12,6 +12,7 @@ use std::process::Command;
 const GUEST_SOURCE: &str = "tests/guest/testguest.S";
 const GUEST_LINKER_SCRIPT: &str = "tests/guest/testguest.ld";
 const GUEST_ELF: &str = "testguest.elf";
+const STARTUP_SYMBOLS: &str = "build/startup-symbols.txt";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -25,6 +26,7 @@ fn main() {
 
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is not set"));
+    order_startup_symbols(&manifest_dir);
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is not set"));
     let built = out_dir.join(GUEST_ELF);
     build_guest(&manifest_dir, &built);
@@ -44,6 +46,46 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), copy.display()));
     let copy = copy.canonicalize().unwrap_or(copy);
     println!("cargo:rustc-env=VMD_TESTGUEST_ELF={}", copy.display());
+}
+
+/// Places the functions `vmd run` executes together at the start of `.text`
+/// (`build/startup-symbols.sh` lists them): the kernel maps 16 pages around each page fault in
+/// the binary, so a start-up path spread over the whole text maps most of it. Only LLD takes a
+/// symbol ordering file; it is what rustc links x86_64 Linux binaries with since 1.90, unless
+/// RUSTFLAGS choose another linker. Names the build does not have are skipped silently.
+fn order_startup_symbols(manifest_dir: &Path) {
+    println!("cargo:rerun-if-changed={STARTUP_SYMBOLS}");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    let target = env::var("TARGET").unwrap_or_default();
+    let rustflags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if target != "x86_64-unknown-linux-gnu" || rustflags.contains("link") || !rustc_links_with_lld()
+    {
+        return;
+    }
+    let symbols = manifest_dir.join(STARTUP_SYMBOLS);
+    println!(
+        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+        symbols.display()
+    );
+    println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+}
+
+/// Whether `$RUSTC` is 1.90 or newer, whose x86_64 Linux target links with its own LLD.
+fn rustc_links_with_lld() -> bool {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(output) = Command::new(rustc).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let version = String::from_utf8_lossy(&output.stdout);
+    let mut numbers = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
 }
 
 /// Assembles and links the test guest with `$CC` (default `gcc`), panicking with the

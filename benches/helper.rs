@@ -204,6 +204,7 @@ fn main() {
         median(&mut rates)
     );
 
+    print_startup_symbols_found();
     compare_peers(runs);
 }
 
@@ -494,6 +495,35 @@ fn peer_uss(peers: &Peers, peer: Peer) -> (u64, u64) {
     let _ = child.kill();
     let _ = child.wait();
     (guest, whole)
+}
+
+/// How many of the functions `build/startup-symbols.txt` lists for the linker to place together
+/// this vmd binary has: a list gone stale (renamed functions, new dependency versions, another
+/// toolchain) shows here as a higher peak RSS would, and `build/startup-symbols.sh` renews it.
+fn print_startup_symbols_found() {
+    let listed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/build/startup-symbols.txt"
+    ))
+    .expect("build/startup-symbols.txt");
+    let defined = match Command::new("nm").args(["--defined-only", VMD]).output() {
+        Ok(output) if output.status.success() => output.stdout,
+        _ => {
+            println!("start-up symbol order: cannot run nm on {VMD}; not checked");
+            return;
+        }
+    };
+    let defined: std::collections::HashSet<&str> = std::str::from_utf8(&defined)
+        .expect("nm prints UTF-8")
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2))
+        .collect();
+    let listed: Vec<&str> = listed.lines().filter(|name| !name.is_empty()).collect();
+    let found = listed.iter().filter(|name| defined.contains(*name)).count();
+    println!(
+        "start-up symbol order: this vmd has {found} of the {} functions build/startup-symbols.txt lists (the release and the bench build name some differently)",
+        listed.len()
+    );
 }
 
 /// Runs every available peer `runs` times, alternating, and prints the figures and vmd's ratios.
